@@ -1,0 +1,18 @@
+"""nanoseg: find nanoparticles in volume electron microscopy.
+
+The two estimators compose in a scikit-learn pipeline::
+
+    from sklearn.pipeline import Pipeline
+    from nanoseg import NanoparticleMixture, NanoparticleLabeler
+
+    pipe = Pipeline([("mixture", NanoparticleMixture()), ("labeler", NanoparticleLabeler())])
+    labels = pipe.fit_transform(volume)
+"""
+
+from ._model import EMCollapseError
+from .labeler import NanoparticleLabeler
+from .mixture import NanoparticleMixture
+
+__version__ = "0.1.0.dev0"
+
+__all__ = ["EMCollapseError", "NanoparticleLabeler", "NanoparticleMixture", "__version__"]

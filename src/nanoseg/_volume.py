@@ -1,0 +1,246 @@
+"""Volume adapters: one interface over NumPy, zarr and dask inputs.
+
+A :class:`Volume` knows its shape and dtype from metadata alone, reads the
+slices it is asked for (never the whole array unless it is already in
+memory), and builds lazy outputs for out-of-core inputs. A 2D image is
+handled as a volume of one slice and given back in 2D.
+
+Conventions
+-----------
+* A single volume is (Z, Y, X) -- plane, row, column -- and its samples, in
+  the scikit-learn sense, are its Z slices.
+* A list (or tuple) of volumes is a set of crops; each crop is one sample.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+#: Target bytes of working memory per slab. Slabs hold whole planes and are
+#: aligned to the input's chunks along Z; a single chunk deeper than this
+#: budget is still read whole, so memory is bounded by max(slab, chunk).
+SLAB_BYTES = 128 * 2**20
+
+
+def _dask_array_type():
+    # dask.array is only imported by users who pass dask arrays or by our
+    # lazy outputs, so keep `import nanoseg` light.
+    module = sys.modules.get("dask.array")
+    return None if module is None else module.Array
+
+
+def is_dask_array(array):
+    """True for a ``dask.array.Array``."""
+    dask_type = _dask_array_type()
+    return dask_type is not None and isinstance(array, dask_type)
+
+
+def is_lazy(array):
+    """True for inputs processed out of core (zarr and dask arrays)."""
+    return isinstance(array, zarr.Array) or is_dask_array(array)
+
+
+def is_volume_list(X):
+    """True when `X` is a list or tuple of volumes (annotated crops)."""
+    return isinstance(X, (list, tuple))
+
+
+@dataclass
+class Volume:
+    """Slab access to one 2D or 3D array.
+
+    Attributes
+    ----------
+    array : ndarray, zarr.Array or dask.array.Array
+        The wrapped array, never copied.
+    kind : {"numpy", "zarr", "dask"}
+    is_2d : bool
+        True when `array` is a single image; it is then seen as one slice.
+    """
+
+    array: object
+    kind: str
+    is_2d: bool
+
+    @property
+    def shape(self):
+        """Shape as (Z, Y, X); a 2D image has Z = 1."""
+        shape = tuple(int(s) for s in self.array.shape)
+        return (1, *shape) if self.is_2d else shape
+
+    @property
+    def dtype(self):
+        return np.dtype(self.array.dtype)
+
+    @property
+    def chunk_depth(self):
+        """Slices per input chunk along Z (1 for in-memory arrays)."""
+        if self.is_2d or self.kind == "numpy":
+            return 1
+        if self.kind == "zarr":
+            return int(self.array.chunks[0])
+        return int(max(self.array.chunks[0]))
+
+    def slab_depth(self, bytes_per_voxel, budget=None):
+        """Slices per slab so that a slab's working set fits `budget` bytes.
+
+        The depth is a multiple of the input's chunk depth where the budget
+        allows, and never less than one chunk, so that each chunk is decoded
+        once per pass.
+        """
+        budget = SLAB_BYTES if budget is None else budget
+        n_slices, n_rows, n_cols = self.shape
+        depth = max(1, int(budget // max(1, n_rows * n_cols * bytes_per_voxel)))
+        chunk = self.chunk_depth
+        depth = max(chunk, (depth // chunk) * chunk)
+        return min(depth, n_slices)
+
+    def slabs(self, depth, indices=None):
+        """Yield groups of slice indices, `depth` at a time, in Z order."""
+        indices = np.arange(self.shape[0]) if indices is None else np.asarray(indices)
+        for start in range(0, indices.size, depth):
+            yield indices[start : start + depth]
+
+    def read(self, start, stop):
+        """Slices ``start:stop`` as a (n, Y, X) NumPy array."""
+        if self.is_2d:
+            data = self.array[...] if self.kind != "numpy" else self.array
+            data = data.compute() if self.kind == "dask" else data
+            return np.asarray(data)[None, ...][start:stop]
+        data = self.array[start:stop]
+        if self.kind == "dask":
+            data = data.compute()
+        return np.asarray(data)
+
+    def read_slices(self, indices):
+        """The slices listed in `indices` (sorted) as a (n, Y, X) NumPy array."""
+        indices = np.asarray(indices)
+        if indices.size and indices[-1] - indices[0] + 1 == indices.size:
+            return self.read(int(indices[0]), int(indices[-1]) + 1)
+        if self.is_2d:
+            return self.read(0, 1)[indices]
+        if self.kind == "zarr":
+            return np.asarray(self.array.get_orthogonal_selection((indices, slice(None), slice(None))))
+        data = self.array[indices]
+        return np.asarray(data.compute() if self.kind == "dask" else data)
+
+    def to_dask(self):
+        """The volume as a 3D dask array (a 2D image gains a leading axis)."""
+        import dask.array as da
+
+        if self.kind == "dask":
+            array = self.array
+        elif self.kind == "zarr":
+            array = da.from_zarr(self.array)
+        else:
+            array = da.from_array(self.array)
+        return array[None, ...] if self.is_2d else array
+
+    def restore(self, array):
+        """Give a (Z, Y, X) result back in this volume's dimensionality."""
+        return array[0] if self.is_2d else array
+
+
+def _describe(X):
+    shape = getattr(X, "shape", None)
+    dtype = getattr(X, "dtype", None)
+    return f"{type(X).__name__} of shape {shape} and dtype {dtype}"
+
+
+def as_volume(X, *, name="X"):
+    """Wrap one array as a :class:`Volume`, checking dimensionality and size.
+
+    Raises
+    ------
+    TypeError
+        If `X` is not array-like.
+    ValueError
+        If `X` is not 2D or 3D, or has an empty axis.
+    """
+    if isinstance(X, zarr.Array):
+        kind = "zarr"
+    elif is_dask_array(X):
+        kind = "dask"
+    elif isinstance(X, np.ndarray):
+        kind = "numpy"
+    elif hasattr(X, "__array__") and hasattr(X, "shape"):
+        X = np.asarray(X)
+        kind = "numpy"
+    else:
+        raise TypeError(
+            f"{name} must be a NumPy, zarr or dask array (or a list of them, one per "
+            f"crop); got {type(X).__name__}."
+        )
+    ndim = len(X.shape)
+    if ndim not in (2, 3):
+        hint = (
+            " For a multi-channel or time-lapse stack, select one channel/time point first."
+            if ndim > 3
+            else ""
+        )
+        raise ValueError(
+            f"{name} must be a 2D image (Y, X) or a 3D volume (Z, Y, X); got a {ndim}D "
+            f"{_describe(X)}.{hint}"
+        )
+    if any(int(s) == 0 for s in X.shape):
+        raise ValueError(f"{name} is empty: {_describe(X)} has a zero-sized axis.")
+    return Volume(array=X, kind=kind, is_2d=ndim == 2)
+
+
+def as_volumes(X, *, name="X"):
+    """Wrap `X` (one array or a list of crops) as a list of volumes.
+
+    Returns
+    -------
+    volumes : list of Volume
+    is_list : bool
+        Whether `X` was a list; outputs follow the same form.
+    """
+    if is_volume_list(X):
+        if len(X) == 0:
+            raise ValueError(f"{name} is an empty list: pass at least one image or volume.")
+        volumes = [as_volume(x, name=f"{name}[{i}]") for i, x in enumerate(X)]
+        return volumes, True
+    return [as_volume(X, name=name)], False
+
+
+def check_finite(data, name):
+    """Raise ValueError if a float array holds NaN or infinite values."""
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        n_bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise ValueError(
+            f"{name} contains {n_bad} NaN or infinite value(s); replace them (e.g. with "
+            "numpy.nan_to_num) before calling nanoseg."
+        )
+
+
+def check_targets(y, volumes, is_list, *, name="y"):
+    """Check that annotation masks `y` match the volumes they annotate."""
+    if y is None:
+        return
+    if is_list:
+        if not is_volume_list(y):
+            raise ValueError(
+                f"X is a list of {len(volumes)} crops, so {name} must be a list of as many "
+                f"masks; got {type(y).__name__}."
+            )
+        if len(y) != len(volumes):
+            raise ValueError(
+                f"{name} has {len(y)} masks but X has {len(volumes)} crops; pass one mask per crop."
+            )
+        pairs = zip(y, volumes)
+    else:
+        pairs = [(y, volumes[0])]
+    for i, (mask, volume) in enumerate(pairs):
+        shape = tuple(int(s) for s in getattr(mask, "shape", np.shape(mask)))
+        expected = tuple(int(s) for s in volume.array.shape)
+        if shape != expected:
+            where = f"{name}[{i}]" if is_list else name
+            raise ValueError(
+                f"{where} has shape {shape} but the volume it annotates has shape {expected}; "
+                "masks must have exactly the shape of their images."
+            )
