@@ -1,0 +1,125 @@
+"""Slab-wise labelling equals whole-volume labelling (scipy/scikit-image)."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage.measure import label
+from skimage.morphology import ball, closing, disk
+from skimage.segmentation import relabel_sequential
+
+from nanoseg import NanoparticleLabeler
+from nanoseg._labeling import face_offsets
+
+
+def whole_volume_labels(mask, radius, connectivity, min_size):
+    """Reference: whole-array closing, labelling, size filter, relabel."""
+    if radius:
+        footprint = ball(radius) if mask.ndim == 3 else disk(radius)
+        mask = closing(mask, footprint, mode="ignore")
+    labels = label(mask, connectivity=connectivity)
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_size
+    small[0] = False
+    labels[small[labels]] = 0
+    return relabel_sequential(labels)[0]
+
+
+def random_mask(shape, density, smooth, seed):
+    rng = np.random.default_rng(seed)
+    field = ndi.gaussian_filter(rng.random(shape), smooth)
+    return field > np.quantile(field, 1 - density)
+
+
+@pytest.mark.parametrize("connectivity", [1, 2, 3])
+@pytest.mark.parametrize("radius", [0, 1, 2])
+@pytest.mark.parametrize("slab_bytes", [None, 1, 3 * 40 * 36 * 12])
+def test_slabs_match_whole_volume_exactly(connectivity, radius, slab_bytes, small_slabs):
+    if slab_bytes is not None:
+        small_slabs(slab_bytes)  # 1 byte -> one slice per slab
+    mask = random_mask((23, 40, 36), density=0.12, smooth=1.0, seed=connectivity + 10 * radius)
+    expected = whole_volume_labels(mask, radius, connectivity, min_size=4)
+    got = NanoparticleLabeler(threshold=0.5, radius=radius, connectivity=connectivity, min_size=4).transform(
+        mask.astype(np.float32)
+    )
+    assert got.dtype == np.uint32
+    # Identical, not only up to renumbering: the order is raster order.
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sparse_noise_masks_many_slabs(seed, small_slabs):
+    small_slabs(1)
+    rng = np.random.default_rng(seed)
+    mask = rng.random((15, 30, 30)) < 0.25
+    expected = whole_volume_labels(mask, 1, 3, min_size=3)
+    got = NanoparticleLabeler(threshold=0.5, radius=1, connectivity=3, min_size=3).transform(mask)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_component_spanning_every_slab_is_one_label(small_slabs):
+    small_slabs(1)
+    mask = np.zeros((12, 13, 13), dtype=bool)
+    # A staircase that only touches diagonally between slices.
+    for z in range(12):
+        mask[z, z, z] = True
+    by_face = NanoparticleLabeler(radius=0, connectivity=1, min_size=1).transform(mask)
+    by_edge = NanoparticleLabeler(radius=0, connectivity=3, min_size=1).transform(mask)
+    assert by_face.max() == 12  # 6-connectivity: every voxel alone
+    assert by_edge.max() == 1  # 26-connectivity: one diagonal chain
+    assert by_edge[mask].min() == 1
+
+
+def test_min_size_counts_voxels_across_slabs(small_slabs):
+    small_slabs(1)
+    mask = np.zeros((6, 5, 5), dtype=bool)
+    mask[:, 2, 2] = True  # 6 voxels, one per slab
+    kept = NanoparticleLabeler(radius=0, connectivity=1, min_size=6).transform(mask)
+    dropped = NanoparticleLabeler(radius=0, connectivity=1, min_size=7).transform(mask)
+    assert kept.max() == 1 and np.count_nonzero(kept) == 6
+    assert dropped.max() == 0
+
+
+def test_closing_fills_gap_between_slabs(small_slabs):
+    small_slabs(1)
+    mask = np.zeros((7, 9, 9), dtype=bool)
+    mask[:3, 3:6, 3:6] = True
+    mask[4:, 3:6, 3:6] = True  # one empty slice in between
+    open_labels = NanoparticleLabeler(radius=0, min_size=1).transform(mask)
+    closed_labels = NanoparticleLabeler(radius=1, min_size=1).transform(mask)
+    assert open_labels.max() == 2
+    assert closed_labels.max() == 1
+    assert closed_labels[3, 4, 4] == 1
+
+
+def test_closing_keeps_foreground_at_borders():
+    mask = np.zeros((4, 6, 6), dtype=bool)
+    mask[0, 0, :] = True
+    labels = NanoparticleLabeler(radius=2, min_size=1).transform(mask)
+    assert labels[0, 0].all()
+
+
+def test_2d_uses_disk_and_2d_connectivity():
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[1, 1] = mask[2, 2] = True  # diagonal neighbours
+    four = NanoparticleLabeler(radius=0, connectivity=1, min_size=1).transform(mask)
+    eight = NanoparticleLabeler(radius=0, connectivity=2, min_size=1).transform(mask)
+    assert four.shape == (8, 8) and four.max() == 2
+    assert eight.max() == 1
+    rng = np.random.default_rng(3)
+    mask = ndi.gaussian_filter(rng.random((60, 50)), 1.5) > 0.52
+    for radius in (1, 2):
+        expected = whole_volume_labels(mask, radius, 2, min_size=5)
+        got = NanoparticleLabeler(threshold=0.5, radius=radius, min_size=5).transform(mask)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_threshold_is_inclusive():
+    posterior = np.full((3, 3), 0.5, dtype=np.float32)
+    assert NanoparticleLabeler(threshold=0.5, radius=0, min_size=1).transform(posterior).max() == 1
+    assert NanoparticleLabeler(threshold=0.51, radius=0, min_size=1).transform(posterior).max() == 0
+
+
+def test_face_offsets_follow_connectivity():
+    assert face_offsets(1) == [(0, 0)]
+    assert sorted(face_offsets(2)) == [(-1, 0), (0, -1), (0, 0), (0, 1), (1, 0)]
+    assert len(face_offsets(3)) == 9
