@@ -34,17 +34,22 @@ from ._volume import check_finite
 LABEL_BYTES_PER_VOXEL = 12
 
 
-def mask_from_posterior(data, threshold, name="X"):
-    """Threshold a posterior slab (``>= threshold``); a boolean slab is used as is."""
-    if data.dtype == bool:
-        return data
+def check_probabilities(data, name="X"):
+    """Raise ValueError unless float `data` is finite and within [0, 1]."""
     check_finite(data, name)
-    low, high = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+    low, high = float(data.min()), float(data.max())
     if low < 0.0 or high > 1.0:
         raise ValueError(
             f"{name} must hold probabilities in [0, 1]; found values in [{low:g}, {high:g}]. "
             "Pass the output of NanoparticleMixture.transform, or a boolean mask."
         )
+
+
+def mask_from_posterior(data, threshold, name="X"):
+    """Threshold a posterior slab (``>= threshold``); a boolean slab is used as is."""
+    if data.dtype == bool:
+        return data
+    check_probabilities(data, name)
     return data >= threshold
 
 

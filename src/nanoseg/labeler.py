@@ -7,8 +7,8 @@ from numbers import Integral, Real
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import Interval
 
-from ._labeling import SlabLabeler
-from ._volume import as_volumes, check_finite, check_targets, is_lazy
+from ._labeling import SlabLabeler, check_probabilities
+from ._volume import as_volumes, check_targets, is_lazy
 
 __all__ = ["NanoparticleLabeler"]
 
@@ -106,8 +106,8 @@ class NanoparticleLabeler(TransformerMixin, BaseEstimator):
                     f"boolean mask; got {volume.dtype}. Pass the output of "
                     "NanoparticleMixture.transform, not the raw image."
                 )
-            if volume.kind == "numpy":
-                check_finite(volume.array, name)
+            if volume.kind == "numpy" and volume.dtype != bool:
+                check_probabilities(volume.array, name)
             ndim = 2 if volume.is_2d else 3
             if self.connectivity > ndim:
                 raise ValueError(

@@ -1,0 +1,169 @@
+"""Same results for NumPy, zarr and dask inputs; zarr is read by slabs."""
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from zarr.storage import MemoryStore, WrapperStore
+
+from nanoseg import NanoparticleLabeler, NanoparticleMixture
+from nanoseg.datasets import make_crops, make_phantom
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    image, mask = make_phantom((20, 96, 112), n_particles=30, random_state=7)
+    return image
+
+
+@pytest.fixture(scope="module")
+def reference(phantom):
+    mixture = NanoparticleMixture().fit(phantom)
+    posterior = mixture.predict_proba(phantom)
+    labels = NanoparticleLabeler(min_size=3).transform(posterior)
+    return mixture, posterior, labels
+
+
+def to_zarr(array, chunks, store=None):
+    z = zarr.create_array(store=store if store is not None else {}, shape=array.shape, chunks=chunks, dtype=array.dtype)
+    z[...] = array
+    return z
+
+
+@pytest.mark.parametrize("chunks", [(1, 96, 112), (3, 32, 40), (7, 96, 17), (20, 96, 112)])
+def test_zarr_matches_numpy(phantom, reference, chunks, small_slabs):
+    small_slabs(5 * 96 * 112 * 12)
+    mixture, posterior, labels = reference
+    z = to_zarr(phantom, chunks)
+    fitted = NanoparticleMixture().fit(z)
+    for name in ("stack_histogram_", "background_histogram_", "particle_pmf_", "background_pmf_"):
+        np.testing.assert_array_equal(getattr(fitted, name), getattr(mixture, name))
+    lazy_posterior = fitted.predict_proba(z)
+    assert isinstance(lazy_posterior, da.Array)
+    assert lazy_posterior.dtype == np.float32 and lazy_posterior.shape == phantom.shape
+    np.testing.assert_array_equal(lazy_posterior.compute(), posterior)
+    lazy_labels = NanoparticleLabeler(min_size=3).transform(lazy_posterior)
+    assert isinstance(lazy_labels, da.Array) and lazy_labels.dtype == np.uint32
+    np.testing.assert_array_equal(lazy_labels.compute(), labels)
+    # The labeler also reads a posterior stored in zarr.
+    stored = to_zarr(posterior, chunks)
+    np.testing.assert_array_equal(NanoparticleLabeler(min_size=3).transform(stored).compute(), labels)
+
+
+@pytest.mark.parametrize("chunks", [(4, 48, 56), (1, 96, 112), (20, 32, 32)])
+def test_dask_matches_numpy(phantom, reference, chunks):
+    mixture, posterior, labels = reference
+    x = da.from_array(phantom, chunks=chunks)
+    fitted = NanoparticleMixture().fit(x)
+    np.testing.assert_array_equal(fitted.particle_pmf_, mixture.particle_pmf_)
+    lazy = fitted.transform(x)
+    assert isinstance(lazy, da.Array) and lazy.chunks == x.chunks
+    np.testing.assert_array_equal(lazy.compute(), posterior)
+    np.testing.assert_array_equal(NanoparticleLabeler(min_size=3).transform(lazy).compute(), labels)
+
+
+def test_sampling_step_reads_only_sampled_slices(phantom):
+    z = to_zarr(phantom, (1, 96, 112))
+    full = NanoparticleMixture(sampling_step=3).fit(z)
+    sub = NanoparticleMixture().fit(phantom[::3])
+    np.testing.assert_array_equal(full.stack_histogram_, sub.stack_histogram_)
+    np.testing.assert_array_equal(full.background_histogram_, sub.background_histogram_)
+    assert full.n_slices_fit_ == 7
+
+
+def test_2d_images_and_lists():
+    crops, masks = make_crops(3, (64, 72), random_state=1)
+    mixture = NanoparticleMixture().fit(crops)
+    posteriors = mixture.transform(crops)
+    assert isinstance(posteriors, list) and len(posteriors) == 3
+    for crop, posterior in zip(crops, posteriors):
+        assert posterior.shape == crop.shape and posterior.dtype == np.float32
+        np.testing.assert_array_equal(posterior, mixture.transform(crop))
+    weights = mixture.slice_weights(crops)
+    assert [w.shape for w in weights] == [(1,)] * 3
+    labels = NanoparticleLabeler().transform(posteriors)
+    assert [lab.shape for lab in labels] == [c.shape for c in crops]
+    # Mixed kinds inside one list.
+    mixed = [crops[0], to_zarr(crops[1], (32, 32)), da.from_array(crops[2], chunks=(64, 36))]
+    out = mixture.transform(mixed)
+    assert isinstance(out[0], np.ndarray) and isinstance(out[1], da.Array) and isinstance(out[2], da.Array)
+    for got, expected in zip(out, posteriors):
+        np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_fit_on_crops_pools_their_histograms():
+    crops, _ = make_crops(2, (6, 64, 64), random_state=3)
+    pooled = NanoparticleMixture().fit(crops)
+    stacked = NanoparticleMixture().fit(np.concatenate(crops, axis=0))
+    np.testing.assert_array_equal(pooled.stack_histogram_, stacked.stack_histogram_)
+    np.testing.assert_array_equal(pooled.background_histogram_, stacked.background_histogram_)
+
+
+def test_posterior_is_a_per_slice_lookup(phantom, reference):
+    mixture, posterior, _ = reference
+    luts = mixture.posterior_luts(mixture.slice_weights(phantom))
+    for z in (0, 9, 19):
+        np.testing.assert_array_equal(posterior[z], luts[z][phantom[z]])
+
+
+class CountingStore(WrapperStore):
+    """A store that records every chunk key read."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.reads = []
+
+    async def get(self, key, prototype, byte_range=None):
+        if "/c/" in key or key.startswith("c/"):
+            self.reads.append(key)
+        return await super().get(key, prototype, byte_range)
+
+
+def test_zarr_is_read_slab_by_slab_never_whole(phantom, small_slabs, monkeypatch):
+    shape = phantom.shape
+    plane = shape[1] * shape[2]
+    small_slabs(4 * plane * 12)  # four planes of labelling work per slab
+    store = CountingStore(MemoryStore())
+    z = to_zarr(phantom, (2, 48, 56), store=store)
+    n_chunks = (shape[0] // 2) * 2 * 2
+
+    # Every read the package makes goes through Array.__getitem__ or
+    # get_orthogonal_selection: record how many slices each one asks for.
+    requested = []
+    original_getitem = zarr.Array.__getitem__
+
+    def spy_getitem(self, selection):
+        out = original_getitem(self, selection)
+        requested.append(out.shape[0] if out.ndim == 3 else 1)
+        return out
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", spy_getitem)
+    store.reads.clear()
+    mixture = NanoparticleMixture().fit(z)
+    # Two passes (stack histogram, background histogram), each chunk once per pass.
+    assert len(store.reads) == 2 * n_chunks
+    all_keys = set(store.reads)
+    assert len(all_keys) == n_chunks
+    assert all(store.reads.count(key) == 2 for key in all_keys)
+    assert requested and max(requested) < shape[0]
+
+    store.reads.clear()
+    requested.clear()
+    posterior = mixture.predict_proba(z)
+    assert len(store.reads) == n_chunks  # the per-slice histograms pass
+    assert max(requested) < shape[0]
+    store.reads.clear()
+    posterior.compute()
+    assert len(store.reads) == n_chunks  # each chunk decoded once when computed
+
+    store.reads.clear()
+    requested.clear()
+    labels = NanoparticleLabeler().transform(posterior)
+    # The analysis pass reads every chunk, some twice where slab halos overlap.
+    assert set(store.reads) == set(all_keys)
+    assert len(store.reads) <= 2 * n_chunks
+    store.reads.clear()
+    labels.compute()
+    assert set(store.reads) == set(all_keys) and len(store.reads) <= 2 * n_chunks
+    # No read, in any pass, ever asked for the whole volume.
+    assert max(requested) <= 8 < shape[0]

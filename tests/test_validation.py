@@ -1,0 +1,155 @@
+"""Bad input is answered by a clear exception, and nothing is written."""
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+from nanoseg import NanoparticleLabeler, NanoparticleMixture
+from nanoseg.datasets import make_phantom
+
+
+@pytest.fixture(scope="module")
+def image():
+    return make_phantom((6, 64, 64), n_particles=10, random_state=4)[0]
+
+
+@pytest.fixture(scope="module")
+def fitted(image):
+    return NanoparticleMixture().fit(image)
+
+
+def float_with(value, shape=(4, 16, 16)):
+    data = np.full(shape, 0.5)
+    data[1, 2, 3] = value
+    return data
+
+
+MIXTURE_BAD_X = [
+    (np.zeros((4, 16, 16), dtype=np.float64), TypeError, "uint8"),
+    (np.zeros((4, 16, 16), dtype=np.int16), TypeError, "uint8"),
+    (np.zeros((4, 16, 16), dtype=np.uint16), TypeError, "uint8"),
+    (np.zeros((4, 16, 16), dtype=bool), TypeError, "uint8"),
+    (np.zeros((4, 16, 16), dtype=np.complex64), TypeError, "uint8"),
+    (float_with(np.nan), ValueError, "NaN"),
+    (float_with(np.inf), ValueError, "NaN or infinite"),
+    (np.zeros((0, 16, 16), dtype=np.uint8), ValueError, "empty"),
+    (np.zeros((4, 0, 16), dtype=np.uint8), ValueError, "empty"),
+    (np.zeros(16, dtype=np.uint8), ValueError, "2D image .* or a 3D volume"),
+    (np.zeros((2, 4, 16, 16), dtype=np.uint8), ValueError, "select one channel"),
+    (np.full((4, 16, 16), 17, dtype=np.uint8), ValueError, "constant.*17"),
+    ([], ValueError, "empty list"),
+    ([np.zeros((8, 8), np.uint8), "not an image"], TypeError, r"X\[1\] must be a NumPy, zarr or dask array"),
+    ("volume.zarr", TypeError, "must be a NumPy, zarr or dask array"),
+]
+
+
+@pytest.mark.parametrize("X, error, message", MIXTURE_BAD_X)
+def test_mixture_rejects_bad_volumes(X, error, message, fitted):
+    with pytest.raises(error, match=message):
+        NanoparticleMixture().fit(X)
+    if not (isinstance(X, np.ndarray) and X.dtype == np.uint8 and X.ndim == 3 and X.size):
+        with pytest.raises(error, match=message):
+            fitted.transform(X)
+
+
+def test_constant_list_of_crops_is_rejected():
+    crops = [np.full((10, 10), 40, np.uint8), np.full((3, 10, 10), 40, np.uint8)]
+    with pytest.raises(ValueError, match="constant"):
+        NanoparticleMixture().fit(crops)
+
+
+def test_lazy_input_of_wrong_dtype_is_rejected_before_reading():
+    z = zarr.create_array(store={}, shape=(4, 16, 16), chunks=(1, 16, 16), dtype="float32")
+    with pytest.raises(TypeError, match="got float32"):
+        NanoparticleMixture().fit(z)
+    with pytest.raises(TypeError, match="got int32"):
+        NanoparticleMixture().fit(da.zeros((4, 16, 16), dtype=np.int32))
+
+
+def test_no_background_left_is_explained(image):
+    with pytest.raises(ValueError, match="No background voxels"):
+        NanoparticleMixture(percentile_low=1, min_seed_size=1, halo_pad=200).fit(image)
+
+
+@pytest.mark.parametrize(
+    "y, message",
+    [
+        (np.zeros((6, 64, 63), dtype=bool), r"y has shape \(6, 64, 63\)"),
+        ([np.zeros((6, 64, 64), dtype=bool)], "masks must have exactly the shape|shape"),
+    ],
+)
+def test_mask_shape_must_match_volume(image, y, message):
+    for est, X in ((NanoparticleMixture(), image), (NanoparticleLabeler(), image.astype(np.float32) / 255)):
+        with pytest.raises(ValueError, match=message):
+            est.fit(X, y)
+
+
+def test_mask_list_must_match_crops(image):
+    crops = [image[0], image[1, :32]]
+    with pytest.raises(ValueError, match="y has 1 masks but X has 2 crops"):
+        NanoparticleMixture().fit(crops, [np.zeros((64, 64), bool)])
+    with pytest.raises(ValueError, match=r"y\[1\] has shape \(64, 64\).*\(32, 64\)"):
+        NanoparticleMixture().fit(crops, [np.zeros((64, 64), bool), np.zeros((64, 64), bool)])
+    with pytest.raises(ValueError, match="must be a list of as many masks"):
+        NanoparticleMixture().fit(crops, np.zeros((2, 64, 64), bool))
+
+
+LABELER_BAD_X = [
+    (np.zeros((4, 16, 16), dtype=np.uint8), TypeError, "not the raw image"),
+    (np.zeros((4, 16, 16), dtype=np.int64), TypeError, "posterior probability map"),
+    (float_with(np.nan), ValueError, "NaN"),
+    (float_with(-np.inf), ValueError, "infinite"),
+    (float_with(1.5), ValueError, r"probabilities in \[0, 1\]; found values in \[0.5, 1.5\]"),
+    (float_with(-0.2), ValueError, "probabilities in"),
+    (np.zeros((3, 0, 4)), ValueError, "empty"),
+    (np.zeros((2, 2, 2, 2)), ValueError, "3D volume"),
+    (np.zeros(5), ValueError, "2D image"),
+]
+
+
+@pytest.mark.parametrize("X, error, message", LABELER_BAD_X)
+def test_labeler_rejects_bad_posteriors(X, error, message):
+    with pytest.raises(error, match=message):
+        NanoparticleLabeler().transform(X)
+    with pytest.raises(error, match=message):
+        NanoparticleLabeler().fit(X)
+
+
+def test_labeler_connectivity_beyond_2d():
+    with pytest.raises(ValueError, match="connectivity=3 is not defined for the 2D X"):
+        NanoparticleLabeler(connectivity=3).transform(np.zeros((8, 8)))
+
+
+def test_lazy_posterior_with_nan_is_caught_while_labelling():
+    data = float_with(np.nan, shape=(6, 16, 16)).astype(np.float32)
+    z = zarr.create_array(store={}, shape=data.shape, chunks=(1, 16, 16), dtype="float32")
+    z[...] = data
+    with pytest.raises(ValueError, match="NaN"):
+        NanoparticleLabeler().transform(z)
+
+
+def test_inputs_are_never_modified(image):
+    store = zarr.storage.MemoryStore()
+    z = zarr.create_array(store=store, shape=image.shape, chunks=(2, 32, 32), dtype="uint8")
+    z[...] = image
+    before = {k: bytes(v.to_bytes()) for k, v in store._store_dict.items()}
+    numpy_copy = image.copy()
+    mixture = NanoparticleMixture().fit(z)
+    NanoparticleLabeler().transform(mixture.transform(z)).compute()
+    posterior = mixture.fit(image).transform(image)
+    posterior_copy = posterior.copy()
+    NanoparticleLabeler().transform(posterior)
+    after = {k: bytes(v.to_bytes()) for k, v in store._store_dict.items()}
+    assert before == after
+    np.testing.assert_array_equal(image, numpy_copy)
+    np.testing.assert_array_equal(posterior, posterior_copy)
+
+
+def test_read_only_and_non_contiguous_arrays_work(image):
+    view = image[:, ::2, ::-1]
+    frozen = np.array(image)
+    frozen.flags.writeable = False
+    expected = NanoparticleMixture().fit(np.ascontiguousarray(view)).transform(np.ascontiguousarray(view))
+    np.testing.assert_array_equal(NanoparticleMixture().fit(view).transform(view), expected)
+    NanoparticleMixture().fit(frozen).transform(frozen)
