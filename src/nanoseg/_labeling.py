@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import _kernels
 from ._backend import get_backend

@@ -60,7 +60,8 @@ class NanoparticleLabeler(TransformerMixin, BaseEstimator):
 
     Examples
     --------
-    >>>     >>> from nanoseg import NanoparticleLabeler
+    >>> import numpy as np
+    >>> from nanoseg import NanoparticleLabeler
     >>> posterior = np.zeros((5, 5))
     >>> posterior[1:3, 1:3] = 0.99
     >>> NanoparticleLabeler(min_size=2).transform(posterior)
