@@ -162,9 +162,9 @@ class SlabLabeler:
         Slices per slab; by default from the volume's memory plan.
     """
 
-    def __init__(self, volume, *, threshold, radius, connectivity, min_size, depth=None, name="X"):
+    def __init__(self, volume, *, threshold, radius, connectivity, min_size, depth=None):
         self.volume = volume
-        self.settings = LabelSettings(threshold, radius, connectivity, volume.is_2d, name=name)
+        self.settings = LabelSettings(threshold, radius, connectivity, volume.is_2d, name=volume.name)
         self.min_size = min_size
         n_slices = volume.shape[0]
         depth = depth or volume.slab_depth(LABEL_BYTES_PER_VOXEL)

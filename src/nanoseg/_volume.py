@@ -60,11 +60,14 @@ class Volume:
     kind : {"numpy", "zarr", "dask"}
     is_2d : bool
         True when `array` is a single image; it is then seen as one slice.
+    name : str
+        How error messages refer to it (``X``, or ``X[i]`` in a list).
     """
 
     array: object
     kind: str
     is_2d: bool
+    name: str = "X"
 
     @property
     def shape(self):
@@ -188,7 +191,7 @@ def as_volume(X, *, name="X"):
         )
     if any(int(s) == 0 for s in X.shape):
         raise ValueError(f"{name} is empty: {_describe(X)} has a zero-sized axis.")
-    return Volume(array=X, kind=kind, is_2d=ndim == 2)
+    return Volume(array=X, kind=kind, is_2d=ndim == 2, name=name)
 
 
 def as_volumes(X, *, name="X"):

@@ -7,13 +7,14 @@ from numbers import Integral, Real
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import Interval
 
+from ._base import VolumeEstimatorMixin, map_volumes
 from ._labeling import SlabLabeler, check_probabilities
 from ._volume import as_volumes, check_targets, is_lazy
 
 __all__ = ["NanoparticleLabeler"]
 
 
-class NanoparticleLabeler(TransformerMixin, BaseEstimator):
+class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
     """Threshold a posterior and label its connected particles.
 
     Voxels with ``posterior >= threshold`` are kept, the mask is closed with
@@ -89,18 +90,14 @@ class NanoparticleLabeler(TransformerMixin, BaseEstimator):
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
-        tags.target_tags.required = False
         tags.requires_fit = False
-        tags.transformer_tags.preserves_dtype = []
         return tags
 
     def _posterior_volumes(self, X):
         self._validate_params()
         volumes, is_list = as_volumes(X)
-        for i, volume in enumerate(volumes):
-            name = f"X[{i}]" if is_list else "X"
+        for volume in volumes:
+            name = volume.name
             if volume.dtype != bool and volume.dtype.kind != "f":
                 raise TypeError(
                     f"{name} must be a posterior probability map (float in [0, 1]) or a "
@@ -150,21 +147,17 @@ class NanoparticleLabeler(TransformerMixin, BaseEstimator):
             Same shape as `X`; 0 is background, particles are 1..K. NumPy in
             gives NumPy out; zarr or dask in gives a lazy dask array.
         """
-        volumes, is_list = self._posterior_volumes(X)
-        labels = []
-        for i, volume in enumerate(volumes):
-            labeler = SlabLabeler(
-                volume,
-                threshold=float(self.threshold),
-                radius=int(self.radius),
-                connectivity=int(self.connectivity),
-                min_size=int(self.min_size),
-                name=f"X[{i}]" if is_list else "X",
-            )
-            if is_lazy(volume.array):
-                result = labeler.label_lazy(verbose=self.verbose)
-            else:
-                result = labeler.label_in_memory(verbose=self.verbose)
-            labels.append(volume.restore(result))
-        return labels if is_list else labels[0]
+        return map_volumes(self._label, *self._posterior_volumes(X))
+
+    def _label(self, volume):
+        labeler = SlabLabeler(
+            volume,
+            threshold=float(self.threshold),
+            radius=int(self.radius),
+            connectivity=int(self.connectivity),
+            min_size=int(self.min_size),
+        )
+        if is_lazy(volume.array):
+            return volume.restore(labeler.label_lazy(verbose=self.verbose))
+        return volume.restore(labeler.label_in_memory(verbose=self.verbose))
 

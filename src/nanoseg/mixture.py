@@ -13,6 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm import tqdm
 
 from . import _kernels, _model
+from ._base import VolumeEstimatorMixin, map_volumes
 from ._backend import get_backend
 from ._volume import as_volumes, check_finite, check_targets, is_lazy
 
@@ -39,20 +40,20 @@ def check_beta_prior(beta_prior):
     return values
 
 
-def check_intensity_volume(volume, name):
+def check_intensity_volume(volume):
     """Raise a clear error unless `volume` holds 8-bit intensities."""
     if volume.dtype == np.uint8:
         return
     if volume.kind == "numpy":
-        check_finite(volume.array, name)
+        check_finite(volume.array, volume.name)
     raise TypeError(
-        f"{name} must hold 8-bit intensities (uint8); got {volume.dtype}. Convert it first, "
+        f"{volume.name} must hold 8-bit intensities (uint8); got {volume.dtype}. Convert it first, "
         "e.g. with skimage.util.img_as_ubyte for images scaled to [0, 1], or by rescaling "
         "your intensity range to 0-255."
     )
 
 
-class NanoparticleMixture(TransformerMixin, BaseEstimator):
+class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
     """Two-component intensity mixture for bright nanoparticles (NPs).
 
     The volume's 256-bin intensity histogram is modelled as a mixture of a
@@ -184,14 +185,6 @@ class NanoparticleMixture(TransformerMixin, BaseEstimator):
         self.eps = eps
         self.verbose = verbose
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False
-        tags.input_tags.three_d_array = True
-        tags.target_tags.required = False
-        tags.transformer_tags.preserves_dtype = []
-        return tags
-
     def _check_params(self):
         self._validate_params()
         check_beta_prior(self.beta_prior)
@@ -204,8 +197,8 @@ class NanoparticleMixture(TransformerMixin, BaseEstimator):
 
     def _intensity_volumes(self, X):
         volumes, is_list = as_volumes(X)
-        for i, volume in enumerate(volumes):
-            check_intensity_volume(volume, f"X[{i}]" if is_list else "X")
+        for volume in volumes:
+            check_intensity_volume(volume)
         return volumes, is_list
 
     def fit(self, X, y=None):
@@ -341,9 +334,7 @@ class NanoparticleMixture(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         self._check_params()
-        volumes, is_list = self._intensity_volumes(X)
-        weights = [self._weights(volume) for volume in volumes]
-        return weights if is_list else weights[0]
+        return map_volumes(self._weights, *self._intensity_volumes(X))
 
     def posterior_luts(self, weights):
         """Posterior lookup tables for given per-slice NP fractions.
@@ -391,9 +382,7 @@ class NanoparticleMixture(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self)
         self._check_params()
-        volumes, is_list = self._intensity_volumes(X)
-        posteriors = [self._posterior(volume) for volume in volumes]
-        return posteriors if is_list else posteriors[0]
+        return map_volumes(self._posterior, *self._intensity_volumes(X))
 
     def transform(self, X):
         """Posterior NP probability of each voxel; same as :meth:`predict_proba`.
