@@ -15,7 +15,13 @@ def _demo(args):
     from . import NanoparticleLabeler, NanoparticleMixture
     from .datasets import make_phantom
 
-    image, mask, truth = make_phantom(tuple(args.shape), random_state=args.seed, return_labels=True)
+    shape = tuple(args.shape)
+    # Keep the default phantom's particle density (about 40 per 0.9 Mvoxel):
+    # the method assumes particles fill a fixed small fraction of the voxels.
+    n_particles = max(1, round(40 * np.prod(shape) / (24 * 192 * 192)))
+    image, mask, truth = make_phantom(
+        shape, n_particles=n_particles, random_state=args.seed, return_labels=True
+    )
     print(
         f"Phantom: {image.shape[0]} x {image.shape[1]} x {image.shape[2]} voxels (Z, Y, X), "
         f"{int(truth.max())} particles, {100 * mask.mean():.2f} % particle voxels."
@@ -50,7 +56,7 @@ def build_parser():
     demo = commands.add_parser(
         "demo", help="segment a built-in synthetic phantom and report what was found"
     )
-    demo.add_argument("--shape", type=int, nargs=3, default=(32, 256, 256), metavar=("Z", "Y", "X"))
+    demo.add_argument("--shape", type=int, nargs=3, default=(24, 192, 192), metavar=("Z", "Y", "X"))
     demo.add_argument("--seed", type=int, default=0, help="random seed of the phantom")
     demo.add_argument("--verbose", action="store_true", help="show progress bars")
     demo.set_defaults(run=_demo)
