@@ -7,8 +7,17 @@ from skimage.measure import label
 from skimage.morphology import ball, closing, disk
 from skimage.segmentation import relabel_sequential
 
-from nanoseg import NanoparticleLabeler
+import nanoseg._labeling as labeling_module
+from nanoseg import NanoparticleLabeler, _sparse
+from nanoseg._kernels import footprint
 from nanoseg._labeling import face_offsets
+
+
+@pytest.fixture(autouse=True, params=["sparse", "dense"])
+def label_path(request, monkeypatch):
+    """Run every test with closing/labelling forced onto each implementation."""
+    monkeypatch.setattr(labeling_module, "SPARSE_MAX_FRACTION", 1.0 if request.param == "sparse" else -1.0)
+    return request.param
 
 
 def whole_volume_labels(mask, radius, connectivity, min_size):
@@ -123,3 +132,32 @@ def test_face_offsets_follow_connectivity():
     assert face_offsets(1) == [(0, 0)]
     assert sorted(face_offsets(2)) == [(-1, 0), (0, -1), (0, 0), (0, 1), (1, 0)]
     assert len(face_offsets(3)) == 9
+
+
+@pytest.mark.parametrize("shape", [(9, 17, 13), (21, 19)])
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_sparse_closing_equals_dense(shape, radius):
+    rng = np.random.default_rng(radius)
+    mask = rng.random(shape) < 0.06
+    mask[0, ...] |= rng.random(shape[1:]) < 0.3  # foreground on the border
+    fp = footprint(radius, len(shape))
+    dilated = ndi.binary_dilation(mask, fp)
+    expected = np.flatnonzero(ndi.binary_erosion(dilated, fp, border_value=1))
+    np.testing.assert_array_equal(_sparse.close(np.flatnonzero(mask), shape, fp), expected)
+
+
+@pytest.mark.parametrize("shape, connectivity", [((7, 15, 16), 1), ((7, 15, 16), 2), ((7, 15, 16), 3), ((30, 31), 1), ((30, 31), 2)])
+def test_sparse_label_equals_scipy(shape, connectivity):
+    rng = np.random.default_rng(connectivity)
+    mask = rng.random(shape) < 0.2
+    expected, count = ndi.label(mask, ndi.generate_binary_structure(len(shape), connectivity))
+    flat = np.flatnonzero(mask)
+    ids, n = _sparse.label(flat, shape, connectivity)
+    assert n == count
+    np.testing.assert_array_equal(ids, expected.ravel()[flat])
+
+
+def test_sparse_empty_set():
+    ids, n = _sparse.label(np.zeros(0, dtype=np.int64), (3, 4, 5), 2)
+    assert n == 0 and ids.size == 0
+    assert _sparse.close(np.zeros(0, dtype=np.int64), (3, 4, 5), footprint(1, 3)).size == 0

@@ -25,13 +25,18 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
-from . import _kernels
+from . import _kernels, _sparse
 from ._backend import get_backend
 from ._volume import check_finite
 
-# Working bytes per voxel while labelling a slab: the float32 posterior, the
-# mask and two morphology temporaries, and int32 labels.
-LABEL_BYTES_PER_VOXEL = 12
+# Working bytes per voxel while labelling a slab: the float32 posterior and
+# its mask. The dense fallback for masks above SPARSE_MAX_FRACTION needs about
+# twice as much (two morphology temporaries and int32 labels).
+LABEL_BYTES_PER_VOXEL = 6
+
+#: Foreground fraction of a slab up to which closing and labelling run on
+#: voxel sets instead of dense arrays.
+SPARSE_MAX_FRACTION = 0.02
 
 
 def check_probabilities(data, name="X"):
@@ -67,15 +72,15 @@ def face_offsets(connectivity):
     ]
 
 
-def face_pairs(lower, upper, lower_offset, upper_offset, connectivity):
+def face_pairs(lower, upper, plane_shape, lower_offset, upper_offset, connectivity):
     """Global id pairs of components touching across a slab face.
 
     Parameters
     ----------
-    lower : (Y, X) int array
-        Local labels of the last plane of the lower slab.
-    upper : (Y, X) int array
-        Local labels of the first plane of the upper slab.
+    lower, upper : (flat, ids)
+        Foreground of the last plane of the lower slab and of the first plane
+        of the upper slab: sorted flat indices into a plane of `plane_shape`
+        and their local labels.
     lower_offset, upper_offset : int
         Added to local labels to make them global.
 
@@ -83,22 +88,34 @@ def face_pairs(lower, upper, lower_offset, upper_offset, connectivity):
     -------
     pairs : (n, 2) int64 array, unique rows
     """
-    n_rows, n_cols = lower.shape
-    found = []
-    for dy, dx in face_offsets(connectivity):
-        a = lower[max(0, -dy) : n_rows - max(0, dy), max(0, -dx) : n_cols - max(0, dx)]
-        b = upper[max(0, dy) : n_rows - max(0, -dy), max(0, dx) : n_cols - max(0, -dx)]
-        both = (a > 0) & (b > 0)
-        if both.any():
-            found.append(
-                np.stack(
-                    [a[both].astype(np.int64) + lower_offset, b[both].astype(np.int64) + upper_offset],
-                    axis=1,
-                )
-            )
-    if not found:
+    (lower_flat, lower_ids), (upper_flat, upper_ids) = lower, upper
+    if lower_flat.size == 0 or upper_flat.size == 0:
         return np.empty((0, 2), dtype=np.int64)
+    shape = np.asarray(plane_shape)
+    coords = np.stack(np.unravel_index(lower_flat, plane_shape), axis=1)
+    found = []
+    for offset in face_offsets(connectivity):
+        shifted = coords + np.asarray(offset)
+        inside = np.all((shifted >= 0) & (shifted < shape), axis=1)
+        targets = np.ravel_multi_index(tuple(shifted[inside].T), plane_shape)
+        pos = np.minimum(np.searchsorted(upper_flat, targets), upper_flat.size - 1)
+        hit = upper_flat[pos] == targets
+        found.append(
+            np.stack(
+                [
+                    lower_ids[inside][hit].astype(np.int64) + lower_offset,
+                    upper_ids[pos[hit]].astype(np.int64) + upper_offset,
+                ],
+                axis=1,
+            )
+        )
     return np.unique(np.concatenate(found), axis=0)
+
+
+def plane_of(flat, ids, index, plane_size):
+    """The members of plane `index` of a sparse slab, as (flat-in-plane, ids)."""
+    lo, hi = np.searchsorted(flat, [index * plane_size, (index + 1) * plane_size])
+    return flat[lo:hi] - index * plane_size, ids[lo:hi]
 
 
 @dataclass
@@ -110,6 +127,7 @@ class LabelPlan:
     counts: list = field(default_factory=list)
     table: np.ndarray = None
     n_labels: int = 0
+    slabs: list = field(default_factory=list)
 
     def slab_table(self, index):
         """Lookup from slab `index`'s local labels to final labels (0 stays 0)."""
@@ -134,19 +152,41 @@ class LabelSettings:
 def local_labels(settings, data, start, stop, lo):
     """Label slab ``start:stop`` from posterior `data` covering slices ``lo:...``.
 
+    Sparse masks (at most :data:`SPARSE_MAX_FRACTION` foreground) are closed
+    and labelled as voxel sets (:mod:`nanoseg._sparse`); denser ones with
+    dense ``ndimage`` operations. Both give identical results.
+
     Returns
     -------
-    labels : (stop - start, Y, X) int32 array
+    flat : (n,) int64
+        Sorted flat indices of the slab's labelled voxels, into an array of
+        shape ``(stop - start, Y, X)``.
+    ids : (n,) int32
+        Their local labels, 1..count, numbered in raster order.
     count : int
     """
     backend = get_backend(settings.device)
     mask = mask_from_posterior(data, settings.threshold, settings.name)
-    if settings.is_2d:
-        closed = _kernels.close_mask(backend, mask[0], settings.radius)
-        labels, count = _kernels.label_mask(backend, closed, settings.connectivity)
-        return labels[None], count
-    closed = _kernels.close_mask(backend, mask, settings.radius)[start - lo : stop - lo]
-    return _kernels.label_mask(backend, closed, settings.connectivity)
+    work = mask[0] if settings.is_2d else mask
+    core = slice(0, 1) if settings.is_2d else slice(start - lo, stop - lo)
+    plane_size = work.shape[-1] * work.shape[-2]
+    foreground = np.flatnonzero(work)
+    if foreground.size <= SPARSE_MAX_FRACTION * work.size:
+        closed = foreground
+        if settings.radius:
+            closed = _sparse.close(foreground, work.shape, _kernels.footprint(settings.radius, work.ndim))
+        if not settings.is_2d:
+            lo_i, hi_i = np.searchsorted(closed, [core.start * plane_size, core.stop * plane_size])
+            closed = closed[lo_i:hi_i] - core.start * plane_size
+        core_shape = work.shape if settings.is_2d else (core.stop - core.start, *work.shape[1:])
+        ids, count = _sparse.label(closed, core_shape, settings.connectivity)
+        return closed, ids, count
+    closed = _kernels.close_mask(backend, work, settings.radius)
+    if not settings.is_2d:
+        closed = closed[core]
+    labels, count = _kernels.label_mask(backend, closed, settings.connectivity)
+    flat = np.flatnonzero(labels)
+    return flat, labels.ravel()[flat], count
 
 
 class SlabLabeler:
@@ -180,14 +220,14 @@ class SlabLabeler:
         return local_labels(self.settings, self.volume.read(lo, hi), start, stop, lo)
 
     # -- whole volume ---------------------------------------------------------
-    def analyse(self, out=None, verbose=False):
+    def analyse(self, keep=False, verbose=False):
         """Label every slab, merge across faces and build the final table.
 
         Parameters
         ----------
-        out : (Z, Y, X) uint32 ndarray, optional
-            When given, each slab's local labels are stored there, ready for
-            :meth:`finalize_inplace`.
+        keep : bool
+            Keep every slab's sparse labels in ``plan.slabs`` (memory grows
+            with the number of foreground voxels) for :meth:`label_in_memory`.
 
         Returns
         -------
@@ -195,26 +235,28 @@ class SlabLabeler:
         """
         plan = LabelPlan(bounds=self.bounds)
         sizes, pairs = [np.zeros(1, dtype=np.int64)], []
+        plane_shape = self.volume.shape[1:]
+        plane_size = plane_shape[0] * plane_shape[1]
         offset = 0
         previous_face = None
         with tqdm(
             total=self.volume.shape[0], desc="Labelling", unit="slice", disable=not verbose
         ) as bar:
             for index, (start, stop) in enumerate(self.bounds):
-                labels, count = self.read_and_label(index)
+                flat, ids, count = self.read_and_label(index)
                 plan.offsets.append(offset)
                 plan.counts.append(count)
-                sizes.append(np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.int64))
+                sizes.append(np.bincount(ids, minlength=count + 1)[1:].astype(np.int64))
                 if previous_face is not None:
                     pairs.append(
                         face_pairs(
-                            previous_face, labels[0], offset - plan.counts[-2], offset,
-                            self.settings.connectivity,
+                            previous_face, plane_of(flat, ids, 0, plane_size), plane_shape,
+                            offset - plan.counts[-2], offset, self.settings.connectivity,
                         )
                     )
-                previous_face = labels[-1].copy()
-                if out is not None:
-                    out[start:stop] = labels
+                previous_face = plane_of(flat, ids, stop - start - 1, plane_size)
+                if keep:
+                    plan.slabs.append((flat, ids))
                 offset += count
                 bar.update(stop - start)
         plan.table, plan.n_labels = self._merge(offset, np.concatenate(sizes), pairs)
@@ -246,18 +288,15 @@ class SlabLabeler:
         table[0] = 0
         return table, n_labels
 
-    def finalize_inplace(self, out, plan):
-        """Map local labels stored by :meth:`analyse` to final labels."""
-        result = out if plan.table.dtype == out.dtype else np.empty(out.shape, plan.table.dtype)
-        for index, (start, stop) in enumerate(plan.bounds):
-            result[start:stop] = plan.slab_table(index)[out[start:stop]]
-        return result
-
     def label_in_memory(self, verbose=False):
         """Labels of an in-memory volume as a (Z, Y, X) NumPy array."""
-        out = np.empty(self.volume.shape, dtype=np.uint32)
-        plan = self.analyse(out=out, verbose=verbose)
-        return self.finalize_inplace(out, plan)
+        plan = self.analyse(keep=True, verbose=verbose)
+        out = np.zeros(self.volume.shape, dtype=plan.table.dtype)
+        flat_out = out.reshape(-1)
+        plane_size = self.volume.shape[1] * self.volume.shape[2]
+        for index, ((start, _), (flat, ids)) in enumerate(zip(plan.bounds, plan.slabs)):
+            flat_out[start * plane_size + flat] = plan.slab_table(index)[ids]
+        return out
 
     def label_lazy(self, verbose=False):
         """Labels as a lazy (Z, Y, X) dask array, one task per slab.
@@ -276,12 +315,15 @@ class SlabLabeler:
         for index, (start, stop) in enumerate(plan.bounds):
             lo, hi = self.halo_bounds(start, stop)
             task = dask.delayed(_final_slab, pure=True)(
-                self.settings, source[lo:hi], start, stop, lo, plan.slab_table(index)
+                self.settings, source[lo:hi], start, stop, lo, plan.slab_table(index),
+                (n_rows, n_cols),
             )
             blocks.append(da.from_delayed(task, (stop - start, n_rows, n_cols), dtype=plan.table.dtype))
         return da.concatenate(blocks, axis=0)
 
 
-def _final_slab(settings, data, start, stop, lo, lookup):
-    labels, _ = local_labels(settings, np.asarray(data), start, stop, lo)
-    return lookup[labels]
+def _final_slab(settings, data, start, stop, lo, lookup, plane_shape):
+    flat, ids, _ = local_labels(settings, np.asarray(data), start, stop, lo)
+    out = np.zeros((stop - start, *plane_shape), dtype=lookup.dtype)
+    out.reshape(-1)[flat] = lookup[ids]
+    return out
