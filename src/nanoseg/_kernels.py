@@ -10,12 +10,29 @@ from __future__ import annotations
 import numpy as np
 from skimage.morphology import ball, disk
 
+from . import _sparse
 from ._model import N_BINS
 
 
 def histogram(backend, values):
-    """256-bin histogram (int64) of uint8 `values` of any shape."""
-    return backend.xp.bincount(values.ravel(), minlength=N_BINS).astype(np.int64, copy=False)
+    """256-bin histogram (int64) of uint8 `values` of any shape.
+
+    On the CPU, pairs of bytes are counted as 16-bit words (65536 bins) and
+    folded back to 256 bins: half as many elements for ``bincount``, which
+    roughly doubles its speed; the counts are exact.
+    """
+    xp = backend.xp
+    flat = values.reshape(-1)
+    if backend.name != "cpu" or flat.size < 2**16:
+        return xp.bincount(flat, minlength=N_BINS).astype(np.int64, copy=False)
+    flat = np.ascontiguousarray(flat)
+    even = flat.size - flat.size % 2
+    pairs = np.bincount(flat[:even].view(np.uint16), minlength=N_BINS * N_BINS)
+    pairs = pairs.reshape(N_BINS, N_BINS)
+    hist = pairs.sum(axis=0) + pairs.sum(axis=1)
+    if even < flat.size:
+        hist[flat[-1]] += 1
+    return hist.astype(np.int64, copy=False)
 
 
 def slice_histograms(backend, slab):
@@ -27,34 +44,74 @@ def slice_histograms(backend, slab):
     return out
 
 
-def background_histogram(backend, image, low, high, *, min_seed_size, halo_pad):
+#: Seed fraction of a slice up to which seeds are grouped as a pixel set.
+SPARSE_SEED_FRACTION = 0.05
+
+
+def _seed_boxes(backend, seeds, min_seed_size):
+    """Bounding boxes (row0, row1, col0, col1; ends exclusive) of the
+    8-connected seed components with at least `min_seed_size` pixels."""
+    n_cols = seeds.shape[1]
+    flat = np.flatnonzero(seeds) if backend.name == "cpu" else None
+    if flat is not None and flat.size <= SPARSE_SEED_FRACTION * seeds.size:
+        ids, count = _sparse.label(flat, seeds.shape, 2)
+        if count == 0:
+            return np.empty((0, 4), dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]
+        rows, cols = np.divmod(flat[order], n_cols)
+        starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+        sizes = np.diff(np.append(starts, ids.size))
+        boxes = np.stack(
+            [
+                np.minimum.reduceat(rows, starts),
+                np.maximum.reduceat(rows, starts) + 1,
+                np.minimum.reduceat(cols, starts),
+                np.maximum.reduceat(cols, starts) + 1,
+            ],
+            axis=1,
+        )
+        return boxes[sizes >= min_seed_size]
+    ndi = backend.ndi
+    labels, _ = ndi.label(seeds, structure=np.ones((3, 3), dtype=bool))
+    sizes = backend.to_host(backend.xp.bincount(labels[seeds]))
+    found = ndi.find_objects(backend.to_host(labels))
+    keep = np.flatnonzero(sizes >= min_seed_size)
+    return np.array(
+        [[found[i - 1][0].start, found[i - 1][0].stop, found[i - 1][1].start, found[i - 1][1].stop] for i in keep],
+        dtype=np.int64,
+    ).reshape(-1, 4)
+
+
+def background_histogram(backend, image, low, high, *, min_seed_size, halo_pad, hist=None):
     """Histogram of the "surely background" pixels of one 2D slice.
 
     Pixels brighter than `low` seed candidate particles; seeds are grouped
     into 8-connected components, and every component of at least
     `min_seed_size` pixels has its bounding box, grown by `halo_pad` pixels on
     each side and clipped to the image, excluded. Pixels at or above `high`
-    are excluded wherever they are. The remaining pixels are counted.
+    are excluded wherever they are. The remaining pixels are counted, as the
+    slice's histogram minus that of the (few) excluded pixels.
+
+    Parameters
+    ----------
+    hist : (256,) int64, optional
+        The slice's histogram, when already known.
 
     Returns
     -------
     hist : (256,) int64
     """
-    xp, ndi = backend.xp, backend.ndi
+    if hist is None:
+        hist = histogram(backend, image)
     excluded = image >= high
-    seeds = image > low
-    if seeds.any():
-        labels, _ = ndi.label(seeds, structure=np.ones((3, 3), dtype=bool))
-        sizes = xp.bincount(labels[seeds])
-        boxes = ndi.find_objects(backend.to_host(labels))
-        n_rows, n_cols = image.shape
-        for index in np.flatnonzero(backend.to_host(sizes) >= min_seed_size):
-            rows, cols = boxes[index - 1]
-            excluded[
-                max(rows.start - halo_pad, 0) : min(rows.stop + halo_pad, n_rows),
-                max(cols.start - halo_pad, 0) : min(cols.stop + halo_pad, n_cols),
-            ] = True
-    return histogram(backend, image[~excluded])
+    n_rows, n_cols = image.shape
+    for r0, r1, c0, c1 in _seed_boxes(backend, image > low, min_seed_size).tolist():
+        excluded[
+            max(r0 - halo_pad, 0) : min(r1 + halo_pad, n_rows),
+            max(c0 - halo_pad, 0) : min(c1 + halo_pad, n_cols),
+        ] = True
+    return hist - backend.xp.bincount(image[excluded], minlength=N_BINS).astype(np.int64, copy=False)
 
 
 def apply_luts(backend, slab, luts, out=None):

@@ -231,14 +231,16 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         sampled = [np.arange(0, v.shape[0], self.sampling_step) for v in volumes]
         n_slices = int(sum(s.size for s in sampled))
 
-        stack_hist = np.zeros(_model.N_BINS, dtype=np.int64)
+        # Pass 1: every sampled slice's histogram (kept: 2 KiB a slice).
+        slice_hists = []
         with tqdm(total=n_slices, desc="Stack histogram", unit="slice", disable=not self.verbose) as bar:
             for volume, indices in zip(volumes, sampled):
                 depth = volume.slab_depth(_HISTOGRAM_BYTES_PER_VOXEL)
                 for group in volume.slabs(depth, indices):
-                    slab = volume.read_slices(group)
-                    stack_hist += _kernels.histogram(backend, slab)
+                    slice_hists.append(_kernels.slice_histograms(backend, volume.read_slices(group)))
                     bar.update(len(group))
+        slice_hists = np.concatenate(slice_hists)
+        stack_hist = slice_hists.sum(axis=0)
         present = np.flatnonzero(stack_hist)
         if present.size < 2:
             raise ValueError(
@@ -250,7 +252,9 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         low = _model.percentile_intensity(stack_pmf, self.percentile_low)
         high = _model.percentile_intensity(stack_pmf, self.percentile_high)
 
+        # Pass 2: subtract each slice's excluded pixels from its histogram.
         background_hist = np.zeros(_model.N_BINS, dtype=np.int64)
+        position = 0
         with tqdm(total=n_slices, desc="Background histogram", unit="slice", disable=not self.verbose) as bar:
             for volume, indices in zip(volumes, sampled):
                 depth = volume.slab_depth(_HISTOGRAM_BYTES_PER_VOXEL)
@@ -259,7 +263,9 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                         background_hist += _kernels.background_histogram(
                             backend, image, low, high,
                             min_seed_size=self.min_seed_size, halo_pad=self.halo_pad,
+                            hist=slice_hists[position],
                         )
+                        position += 1
                     bar.update(len(group))
         if background_hist.sum() == 0:
             raise ValueError(

@@ -1,0 +1,42 @@
+"""Per-slice kernels agree with plain NumPy/SciPy formulations."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+import nanoseg._kernels as kernels
+from nanoseg._backend import CPU
+
+
+@pytest.mark.parametrize("shape", [(7,), (255, 257), (3, 101, 99), (2**17 + 1,)])
+def test_histogram_is_exact(shape):
+    values = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    np.testing.assert_array_equal(kernels.histogram(CPU, values), np.bincount(values.ravel(), minlength=256))
+    view = values[..., ::2] if values.ndim > 1 else values[::3]
+    np.testing.assert_array_equal(kernels.histogram(CPU, view), np.bincount(view.ravel(), minlength=256))
+
+
+def plain_background_histogram(image, low, high, min_seed_size, halo_pad):
+    labels, _ = ndi.label(image > low, structure=np.ones((3, 3)))
+    excluded = image >= high
+    for index, box in enumerate(ndi.find_objects(labels), start=1):
+        if np.count_nonzero(labels[box] == index) >= min_seed_size:
+            rows, cols = box
+            excluded[
+                max(rows.start - halo_pad, 0) : rows.stop + halo_pad,
+                max(cols.start - halo_pad, 0) : cols.stop + halo_pad,
+            ] = True
+    return np.bincount(image[~excluded], minlength=256)
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("seed", range(3))
+def test_background_histogram_both_paths(path, seed, monkeypatch):
+    monkeypatch.setattr(kernels, "SPARSE_SEED_FRACTION", 1.0 if path == "sparse" else -1.0)
+    rng = np.random.default_rng(seed)
+    image = (ndi.gaussian_filter(rng.normal(size=(120, 90)), 2) * 400 + 120).clip(0, 255).astype(np.uint8)
+    low, high = np.percentile(image, [97, 99.5]).astype(int)
+    for min_seed_size, halo_pad in [(1, 0), (5, 3), (20, 20)]:
+        expected = plain_background_histogram(image, low, high, min_seed_size, halo_pad)
+        got = kernels.background_histogram(CPU, image.copy(), low, high, min_seed_size=min_seed_size, halo_pad=halo_pad)
+        np.testing.assert_array_equal(got, expected)
