@@ -6,6 +6,7 @@ import pytest
 import zarr
 from zarr.storage import MemoryStore, WrapperStore
 
+import nanoseg._labeling as labeling_module
 from nanoseg import NanoparticleLabeler, NanoparticleMixture
 from nanoseg.datasets import make_crops, make_phantom
 
@@ -164,6 +165,21 @@ def test_zarr_is_read_slab_by_slab_never_whole(phantom, small_slabs, monkeypatch
     assert len(store.reads) <= 2 * n_chunks
     store.reads.clear()
     labels.compute()
+    assert store.reads == []  # sparse labels kept from the analysis pass
+    # With no room to keep them, computing re-reads each slab with its halo.
+    monkeypatch.setattr(labeling_module, "KEPT_LABEL_BYTES", 0)
+    relabelled = NanoparticleLabeler().transform(posterior)
+    store.reads.clear()
+    np.testing.assert_array_equal(relabelled.compute(), labels.compute())
     assert set(store.reads) == set(all_keys) and len(store.reads) <= 2 * n_chunks
     # No read, in any pass, ever asked for the whole volume.
     assert max(requested) <= 8 < shape[0]
+
+
+@pytest.mark.parametrize("kept_bytes", [0, 2000, 2**30])
+def test_lazy_labels_with_and_without_kept_slabs(phantom, reference, kept_bytes, small_slabs, monkeypatch):
+    small_slabs(3 * 96 * 112 * 6)
+    monkeypatch.setattr(labeling_module, "KEPT_LABEL_BYTES", kept_bytes)
+    _, posterior, labels = reference
+    lazy = NanoparticleLabeler(min_size=3).transform(da.from_array(posterior, chunks=(5, 96, 112)))
+    np.testing.assert_array_equal(lazy.compute(), labels)

@@ -34,6 +34,10 @@ from ._volume import check_finite
 # twice as much (two morphology temporaries and int32 labels).
 LABEL_BYTES_PER_VOXEL = 6
 
+#: Bytes of sparse slab labels a lazy labelling keeps from its analysis pass
+#: (12 bytes per foreground voxel: 256 MiB is 22 million particle voxels).
+KEPT_LABEL_BYTES = 256 * 2**20
+
 #: Foreground fraction of a slab up to which closing and labelling run on
 #: voxel sets instead of dense arrays.
 SPARSE_MAX_FRACTION = 0.02
@@ -220,14 +224,15 @@ class SlabLabeler:
         return local_labels(self.settings, self.volume.read(lo, hi), start, stop, lo)
 
     # -- whole volume ---------------------------------------------------------
-    def analyse(self, keep=False, verbose=False):
+    def analyse(self, keep=0, verbose=False):
         """Label every slab, merge across faces and build the final table.
 
         Parameters
         ----------
-        keep : bool
-            Keep every slab's sparse labels in ``plan.slabs`` (memory grows
-            with the number of foreground voxels) for :meth:`label_in_memory`.
+        keep : float
+            Bytes of slab labels to keep in ``plan.slabs`` (12 bytes per
+            foreground voxel), in Z order; slabs past the budget get None.
+            ``numpy.inf`` keeps all.
 
         Returns
         -------
@@ -237,7 +242,7 @@ class SlabLabeler:
         sizes, pairs = [np.zeros(1, dtype=np.int64)], []
         plane_shape = self.volume.shape[1:]
         plane_size = plane_shape[0] * plane_shape[1]
-        offset = 0
+        offset = kept_bytes = 0
         previous_face = None
         with tqdm(
             total=self.volume.shape[0], desc="Labelling", unit="slice", disable=not verbose
@@ -255,8 +260,8 @@ class SlabLabeler:
                         )
                     )
                 previous_face = plane_of(flat, ids, stop - start - 1, plane_size)
-                if keep:
-                    plan.slabs.append((flat, ids))
+                kept_bytes += flat.nbytes + ids.nbytes
+                plan.slabs.append((flat, ids) if kept_bytes <= keep else None)
                 offset += count
                 bar.update(stop - start)
         plan.table, plan.n_labels = self._merge(offset, np.concatenate(sizes), pairs)
@@ -290,7 +295,7 @@ class SlabLabeler:
 
     def label_in_memory(self, verbose=False):
         """Labels of an in-memory volume as a (Z, Y, X) NumPy array."""
-        plan = self.analyse(keep=True, verbose=verbose)
+        plan = self.analyse(keep=np.inf, verbose=verbose)
         out = np.zeros(self.volume.shape, dtype=plan.table.dtype)
         flat_out = out.reshape(-1)
         plane_size = self.volume.shape[1] * self.volume.shape[2]
@@ -301,29 +306,39 @@ class SlabLabeler:
     def label_lazy(self, verbose=False):
         """Labels as a lazy (Z, Y, X) dask array, one task per slab.
 
-        The analysis pass runs now (reading the input once); each output
-        slab recomputes its local labels from its halo when computed, so no
-        label volume is ever held whole.
+        The analysis pass runs now, reading the input once. The sparse labels
+        it finds are kept, up to :data:`KEPT_LABEL_BYTES`, so that computing
+        those slabs only scatters them into zeros; slabs past that budget are
+        recomputed from the input and their halo. No label volume is ever
+        held whole.
         """
         import dask
         import dask.array as da
 
-        plan = self.analyse(verbose=verbose)
+        plan = self.analyse(keep=KEPT_LABEL_BYTES, verbose=verbose)
         source = self.volume.to_dask()
-        n_rows, n_cols = self.volume.shape[1:]
+        plane_shape = tuple(self.volume.shape[1:])
         blocks = []
         for index, (start, stop) in enumerate(plan.bounds):
-            lo, hi = self.halo_bounds(start, stop)
-            task = dask.delayed(_final_slab, pure=True)(
-                self.settings, source[lo:hi], start, stop, lo, plan.slab_table(index),
-                (n_rows, n_cols),
-            )
-            blocks.append(da.from_delayed(task, (stop - start, n_rows, n_cols), dtype=plan.table.dtype))
+            lookup = plan.slab_table(index)
+            if plan.slabs[index] is not None:
+                flat, ids = plan.slabs[index]
+                task = dask.delayed(_scatter, pure=True)(flat, lookup[ids], (stop - start, *plane_shape))
+            else:
+                lo, hi = self.halo_bounds(start, stop)
+                task = dask.delayed(_final_slab, pure=True)(
+                    self.settings, source[lo:hi], start, stop, lo, lookup, plane_shape
+                )
+            blocks.append(da.from_delayed(task, (stop - start, *plane_shape), dtype=plan.table.dtype))
         return da.concatenate(blocks, axis=0)
+
+
+def _scatter(flat, values, shape):
+    out = np.zeros(shape, dtype=values.dtype)
+    out.reshape(-1)[flat] = values
+    return out
 
 
 def _final_slab(settings, data, start, stop, lo, lookup, plane_shape):
     flat, ids, _ = local_labels(settings, np.asarray(data), start, stop, lo)
-    out = np.zeros((stop - start, *plane_shape), dtype=lookup.dtype)
-    out.reshape(-1)[flat] = lookup[ids]
-    return out
+    return _scatter(flat, lookup[ids], (stop - start, *plane_shape))
