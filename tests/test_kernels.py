@@ -4,12 +4,22 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+import nanoseg._jit as jit
 import nanoseg._kernels as kernels
 from nanoseg._backend import CPU
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def kernel_path(request, monkeypatch):
+    """Run a test with the numba kernels and with the NumPy fallbacks."""
+    monkeypatch.setattr(jit, "ENABLED", request.param == "compiled")
+    if request.param == "compiled":
+        assert jit.available()
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(7,), (255, 257), (3, 101, 99), (2**17 + 1,)])
-def test_histogram_is_exact(shape):
+def test_histogram_is_exact(shape, kernel_path):
     values = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     np.testing.assert_array_equal(kernels.histogram(CPU, values), np.bincount(values.ravel(), minlength=256))
     view = values[..., ::2] if values.ndim > 1 else values[::3]
@@ -40,3 +50,18 @@ def test_background_histogram_both_paths(path, seed, monkeypatch):
         expected = plain_background_histogram(image, low, high, min_seed_size, halo_pad)
         got = kernels.background_histogram(CPU, image.copy(), low, high, min_seed_size=min_seed_size, halo_pad=halo_pad)
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, bool])
+def test_slice_histograms_and_luts(dtype, kernel_path):
+    rng = np.random.default_rng(2)
+    slab = rng.integers(0, 256, (5, 33, 70), dtype=np.uint8)
+    hists = kernels.slice_histograms(CPU, slab)
+    np.testing.assert_array_equal(hists, [np.bincount(s.ravel(), minlength=256) for s in slab])
+    luts = rng.random((5, 256)) > 0.5 if dtype is bool else rng.random((5, 256)).astype(dtype)
+    expected = np.stack([lut[s] for lut, s in zip(luts, slab)])
+    np.testing.assert_array_equal(kernels.apply_luts(CPU, slab, luts), expected)
+    strided = slab[:, ::2, 1::3]
+    np.testing.assert_array_equal(
+        kernels.apply_luts(CPU, strided, luts), np.stack([lut[s] for lut, s in zip(luts, strided)])
+    )

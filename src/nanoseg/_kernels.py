@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from skimage.morphology import ball, disk
 
-from . import _sparse
+from . import _jit, _sparse
 from ._model import N_BINS
 
 
@@ -22,6 +22,8 @@ def histogram(backend, values):
     roughly doubles its speed; the counts are exact.
     """
     xp = backend.xp
+    if backend.name == "cpu" and _jit.available():
+        return _jit.slice_histograms(values.reshape(1, -1))[0]
     flat = values.reshape(-1)
     if backend.name != "cpu" or flat.size < 2**16:
         return xp.bincount(flat, minlength=N_BINS).astype(np.int64, copy=False)
@@ -38,6 +40,8 @@ def histogram(backend, values):
 def slice_histograms(backend, slab):
     """Histogram of every slice of a (n, Y, X) uint8 slab: (n, 256) int64."""
     xp = backend.xp
+    if backend.name == "cpu" and _jit.available():
+        return _jit.slice_histograms(slab)
     out = xp.empty((slab.shape[0], N_BINS), dtype=np.int64)
     for i in range(slab.shape[0]):
         out[i] = histogram(backend, slab[i])
@@ -128,6 +132,8 @@ def apply_luts(backend, slab, luts, out=None):
     xp = backend.xp
     if out is None:
         out = xp.empty(slab.shape, dtype=luts.dtype)
+    if backend.name == "cpu" and _jit.available() and out.flags.c_contiguous:
+        return _jit.apply_luts(slab, luts, out)
     for i in range(slab.shape[0]):
         xp.take(luts[i], slab[i], out=out[i])
     return out

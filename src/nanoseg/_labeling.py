@@ -30,7 +30,7 @@ from ._backend import get_backend
 from ._volume import check_finite
 
 # Working bytes per voxel while labelling a slab: the float32 posterior and
-# its mask. The dense fallback for masks above SPARSE_MAX_FRACTION needs about
+# its mask (lazy inputs arrive as the mask alone). The dense fallback for masks above SPARSE_MAX_FRACTION needs about
 # twice as much (two morphology temporaries and int32 labels).
 LABEL_BYTES_PER_VOXEL = 6
 
@@ -54,11 +54,16 @@ def check_probabilities(data, name="X"):
         )
 
 
-def mask_from_posterior(data, threshold, name="X"):
-    """Threshold a posterior slab (``>= threshold``); a boolean slab is used as is."""
+def mask_from_posterior(data, threshold, name="X", check=True):
+    """Threshold a posterior block (``>= threshold``); a boolean block is used as is.
+
+    With `check`, the block's values are validated first (for inputs that
+    were not validated whole, i.e. zarr and dask arrays).
+    """
     if data.dtype == bool:
         return data
-    check_probabilities(data, name)
+    if check:
+        check_probabilities(data, name)
     return data >= threshold
 
 
@@ -153,8 +158,8 @@ class LabelSettings:
     name: str = "X"
 
 
-def local_labels(settings, data, start, stop, lo):
-    """Label slab ``start:stop`` from posterior `data` covering slices ``lo:...``.
+def local_labels(settings, mask, start, stop, lo):
+    """Label slab ``start:stop`` from the thresholded `mask` covering slices ``lo:...``.
 
     Sparse masks (at most :data:`SPARSE_MAX_FRACTION` foreground) are closed
     and labelled as voxel sets (:mod:`nanoseg._sparse`); denser ones with
@@ -170,7 +175,6 @@ def local_labels(settings, data, start, stop, lo):
     count : int
     """
     backend = get_backend(settings.device)
-    mask = mask_from_posterior(data, settings.threshold, settings.name)
     work = mask[0] if settings.is_2d else mask
     core = slice(0, 1) if settings.is_2d else slice(start - lo, stop - lo)
     plane_size = work.shape[-1] * work.shape[-2]
@@ -213,15 +217,37 @@ class SlabLabeler:
         n_slices = volume.shape[0]
         depth = depth or volume.slab_depth(LABEL_BYTES_PER_VOXEL)
         self.bounds = [(z0, min(z0 + depth, n_slices)) for z0 in range(0, n_slices, depth)]
+        self._lazy_mask = None if volume.kind == "numpy" else self.lazy_mask()
 
     def halo_bounds(self, start, stop):
         halo = 2 * self.settings.radius
         return max(0, start - halo), min(self.volume.shape[0], stop + halo)
 
+    def lazy_mask(self):
+        """The thresholded input as a dask array, validated chunk by chunk.
+
+        Thresholding inside the graph lets dask fuse it with whatever
+        produced the posterior (e.g. the mixture's lookup), so slabs arrive
+        as booleans rather than float32.
+        """
+        source = self.volume.to_dask()
+        if source.dtype == bool:
+            return source
+        return source.map_blocks(
+            mask_from_posterior, self.settings.threshold, self.settings.name, dtype=bool
+        )
+
+    def read_mask(self, lo, hi):
+        """Thresholded slices ``lo:hi`` as a NumPy boolean array."""
+        if self._lazy_mask is not None:
+            return np.asarray(self._lazy_mask[lo:hi].compute())
+        # In-memory inputs were validated whole by the estimator.
+        return mask_from_posterior(self.volume.read(lo, hi), self.settings.threshold, check=False)
+
     def read_and_label(self, index):
         start, stop = self.bounds[index]
         lo, hi = self.halo_bounds(start, stop)
-        return local_labels(self.settings, self.volume.read(lo, hi), start, stop, lo)
+        return local_labels(self.settings, self.read_mask(lo, hi), start, stop, lo)
 
     # -- whole volume ---------------------------------------------------------
     def analyse(self, keep=0, verbose=False):
@@ -316,7 +342,6 @@ class SlabLabeler:
         import dask.array as da
 
         plan = self.analyse(keep=KEPT_LABEL_BYTES, verbose=verbose)
-        source = self.volume.to_dask()
         plane_shape = tuple(self.volume.shape[1:])
         blocks = []
         for index, (start, stop) in enumerate(plan.bounds):
@@ -327,7 +352,7 @@ class SlabLabeler:
             else:
                 lo, hi = self.halo_bounds(start, stop)
                 task = dask.delayed(_final_slab, pure=True)(
-                    self.settings, source[lo:hi], start, stop, lo, lookup, plane_shape
+                    self.settings, self._lazy_mask[lo:hi], start, stop, lo, lookup, plane_shape
                 )
             blocks.append(da.from_delayed(task, (stop - start, *plane_shape), dtype=plan.table.dtype))
         return da.concatenate(blocks, axis=0)
@@ -339,6 +364,6 @@ def _scatter(flat, values, shape):
     return out
 
 
-def _final_slab(settings, data, start, stop, lo, lookup, plane_shape):
-    flat, ids, _ = local_labels(settings, np.asarray(data), start, stop, lo)
+def _final_slab(settings, mask, start, stop, lo, lookup, plane_shape):
+    flat, ids, _ = local_labels(settings, np.asarray(mask), start, stop, lo)
     return _scatter(flat, lookup[ids], (stop - start, *plane_shape))
