@@ -162,6 +162,9 @@ def test_tags_declare_3d_input():
         (NanoparticleLabeler(connectivity=0), "'connectivity' parameter"),
         (NanoparticleLabeler(connectivity=4), "'connectivity' parameter"),
         (NanoparticleLabeler(min_size=-3), "'min_size' parameter"),
+        (NanoparticleLabeler(memory_budget="a lot"), "memory_budget must be a number of bytes"),
+        (NanoparticleMixture(memory_budget="12 parsecs"), "memory_budget must be a number of bytes"),
+        (NanoparticleMixture(memory_budget=0), "'memory_budget' parameter"),
     ],
 )
 def test_invalid_hyper_parameters_are_named(estimator, message, image, posterior):

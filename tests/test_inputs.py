@@ -183,3 +183,22 @@ def test_lazy_labels_with_and_without_kept_slabs(phantom, reference, kept_bytes,
     _, posterior, labels = reference
     lazy = NanoparticleLabeler(min_size=3).transform(da.from_array(posterior, chunks=(5, 96, 112)))
     np.testing.assert_array_equal(lazy.compute(), labels)
+
+
+def test_memory_budget_sets_slabs_not_results(phantom, reference, capsys):
+    mixture, posterior, labels = reference
+    plane = phantom.shape[1] * phantom.shape[2]
+    small = NanoparticleMixture(memory_budget=2 * plane * 5, verbose=True).fit(phantom)
+    np.testing.assert_array_equal(small.particle_pmf_, mixture.particle_pmf_)
+    np.testing.assert_array_equal(small.transform(phantom), posterior)
+    tiny = NanoparticleLabeler(min_size=3, memory_budget="1KiB", verbose=True).transform(posterior)
+    np.testing.assert_array_equal(tiny, labels)
+    out = capsys.readouterr().out
+    assert "histograms: X 20 x 96 x 112 (numpy), slabs of 2 slice(s)" in out
+    assert "labelling: X 20 x 96 x 112 (numpy), slabs of 1 slice(s)" in out
+
+
+def test_memory_budget_is_never_thinner_than_a_chunk(phantom, capsys):
+    z = to_zarr(phantom, (4, 96, 112))
+    NanoparticleMixture(memory_budget=1, verbose=True, max_iter=100_000).fit(z)
+    assert "slabs of 4 slice(s)" in capsys.readouterr().out

@@ -206,16 +206,16 @@ class SlabLabeler:
         Posterior probabilities (float) or a boolean mask.
     threshold, radius, connectivity, min_size
         As in :class:`nanoseg.NanoparticleLabeler`.
-    depth : int, optional
-        Slices per slab; by default from the volume's memory plan.
+    budget : int, optional
+        Working bytes per slab (default :data:`nanoseg._volume.SLAB_BYTES`).
     """
 
-    def __init__(self, volume, *, threshold, radius, connectivity, min_size, depth=None):
+    def __init__(self, volume, *, threshold, radius, connectivity, min_size, budget=None):
         self.volume = volume
         self.settings = LabelSettings(threshold, radius, connectivity, volume.is_2d, name=volume.name)
         self.min_size = min_size
         n_slices = volume.shape[0]
-        depth = depth or volume.slab_depth(LABEL_BYTES_PER_VOXEL)
+        self.depth = depth = volume.slab_depth(LABEL_BYTES_PER_VOXEL, budget)
         self.bounds = [(z0, min(z0 + depth, n_slices)) for z0 in range(0, n_slices, depth)]
         self._lazy_mask = None if volume.kind == "numpy" else self.lazy_mask()
 

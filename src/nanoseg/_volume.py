@@ -14,16 +14,32 @@ Conventions
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
 
-#: Target bytes of working memory per slab. Slabs hold whole planes and are
-#: aligned to the input's chunks along Z; a single chunk deeper than this
-#: budget is still read whole, so memory is bounded by max(slab, chunk).
+#: Default target bytes of working memory per slab (the estimators'
+#: ``memory_budget=None``). Slabs hold whole planes and are aligned to the
+#: input's chunks along Z; a single chunk deeper than the budget is still read
+#: whole, so memory is bounded by max(slab, chunk).
 SLAB_BYTES = 128 * 2**20
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(value):
+    """Bytes from an int or a string such as ``"512MiB"`` or ``"2 GB"``; None stays None."""
+    if value is None or isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return None if value is None else int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(
+            f"memory_budget must be a number of bytes or a string like '512MiB' or '2GB'; got {value!r}."
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 def _dask_array_type():
@@ -101,6 +117,15 @@ class Volume:
         chunk = self.chunk_depth
         depth = max(chunk, (depth // chunk) * chunk)
         return min(depth, n_slices)
+
+    def describe_plan(self, depth, bytes_per_voxel, what):
+        """One line saying how a pass will cut this volume (for verbose mode)."""
+        n_slices, n_rows, n_cols = self.shape
+        working = depth * n_rows * n_cols * bytes_per_voxel / 2**20
+        return (
+            f"[nanoseg] {what}: {self.name} {n_slices} x {n_rows} x {n_cols} ({self.kind}), "
+            f"slabs of {depth} slice(s), about {working:.0f} MiB of working memory each"
+        )
 
     def slabs(self, depth, indices=None):
         """Yield groups of slice indices, `depth` at a time, in Z order."""

@@ -8,8 +8,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import Interval
 
 from ._base import VolumeEstimatorMixin, map_volumes
-from ._labeling import SlabLabeler, check_probabilities
-from ._volume import as_volumes, check_targets, is_lazy
+from ._labeling import LABEL_BYTES_PER_VOXEL, SlabLabeler, check_probabilities
+from ._volume import as_volumes, check_targets, is_lazy, parse_bytes
 
 __all__ = ["NanoparticleLabeler"]
 
@@ -39,8 +39,13 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         26-neighbourhood; in 2D, 1 is 4- and 2 is 8-connectivity.
     min_size : int, default=10
         Components with fewer voxels are removed.
+    memory_budget : int or str, default=None
+        Working memory per slab, in bytes or as a string such as ``"512MiB"``
+        (None means 128 MiB). Slabs are cut to fit, but never thinner than one
+        input chunk; a slab of dense foreground (above 2 %) needs about twice
+        that.
     verbose : bool, default=False
-        Show progress bars.
+        Show progress bars, and print the slab size chosen.
 
     See Also
     --------
@@ -78,14 +83,18 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         "radius": [Interval(Integral, 0, None, closed="left")],
         "connectivity": [Interval(Integral, 1, 3, closed="both")],
         "min_size": [Interval(Integral, 0, None, closed="left")],
+        "memory_budget": [None, Interval(Integral, 1, None, closed="left"), str],
         "verbose": ["verbose"],
     }
 
-    def __init__(self, *, threshold=0.95, radius=1, connectivity=2, min_size=10, verbose=False):
+    def __init__(
+        self, *, threshold=0.95, radius=1, connectivity=2, min_size=10, memory_budget=None, verbose=False
+    ):
         self.threshold = threshold
         self.radius = radius
         self.connectivity = connectivity
         self.min_size = min_size
+        self.memory_budget = memory_budget
         self.verbose = verbose
 
     def __sklearn_tags__(self):
@@ -95,6 +104,7 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
 
     def _posterior_volumes(self, X):
         self._validate_params()
+        parse_bytes(self.memory_budget)
         volumes, is_list = as_volumes(X)
         for volume in volumes:
             name = volume.name
@@ -156,7 +166,10 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
             radius=int(self.radius),
             connectivity=int(self.connectivity),
             min_size=int(self.min_size),
+            budget=parse_bytes(self.memory_budget),
         )
+        if self.verbose:
+            print(volume.describe_plan(labeler.depth, LABEL_BYTES_PER_VOXEL, "labelling"))
         if is_lazy(volume.array):
             return volume.restore(labeler.label_lazy(verbose=self.verbose))
         return volume.restore(labeler.label_in_memory(verbose=self.verbose))

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from . import _kernels, _model
 from ._base import VolumeEstimatorMixin, map_volumes
 from ._backend import get_backend
-from ._volume import as_volumes, check_finite, check_targets, is_lazy
+from ._volume import as_volumes, check_finite, check_targets, is_lazy, parse_bytes
 
 __all__ = ["NanoparticleMixture"]
 
@@ -93,8 +93,12 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     eps : float, default=1e-12
         Floor of every PMF bin, and regulariser in the posterior's
         denominator.
+    memory_budget : int or str, default=None
+        Working memory per slab, in bytes or as a string such as ``"512MiB"``;
+        slabs are cut to fit (but never thinner than one input chunk). None
+        means 128 MiB.
     verbose : bool, default=False
-        Show progress bars.
+        Show progress bars, and print the slab size each pass chose.
 
     Attributes
     ----------
@@ -157,6 +161,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "eps": [Interval(Real, 0, 1, closed="neither")],
+        "memory_budget": [None, Interval(Integral, 1, None, closed="left"), str],
         "verbose": ["verbose"],
     }
 
@@ -172,6 +177,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         max_iter=10000,
         tol=1e-10,
         eps=1e-12,
+        memory_budget=None,
         verbose=False,
     ):
         self.beta_prior = beta_prior
@@ -183,10 +189,12 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self.max_iter = max_iter
         self.tol = tol
         self.eps = eps
+        self.memory_budget = memory_budget
         self.verbose = verbose
 
     def _check_params(self):
         self._validate_params()
+        parse_bytes(self.memory_budget)
         check_beta_prior(self.beta_prior)
         if self.percentile_low > self.percentile_high:
             raise ValueError(
@@ -194,6 +202,12 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                 f"({self.percentile_high}): seeds start at the low percentile and the hard "
                 "background exclusion at the high one."
             )
+
+    def _slab_depth(self, volume, bytes_per_voxel, what):
+        depth = volume.slab_depth(bytes_per_voxel, parse_bytes(self.memory_budget))
+        if self.verbose:
+            print(volume.describe_plan(depth, bytes_per_voxel, what))
+        return depth
 
     def _intensity_volumes(self, X):
         volumes, is_list = as_volumes(X)
@@ -235,7 +249,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         slice_hists = []
         with tqdm(total=n_slices, desc="Stack histogram", unit="slice", disable=not self.verbose) as bar:
             for volume, indices in zip(volumes, sampled):
-                depth = volume.slab_depth(_HISTOGRAM_BYTES_PER_VOXEL)
+                depth = self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL, "histograms")
                 for group in volume.slabs(depth, indices):
                     slice_hists.append(_kernels.slice_histograms(backend, volume.read_slices(group)))
                     bar.update(len(group))
@@ -257,7 +271,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         position = 0
         with tqdm(total=n_slices, desc="Background histogram", unit="slice", disable=not self.verbose) as bar:
             for volume, indices in zip(volumes, sampled):
-                depth = volume.slab_depth(_HISTOGRAM_BYTES_PER_VOXEL)
+                depth = self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL, "histograms")
                 for group in volume.slabs(depth, indices):
                     for image in volume.read_slices(group):
                         background_hist += _kernels.background_histogram(
@@ -310,7 +324,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     def _slice_histograms(self, volume, desc):
         backend = get_backend("cpu")
         hists = np.empty((volume.shape[0], _model.N_BINS), dtype=np.int64)
-        depth = volume.slab_depth(_HISTOGRAM_BYTES_PER_VOXEL)
+        depth = self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL, "histograms")
         with tqdm(total=volume.shape[0], desc=desc, unit="slice", disable=not self.verbose) as bar:
             for group in volume.slabs(depth):
                 start, stop = int(group[0]), int(group[-1]) + 1
@@ -365,7 +379,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         if is_lazy(volume.array):
             return volume.restore(_lazy_posterior(volume.to_dask(), luts))
         out = np.empty(volume.shape, dtype=luts.dtype)
-        depth = volume.slab_depth(_POSTERIOR_BYTES_PER_VOXEL)
+        depth = self._slab_depth(volume, _POSTERIOR_BYTES_PER_VOXEL, "posterior")
         for group in volume.slabs(depth):
             start, stop = int(group[0]), int(group[-1]) + 1
             _kernels.apply_luts(backend, volume.read(start, stop), luts[start:stop], out=out[start:stop])
