@@ -37,20 +37,15 @@ Tolerances, and why:
 
 from __future__ import annotations
 
-import sys
 import warnings
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-from oracle import (  # noqa: E402
+# pytest puts this folder (no __init__.py) on sys.path, so the oracle imports.
+from oracle import (
     assert_same_partition,
     oracle_fit,
     oracle_label,
@@ -59,8 +54,8 @@ from oracle import (  # noqa: E402
     oracle_slice_weights,
 )
 
-from nanoseg import NanoparticleLabeler, NanoparticleMixture  # noqa: E402
-from nanoseg.datasets import make_phantom  # noqa: E402
+from nanoseg import NanoparticleLabeler, NanoparticleMixture
+from nanoseg.datasets import make_phantom
 
 PMF_ATOL = 1e-9
 WEIGHT_ATOL = 2e-5

@@ -7,19 +7,14 @@ expected numbers below were derived on paper from the method description
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 from skimage.morphology import ball, closing, disk
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-from oracle import (  # noqa: E402
+# pytest puts this folder (no __init__.py) on sys.path, so the oracle imports.
+from oracle import (
     assert_same_partition,
     oracle_background_mask,
     oracle_closing,
