@@ -188,7 +188,7 @@ def test_lazy_labels_with_and_without_kept_slabs(phantom, reference, kept_bytes,
 def test_memory_budget_sets_slabs_not_results(phantom, reference, capsys):
     mixture, posterior, labels = reference
     plane = phantom.shape[1] * phantom.shape[2]
-    small = NanoparticleMixture(memory_budget=2 * plane * 5, verbose=True).fit(phantom)
+    small = NanoparticleMixture(memory_budget=2 * plane * 5, n_jobs=1, verbose=True).fit(phantom)
     np.testing.assert_array_equal(small.particle_pmf_, mixture.particle_pmf_)
     np.testing.assert_array_equal(small.transform(phantom), posterior)
     tiny = NanoparticleLabeler(min_size=3, memory_budget="1KiB", verbose=True).transform(posterior)
@@ -196,6 +196,35 @@ def test_memory_budget_sets_slabs_not_results(phantom, reference, capsys):
     out = capsys.readouterr().out
     assert "histograms: X 20 x 96 x 112 (numpy), slabs of 2 slice(s)" in out
     assert "labelling: X 20 x 96 x 112 (numpy), slabs of 1 slice(s)" in out
+    # Two jobs share the budget: each slab gets half.
+    NanoparticleMixture(memory_budget=4 * plane * 4, n_jobs=2, verbose=True).fit(phantom)
+    assert "slabs of 2 slice(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2, 3, -1])
+def test_threads_give_identical_results(phantom, reference, n_jobs, small_slabs):
+    small_slabs(2 * 96 * 112 * 6)
+    mixture, posterior, labels = reference
+    fitted = NanoparticleMixture(n_jobs=n_jobs).fit(phantom)
+    np.testing.assert_array_equal(fitted.background_histogram_, mixture.background_histogram_)
+    np.testing.assert_array_equal(fitted.transform(phantom), posterior)
+    got = NanoparticleLabeler(min_size=3, n_jobs=n_jobs).transform(da.from_array(posterior, chunks=(3, 96, 112)))
+    np.testing.assert_array_equal(got.compute(), labels)
+    np.testing.assert_array_equal(NanoparticleLabeler(min_size=3, n_jobs=n_jobs).transform(posterior), labels)
+
+
+def test_fit_transform_reuses_fit_histograms(phantom, reference, monkeypatch):
+    mixture, posterior, _ = reference
+    calls = []
+    original = NanoparticleMixture._slice_histograms
+    monkeypatch.setattr(
+        NanoparticleMixture, "_slice_histograms", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    np.testing.assert_array_equal(NanoparticleMixture().fit_transform(phantom), posterior)
+    assert calls == []  # no extra pass over the data
+    sampled = NanoparticleMixture(sampling_step=2, max_iter=100_000)
+    np.testing.assert_array_equal(sampled.fit_transform(phantom), sampled.fit(phantom).transform(phantom))
+    assert calls  # with sampling, the posterior needs every slice: one more pass
 
 
 def test_memory_budget_is_never_thinner_than_a_chunk(phantom, capsys):

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from . import _kernels, _sparse
 from ._backend import get_backend
+from ._parallel import ordered_map
 from ._volume import check_finite
 
 # Working bytes per voxel while labelling a slab: the float32 posterior and
@@ -208,12 +209,15 @@ class SlabLabeler:
         As in :class:`nanoseg.NanoparticleLabeler`.
     budget : int, optional
         Working bytes per slab (default :data:`nanoseg._volume.SLAB_BYTES`).
+    n_jobs : int
+        Slabs labelled at once, on threads; merging follows in Z order.
     """
 
-    def __init__(self, volume, *, threshold, radius, connectivity, min_size, budget=None):
+    def __init__(self, volume, *, threshold, radius, connectivity, min_size, budget=None, n_jobs=1):
         self.volume = volume
         self.settings = LabelSettings(threshold, radius, connectivity, volume.is_2d, name=volume.name)
         self.min_size = min_size
+        self.n_jobs = n_jobs
         n_slices = volume.shape[0]
         self.depth = depth = volume.slab_depth(LABEL_BYTES_PER_VOXEL, budget)
         self.bounds = [(z0, min(z0 + depth, n_slices)) for z0 in range(0, n_slices, depth)]
@@ -273,8 +277,8 @@ class SlabLabeler:
         with tqdm(
             total=self.volume.shape[0], desc="Labelling", unit="slice", disable=not verbose
         ) as bar:
-            for index, (start, stop) in enumerate(self.bounds):
-                flat, ids, count = self.read_and_label(index)
+            results = ordered_map(self.read_and_label, range(len(self.bounds)), self.n_jobs)
+            for (start, stop), (flat, ids, count) in zip(self.bounds, results):
                 plan.offsets.append(offset)
                 plan.counts.append(count)
                 sizes.append(np.bincount(ids, minlength=count + 1)[1:].astype(np.int64))

@@ -8,6 +8,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import Interval
 
 from ._base import VolumeEstimatorMixin, map_volumes
+from ._parallel import effective_n_jobs, slab_budget
 from ._labeling import LABEL_BYTES_PER_VOXEL, SlabLabeler, check_probabilities
 from ._volume import as_volumes, check_targets, is_lazy, parse_bytes
 
@@ -40,10 +41,13 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     min_size : int, default=10
         Components with fewer voxels are removed.
     memory_budget : int or str, default=None
-        Working memory per slab, in bytes or as a string such as ``"512MiB"``
-        (None means 128 MiB). Slabs are cut to fit, but never thinner than one
-        input chunk; a slab of dense foreground (above 2 %) needs about twice
-        that.
+        Working memory for the slabs in flight, in bytes or as a string such as
+        ``"512MiB"``, shared by the `n_jobs` slabs processed at once (None
+        means 128 MiB per job). A slab is never thinner than one input chunk,
+        and one of dense foreground (above 2 %) needs about twice its share.
+    n_jobs : int, default=None
+        Threads labelling slabs at once. None or -1 means one per CPU; -2
+        all but one, and so on.
     verbose : bool, default=False
         Show progress bars, and print the slab size chosen.
 
@@ -84,17 +88,27 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         "connectivity": [Interval(Integral, 1, 3, closed="both")],
         "min_size": [Interval(Integral, 0, None, closed="left")],
         "memory_budget": [None, Interval(Integral, 1, None, closed="left"), str],
+        "n_jobs": [None, Integral],
         "verbose": ["verbose"],
     }
 
     def __init__(
-        self, *, threshold=0.95, radius=1, connectivity=2, min_size=10, memory_budget=None, verbose=False
+        self,
+        *,
+        threshold=0.95,
+        radius=1,
+        connectivity=2,
+        min_size=10,
+        memory_budget=None,
+        n_jobs=None,
+        verbose=False,
     ):
         self.threshold = threshold
         self.radius = radius
         self.connectivity = connectivity
         self.min_size = min_size
         self.memory_budget = memory_budget
+        self.n_jobs = n_jobs
         self.verbose = verbose
 
     def __sklearn_tags__(self):
@@ -166,7 +180,8 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
             radius=int(self.radius),
             connectivity=int(self.connectivity),
             min_size=int(self.min_size),
-            budget=parse_bytes(self.memory_budget),
+            budget=slab_budget(self.memory_budget, self.n_jobs),
+            n_jobs=effective_n_jobs(self.n_jobs),
         )
         if self.verbose:
             print(volume.describe_plan(labeler.depth, LABEL_BYTES_PER_VOXEL, "labelling"))

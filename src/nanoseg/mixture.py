@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from . import _kernels, _model
 from ._base import VolumeEstimatorMixin, map_volumes
+from ._parallel import effective_n_jobs, ordered_map, slab_budget
 from ._backend import get_backend
 from ._volume import as_volumes, check_finite, check_targets, is_lazy, parse_bytes
 
@@ -94,9 +95,13 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         Floor of every PMF bin, and regulariser in the posterior's
         denominator.
     memory_budget : int or str, default=None
-        Working memory per slab, in bytes or as a string such as ``"512MiB"``;
-        slabs are cut to fit (but never thinner than one input chunk). None
-        means 128 MiB.
+        Working memory for the slabs in flight, in bytes or as a string such as
+        ``"512MiB"``; it is shared by the `n_jobs` slabs processed at once, and
+        a slab is never thinner than one input chunk. None means 128 MiB per
+        job.
+    n_jobs : int, default=None
+        Threads working on slabs at once. None or -1 means one per CPU; -2
+        all but one, and so on.
     verbose : bool, default=False
         Show progress bars, and print the slab size each pass chose.
 
@@ -162,6 +167,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         "tol": [Interval(Real, 0, None, closed="left")],
         "eps": [Interval(Real, 0, 1, closed="neither")],
         "memory_budget": [None, Interval(Integral, 1, None, closed="left"), str],
+        "n_jobs": [None, Integral],
         "verbose": ["verbose"],
     }
 
@@ -178,6 +184,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         tol=1e-10,
         eps=1e-12,
         memory_budget=None,
+        n_jobs=None,
         verbose=False,
     ):
         self.beta_prior = beta_prior
@@ -190,6 +197,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self.tol = tol
         self.eps = eps
         self.memory_budget = memory_budget
+        self.n_jobs = n_jobs
         self.verbose = verbose
 
     def _check_params(self):
@@ -204,7 +212,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
             )
 
     def _slab_depth(self, volume, bytes_per_voxel, what):
-        depth = volume.slab_depth(bytes_per_voxel, parse_bytes(self.memory_budget))
+        depth = volume.slab_depth(bytes_per_voxel, slab_budget(self.memory_budget, self.n_jobs))
         if self.verbose:
             print(volume.describe_plan(depth, bytes_per_voxel, what))
         return depth
@@ -238,21 +246,34 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         nanoseg.EMCollapseError
             If EM finds nothing the background cannot explain.
         """
+        self._fit(X, y)
+        return self
+
+    def _fit(self, X, y):
+        """Fit; return the volumes, whether X was a list, and the sampled slices' histograms."""
         self._check_params()
         volumes, is_list = self._intensity_volumes(X)
         check_targets(y, volumes, is_list)
         backend = get_backend("cpu")
+        n_jobs = effective_n_jobs(self.n_jobs)
         sampled = [np.arange(0, v.shape[0], self.sampling_step) for v in volumes]
         n_slices = int(sum(s.size for s in sampled))
+        work = [
+            (volume, group)
+            for volume, indices in zip(volumes, sampled)
+            for group in volume.slabs(self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL, "histograms"), indices)
+        ]
 
         # Pass 1: every sampled slice's histogram (kept: 2 KiB a slice).
+        def histograms(item):
+            volume, group = item
+            return _kernels.slice_histograms(backend, volume.read_slices(group))
+
         slice_hists = []
         with tqdm(total=n_slices, desc="Stack histogram", unit="slice", disable=not self.verbose) as bar:
-            for volume, indices in zip(volumes, sampled):
-                depth = self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL, "histograms")
-                for group in volume.slabs(depth, indices):
-                    slice_hists.append(_kernels.slice_histograms(backend, volume.read_slices(group)))
-                    bar.update(len(group))
+            for hists in ordered_map(histograms, work, n_jobs):
+                slice_hists.append(hists)
+                bar.update(len(hists))
         slice_hists = np.concatenate(slice_hists)
         stack_hist = slice_hists.sum(axis=0)
         present = np.flatnonzero(stack_hist)
@@ -267,20 +288,24 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         high = _model.percentile_intensity(stack_pmf, self.percentile_high)
 
         # Pass 2: subtract each slice's excluded pixels from its histogram.
+        firsts = np.cumsum([0] + [len(group) for _, group in work])
+
+        def background(numbered):
+            position, (volume, group) = numbered
+            total = np.zeros(_model.N_BINS, dtype=np.int64)
+            for offset, image in enumerate(volume.read_slices(group)):
+                total += _kernels.background_histogram(
+                    backend, image, low, high,
+                    min_seed_size=self.min_seed_size, halo_pad=self.halo_pad,
+                    hist=slice_hists[firsts[position] + offset],
+                )
+            return total, len(group)
+
         background_hist = np.zeros(_model.N_BINS, dtype=np.int64)
-        position = 0
         with tqdm(total=n_slices, desc="Background histogram", unit="slice", disable=not self.verbose) as bar:
-            for volume, indices in zip(volumes, sampled):
-                depth = self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL, "histograms")
-                for group in volume.slabs(depth, indices):
-                    for image in volume.read_slices(group):
-                        background_hist += _kernels.background_histogram(
-                            backend, image, low, high,
-                            min_seed_size=self.min_seed_size, halo_pad=self.halo_pad,
-                            hist=slice_hists[position],
-                        )
-                        position += 1
-                    bar.update(len(group))
+            for hist, n in ordered_map(background, enumerate(work), n_jobs):
+                background_hist += hist
+                bar.update(n)
         if background_hist.sum() == 0:
             raise ValueError(
                 "No background voxels are left once bright seeds, their halos and voxels "
@@ -318,22 +343,53 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self.n_iter_ = result.n_iter
         self.converged_ = result.converged
         self.n_slices_fit_ = n_slices
-        return self
+        return volumes, is_list, slice_hists
+
+    def fit_transform(self, X, y=None):
+        """Fit, then return the posterior of `X`; reuses the fit's slice histograms.
+
+        Equivalent to ``fit(X).transform(X)``, but with ``sampling_step=1`` the
+        per-slice histograms that `fit` computed serve the posterior too,
+        saving one pass over the data (pipelines call this method).
+
+        Parameters
+        ----------
+        X : array or list of arrays
+            As in :meth:`fit`.
+        y : ignored
+
+        Returns
+        -------
+        posterior : array or list of arrays, float32
+        """
+        volumes, is_list, slice_hists = self._fit(X, y)
+        if self.sampling_step != 1:
+            return self.transform(X)
+        bounds = np.cumsum([0] + [volume.shape[0] for volume in volumes])
+        return map_volumes(
+            lambda item: self._posterior(item[0], slice_hists[item[1] : item[2]]),
+            list(zip(volumes, bounds[:-1], bounds[1:])),
+            is_list,
+        )
 
     # -- prediction -------------------------------------------------------
     def _slice_histograms(self, volume, desc):
         backend = get_backend("cpu")
-        hists = np.empty((volume.shape[0], _model.N_BINS), dtype=np.int64)
         depth = self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL, "histograms")
-        with tqdm(total=volume.shape[0], desc=desc, unit="slice", disable=not self.verbose) as bar:
-            for group in volume.slabs(depth):
-                start, stop = int(group[0]), int(group[-1]) + 1
-                hists[start:stop] = _kernels.slice_histograms(backend, volume.read(start, stop))
-                bar.update(stop - start)
-        return hists
 
-    def _weights(self, volume):
-        hists = self._slice_histograms(volume, "Slice weights")
+        def histograms(group):
+            return _kernels.slice_histograms(backend, volume.read(int(group[0]), int(group[-1]) + 1))
+
+        parts = []
+        with tqdm(total=volume.shape[0], desc=desc, unit="slice", disable=not self.verbose) as bar:
+            for hists in ordered_map(histograms, volume.slabs(depth), effective_n_jobs(self.n_jobs)):
+                parts.append(hists)
+                bar.update(len(hists))
+        return np.concatenate(parts)
+
+    def _weights(self, volume, hists=None):
+        if hists is None:
+            hists = self._slice_histograms(volume, "Slice weights")
         return _model.map_slice_weights(
             hists, self.particle_pmf_, self.background_pmf_, check_beta_prior(self.beta_prior), self.eps
         )
@@ -373,16 +429,20 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         check_is_fitted(self)
         return _model.posterior_luts(weights, self.particle_pmf_, self.background_pmf_, self.eps)
 
-    def _posterior(self, volume):
-        luts = self.posterior_luts(self._weights(volume))
+    def _posterior(self, volume, hists=None):
+        luts = self.posterior_luts(self._weights(volume, hists))
         backend = get_backend("cpu")
         if is_lazy(volume.array):
             return volume.restore(_lazy_posterior(volume.to_dask(), luts))
         out = np.empty(volume.shape, dtype=luts.dtype)
         depth = self._slab_depth(volume, _POSTERIOR_BYTES_PER_VOXEL, "posterior")
-        for group in volume.slabs(depth):
+
+        def lookup(group):
             start, stop = int(group[0]), int(group[-1]) + 1
             _kernels.apply_luts(backend, volume.read(start, stop), luts[start:stop], out=out[start:stop])
+
+        for _ in ordered_map(lookup, volume.slabs(depth), effective_n_jobs(self.n_jobs)):
+            pass
         return volume.restore(out)
 
     def predict_proba(self, X):
