@@ -165,6 +165,7 @@ def test_tags_declare_3d_input():
         (NanoparticleLabeler(memory_budget="a lot"), "memory_budget must be a number of bytes"),
         (NanoparticleMixture(memory_budget="12 parsecs"), "memory_budget must be a number of bytes"),
         (NanoparticleMixture(memory_budget=0), "'memory_budget' parameter"),
+        (NanoparticleMixture(posterior_dtype="float64"), "'posterior_dtype' parameter"),
     ],
 )
 def test_invalid_hyper_parameters_are_named(estimator, message, image, posterior):

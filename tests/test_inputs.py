@@ -7,7 +7,7 @@ import zarr
 from zarr.storage import MemoryStore, WrapperStore
 
 import nanoseg._labeling as labeling_module
-from nanoseg import NanoparticleLabeler, NanoparticleMixture
+from nanoseg import NanoparticleLabeler, NanoparticleMixture, _model
 from nanoseg.datasets import make_crops, make_phantom
 
 
@@ -231,3 +231,22 @@ def test_memory_budget_is_never_thinner_than_a_chunk(phantom, capsys):
     z = to_zarr(phantom, (4, 96, 112))
     NanoparticleMixture(memory_budget=1, verbose=True, max_iter=100_000).fit(z)
     assert "slabs of 4 slice(s)" in capsys.readouterr().out
+
+
+def test_float16_posterior_is_the_rounded_lookup(phantom, reference):
+    mixture, posterior, _ = reference
+    half = NanoparticleMixture(posterior_dtype="float16").fit(phantom)
+    got = half.transform(phantom)
+    assert got.dtype == np.float16
+    # The float64 tables rounded once to float16, looked up per slice.
+    luts = _model.posterior_luts(
+        mixture.slice_weights(phantom), mixture.particle_pmf_, mixture.background_pmf_, mixture.eps,
+        dtype=np.float64,
+    ).astype(np.float16)
+    expected = np.stack([lut[s] for lut, s in zip(luts, phantom)])
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_allclose(got.astype(np.float32), posterior, rtol=1e-3, atol=1e-7)
+    lazy = half.transform(to_zarr(phantom, (3, 96, 112)))
+    assert lazy.dtype == np.float16
+    np.testing.assert_array_equal(lazy.compute(), got)
+    assert NanoparticleLabeler().transform(got).max() > 0

@@ -52,7 +52,7 @@ def test_background_histogram_both_paths(path, seed, monkeypatch):
         np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, bool])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, bool])
 def test_slice_histograms_and_luts(dtype, kernel_path):
     rng = np.random.default_rng(2)
     slab = rng.integers(0, 256, (5, 33, 70), dtype=np.uint8)

@@ -70,5 +70,11 @@ def slice_histograms(slab):
 def apply_luts(slab, luts, out):
     """``out[i] = luts[i][slab[i]]`` for a (n, ...) uint8 slab; `out` C-contiguous."""
     planes = np.ascontiguousarray(slab).reshape(slab.shape[0], -1)
-    _compile()[1](planes, np.ascontiguousarray(luts), out.reshape(slab.shape[0], -1))
+    tables = np.ascontiguousarray(luts)
+    target = out.reshape(slab.shape[0], -1)
+    if tables.dtype == np.float16:
+        # numba has no float16; a lookup only copies bit patterns, so the
+        # same 16 bits as unsigned integers give the identical result.
+        tables, target = tables.view(np.uint16), target.view(np.uint16)
+    _compile()[1](planes, tables, target)
     return out
