@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 # nanoseg.datasets runs its own in test_datasets.py.
-MODULES = ["nanoseg.mixture", "nanoseg.labeler"]
+MODULES = ["nanoseg.mixture", "nanoseg.labeler", "nanoseg.metrics", "nanoseg.baselines"]
 
 
 @pytest.mark.parametrize("name", MODULES)
