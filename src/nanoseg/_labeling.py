@@ -105,16 +105,13 @@ def face_pairs(lower, upper, plane_shape, lower_offset, upper_offset, connectivi
     coords = np.stack(np.unravel_index(lower_flat, plane_shape), axis=1)
     found = []
     for offset in face_offsets(connectivity):
-        shifted = coords + np.asarray(offset)
-        inside = np.all((shifted >= 0) & (shifted < shape), axis=1)
-        targets = np.ravel_multi_index(tuple(shifted[inside].T), plane_shape)
-        pos = np.minimum(np.searchsorted(upper_flat, targets), upper_flat.size - 1)
-        hit = upper_flat[pos] == targets
+        targets, inside = _sparse.shift(coords, np.asarray(offset), shape)
+        hit = _sparse.members(upper_flat, targets)
         found.append(
             np.stack(
                 [
                     lower_ids[inside][hit].astype(np.int64) + lower_offset,
-                    upper_ids[pos[hit]].astype(np.int64) + upper_offset,
+                    upper_ids[np.searchsorted(upper_flat, targets[hit])].astype(np.int64) + upper_offset,
                 ],
                 axis=1,
             )

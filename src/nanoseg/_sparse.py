@@ -26,14 +26,14 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 
-def _shift(coords, offset, shape):
+def shift(coords, offset, shape):
     """Flat indices of ``coords + offset`` that fall inside `shape`, and which rows they came from."""
     shifted = coords + offset
     inside = np.all((shifted >= 0) & (shifted < shape), axis=1)
     return np.ravel_multi_index(tuple(shifted[inside].T), shape), inside
 
 
-def _members(sorted_flat, queries):
+def members(sorted_flat, queries):
     """Boolean: which `queries` are in the sorted array `sorted_flat`."""
     if sorted_flat.size == 0:
         return np.zeros(queries.shape, dtype=bool)
@@ -82,7 +82,7 @@ class _Neighbourhood:
         """All in-bounds neighbours of every member of `flat` (with repeats)."""
         inner, border_coords, _ = self.split(flat)
         parts = [(inner[:, None] + self.steps[None, :]).ravel()]
-        parts += [_shift(border_coords, o, np.asarray(self.shape))[0] for o in self.offsets]
+        parts += [shift(border_coords, o, np.asarray(self.shape))[0] for o in self.offsets]
         return np.concatenate(parts)
 
 
@@ -106,12 +106,12 @@ def close(flat, shape, footprint):
     inner, border_coords, interior = hood.split(dilated)
     keep_inner = np.ones(inner.size, dtype=bool)
     for step in hood.steps:
-        keep_inner &= _members(dilated, inner + step)
+        keep_inner &= members(dilated, inner + step)
     keep_border = np.ones(len(border_coords), dtype=bool)
     for offset in offsets:
         # Outside the array counts as foreground: only in-bounds neighbours are tested.
-        neighbours, inside = _shift(border_coords, offset, np.asarray(hood.shape))
-        keep_border[inside] &= _members(dilated, neighbours)
+        neighbours, inside = shift(border_coords, offset, np.asarray(hood.shape))
+        keep_border[inside] &= members(dilated, neighbours)
     keep = np.empty(dilated.size, dtype=bool)
     keep[interior] = keep_inner
     keep[~interior] = keep_border
@@ -139,8 +139,8 @@ def label(flat, shape, connectivity):
     coords = _coords(flat, tuple(shape))
     rows, cols = [], []
     for offset in offsets:
-        neighbours, inside = _shift(coords, offset, shape)
-        member = _members(flat, neighbours)
+        neighbours, inside = shift(coords, offset, shape)
+        member = members(flat, neighbours)
         rows.append(np.flatnonzero(inside)[member])
         cols.append(np.searchsorted(flat, neighbours[member]))
     rows = np.concatenate(rows)

@@ -11,13 +11,14 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
+from . import _kernels
+from ._backend import CPU
 from ._base import VolumeEstimatorMixin, map_volumes
+from ._model import N_BINS
 from ._volume import as_volumes, check_targets
 from .mixture import check_intensity_volume
 
 __all__ = ["GlobalThreshold"]
-
-_N_BINS = 256
 
 
 def _tile_maxima(image, tile_size):
@@ -191,9 +192,7 @@ class GlobalThreshold(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
         self._validate_params()
         volumes, arrays, is_list = self._intensity_arrays(X)
         check_targets(y, volumes, is_list)
-        histogram = np.zeros(_N_BINS, dtype=np.int64)
-        for array in arrays:
-            histogram += np.bincount(array.ravel(), minlength=_N_BINS)
+        histogram = sum(_kernels.histogram(CPU, array) for array in arrays)
         present = np.flatnonzero(histogram)
 
         if self.method in ("otsu", "li", "multiotsu"):
@@ -208,23 +207,23 @@ class GlobalThreshold(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
 
         if self.method == "fixed":
             threshold = int(self.threshold)
-        elif self.method == "otsu":
+        elif self.method in ("otsu", "multiotsu"):
+            # The histogram cut to the intensities present: what scikit-image
+            # builds itself from the raw values.
             low, high = present[0], present[-1]
             hist = (histogram[low : high + 1], np.arange(low, high + 1))
-            threshold = int(threshold_otsu(hist=hist))
-        elif self.method == "multiotsu":
-            low, high = present[0], present[-1]
-            hist = (histogram[low : high + 1], np.arange(low, high + 1))
-            threshold = int(threshold_multiotsu(hist=hist, classes=self.classes)[-1])
+            if self.method == "otsu":
+                threshold = int(threshold_otsu(hist=hist))
+            else:
+                threshold = int(threshold_multiotsu(hist=hist, classes=self.classes)[-1])
         elif self.method == "li":
             values = np.concatenate([array.ravel() for array in arrays])
             threshold = math.floor(threshold_li(values))
         else:  # tile_maxima
-            maxima = np.zeros(_N_BINS, dtype=np.int64)
+            maxima = np.zeros(N_BINS, dtype=np.int64)
             for array in arrays:
                 for image in array.reshape((-1, *array.shape[-2:])):
-                    tiles = _tile_maxima(image, self.tile_size)
-                    maxima += np.bincount(tiles.ravel(), minlength=_N_BINS)
+                    maxima += _kernels.histogram(CPU, _tile_maxima(image, self.tile_size))
             mode = int(np.argmax(maxima))
             threshold = min(255, math.floor(self.tile_factor * mode + 0.5))
 
