@@ -1,0 +1,27 @@
+"""The documentation builds with warnings treated as errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sphinx")
+pytest.importorskip("numpydoc")
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_docs_build_without_warnings(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
+            "-d", str(tmp_path / "doctrees"), str(DOCS), str(tmp_path / "html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "html" / "index.html").is_file()
+    assert (tmp_path / "html" / "api.html").is_file()
