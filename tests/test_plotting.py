@@ -1,0 +1,326 @@
+"""Tests for nanoseg.plotting: the QC figures render headless and show the right data."""
+
+import doctest
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import dask.array as da  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import zarr  # noqa: E402
+from matplotlib.image import imread  # noqa: E402
+from skimage.segmentation import find_boundaries  # noqa: E402
+from sklearn.exceptions import NotFittedError  # noqa: E402
+
+import nanoseg.plotting as plotting  # noqa: E402
+from nanoseg import NanoparticleLabeler, NanoparticleMixture  # noqa: E402
+from nanoseg.datasets import make_crops, make_phantom  # noqa: E402
+from nanoseg.measure import particle_table  # noqa: E402
+from nanoseg.plotting import (  # noqa: E402
+    plot_mixture,
+    plot_overlay,
+    plot_size_distribution,
+    plot_slice_weights,
+    plot_threshold_sensitivity,
+    write_report,
+)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A fitted phantom pipeline: image, mixture, posterior, labels, table."""
+    image, _ = make_phantom((12, 96, 96), n_particles=15, random_state=1)
+    mixture = NanoparticleMixture().fit(image)
+    posterior = mixture.transform(image)
+    labels = NanoparticleLabeler().transform(posterior)
+    table = particle_table(labels, spacing=(50.0, 10.0, 10.0), posterior=posterior, intensity=image)
+    assert len(table) > 3
+    return {"image": image, "mixture": mixture, "posterior": posterior, "labels": labels, "table": table}
+
+
+def new_axes():
+    return plt.subplots()[1]
+
+
+# ---------------------------------------------------------------------------
+# plot_mixture
+# ---------------------------------------------------------------------------
+
+
+def test_plot_mixture_shows_the_pmfs_and_thresholds(fitted):
+    mixture = fitted["mixture"]
+    ax = new_axes()
+    assert plot_mixture(mixture, ax=ax) is ax
+    assert ax.get_yscale() == "log"
+    assert ax.get_title() == "Intensity mixture"
+    assert "intensity" in ax.get_xlabel() and ax.get_ylabel() == "probability"
+    stack, background, particles, low, high = ax.lines
+    w = mixture.background_weight_
+    np.testing.assert_array_equal(stack.get_xdata(), np.arange(256))
+    np.testing.assert_allclose(stack.get_ydata(), mixture.stack_pmf_)
+    np.testing.assert_allclose(background.get_ydata(), w * mixture.background_pmf_)
+    np.testing.assert_allclose(particles.get_ydata(), (1 - w) * mixture.particle_pmf_)
+    # The two components add up to the fitted model of the stack.
+    np.testing.assert_allclose(
+        background.get_ydata() + particles.get_ydata(),
+        w * mixture.background_pmf_ + (1 - w) * mixture.particle_pmf_,
+    )
+    assert list(low.get_xdata()) == [mixture.low_intensity_] * 2
+    assert list(high.get_xdata()) == [mixture.high_intensity_] * 2
+    legend = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert f"seed intensity {mixture.low_intensity_}" in legend
+
+
+def test_plot_mixture_makes_a_figure_when_no_axes(fitted):
+    ax = plot_mixture(fitted["mixture"])
+    assert ax.figure is plt.gcf()
+
+
+def test_plot_mixture_needs_a_fitted_mixture():
+    with pytest.raises(NotFittedError):
+        plot_mixture(NanoparticleMixture())
+    with pytest.raises(TypeError, match="Expected a fitted NanoparticleMixture; NanoparticleLabeler has no"):
+        plot_mixture(NanoparticleLabeler())
+
+
+def test_missing_matplotlib_names_the_extra(fitted, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"nanoseg\[plot\]"):
+        plot_mixture(fitted["mixture"])
+
+
+# ---------------------------------------------------------------------------
+# plot_slice_weights
+# ---------------------------------------------------------------------------
+
+
+def test_plot_slice_weights_traces_each_slice(fitted):
+    mixture, image = fitted["mixture"], fitted["image"]
+    ax = plot_slice_weights(mixture, image, ax=new_axes())
+    trace, reference = ax.lines
+    np.testing.assert_array_equal(trace.get_xdata(), np.arange(image.shape[0]))
+    np.testing.assert_allclose(trace.get_ydata(), mixture.slice_weights(image))
+    assert list(reference.get_ydata()) == [pytest.approx(1 - mixture.background_weight_)] * 2
+    assert ax.get_xlabel() == "slice (z)"
+
+
+def test_plot_slice_weights_one_line_per_crop(fitted):
+    crops, _ = make_crops(3, (4, 48, 48), n_particles=4, random_state=0)
+    ax = plot_slice_weights(fitted["mixture"], crops)
+    assert len(ax.lines) == 3 + 1
+    for line, crop in zip(ax.lines, crops):
+        assert line.get_ydata().shape == (crop.shape[0],)
+
+
+# ---------------------------------------------------------------------------
+# plot_threshold_sensitivity
+# ---------------------------------------------------------------------------
+
+
+def expected_counts(posterior, thresholds, **params):
+    counts, voxels = [], []
+    for t in thresholds:
+        labels = NanoparticleLabeler(threshold=t, **params).transform(posterior)
+        counts.append(np.unique(labels[labels > 0]).size)
+        voxels.append(int(np.count_nonzero(labels)))
+    return counts, voxels
+
+
+def test_threshold_sensitivity_counts_particles_and_voxels(fitted):
+    posterior = fitted["posterior"]
+    thresholds = [0.99, 0.5, 0.9]
+    ax = plot_threshold_sensitivity(posterior, thresholds, ax=new_axes())
+    counts, voxels = expected_counts(posterior, [0.5, 0.9, 0.99])
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), [0.5, 0.9, 0.99])
+    assert list(ax.lines[0].get_ydata()) == counts
+    twin = ax.figure.axes[-1]
+    assert twin is not ax
+    assert list(twin.lines[0].get_ydata()) == voxels
+    assert voxels[0] >= voxels[1] >= voxels[2]
+    # The default labeler's threshold is marked.
+    assert list(ax.lines[1].get_xdata()) == [0.95, 0.95]
+    assert ax.get_title() == "Threshold sensitivity"
+
+
+def test_threshold_sensitivity_uses_the_labelers_parameters(fitted):
+    posterior = fitted["posterior"]
+    labeler = NanoparticleLabeler(threshold=0.9, min_size=40, radius=0)
+    ax = plot_threshold_sensitivity(posterior, [0.6, 0.95], labeler=labeler)
+    counts, _ = expected_counts(posterior, [0.6, 0.95], min_size=40, radius=0)
+    assert list(ax.lines[0].get_ydata()) == counts
+    assert counts != expected_counts(posterior, [0.6, 0.95])[0]
+    assert list(ax.lines[1].get_xdata()) == [0.9, 0.9]
+
+
+def test_threshold_sensitivity_defaults_and_max_thresholds(fitted):
+    posterior = fitted["posterior"][:4]
+    ax = plot_threshold_sensitivity(posterior)
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), sorted({*plotting.DEFAULT_THRESHOLDS, 0.95}))
+    ax = plot_threshold_sensitivity(posterior, [0.1, 0.3, 0.5, 0.7, 0.9], max_thresholds=3)
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), [0.1, 0.5, 0.9])
+
+
+def test_threshold_sensitivity_on_dask_and_lists(fitted):
+    posterior = fitted["posterior"]
+    expected, voxels = expected_counts(posterior, [0.5, 0.95])
+    lazy = plot_threshold_sensitivity(da.from_array(posterior, chunks=(4, 96, 96)), [0.5, 0.95])
+    assert list(lazy.lines[0].get_ydata()) == expected
+    halves = [posterior[:6], posterior[6:]]
+    pooled = plot_threshold_sensitivity(halves, [0.5, 0.95])
+    count_halves = [expected_counts(h, [0.5, 0.95]) for h in halves]
+    assert list(pooled.lines[0].get_ydata()) == [sum(c[0][i] for c in count_halves) for i in range(2)]
+    assert list(pooled.figure.axes[-1].lines[0].get_ydata()) == [sum(c[1][i] for c in count_halves) for i in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"thresholds": [0.5, 1.5]}, r"thresholds must be one or more numbers in \[0, 1\]"),
+        ({"thresholds": []}, r"thresholds must be one or more numbers in \[0, 1\]"),
+        ({"max_thresholds": 0}, "max_thresholds must be a positive integer"),
+    ],
+)
+def test_threshold_sensitivity_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plot_threshold_sensitivity(np.zeros((2, 4, 4), np.float32), **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# plot_size_distribution
+# ---------------------------------------------------------------------------
+
+
+def test_size_distribution_histograms_the_column(fitted):
+    table = fitted["table"]
+    ax = plot_size_distribution(table, ax=new_axes(), bins=5)
+    heights = [bar.get_height() for bar in ax.patches]
+    assert len(heights) == 5
+    assert sum(heights) == len(table)
+    expected, _ = np.histogram(table["equivalent_diameter"], bins=5)
+    assert heights == list(expected)
+    assert list(ax.lines[0].get_xdata()) == [pytest.approx(table["equivalent_diameter"].median())] * 2
+    assert ax.get_xlabel() == "equivalent diameter"
+    assert ax.get_title() == f"{len(table)} particles"
+
+
+def test_size_distribution_other_column_and_errors(fitted):
+    ax = plot_size_distribution(fitted["table"], column="volume", bins=3)
+    assert ax.get_xlabel() == "volume" and len(ax.patches) == 3
+    with pytest.raises(ValueError, match="no column 'diameter'.*equivalent_diameter"):
+        plot_size_distribution(fitted["table"], column="diameter")
+
+
+def test_size_distribution_of_no_particles():
+    ax = plot_size_distribution(pd.DataFrame({"equivalent_diameter": np.empty(0)}))
+    assert len(ax.patches) == 0
+    assert ax.texts[0].get_text() == "no particles"
+    assert ax.get_title() == "0 particles"
+
+
+# ---------------------------------------------------------------------------
+# plot_overlay
+# ---------------------------------------------------------------------------
+
+
+def test_overlay_defaults_to_the_busiest_plane(fitted):
+    image, labels = fitted["image"], fitted["labels"]
+    busiest = int(np.argmax([np.count_nonzero(p) for p in labels]))
+    ax = plot_overlay(image, labels, ax=new_axes())
+    assert ax.get_title().startswith(f"plane z = {busiest}:")
+    n = np.unique(labels[busiest][labels[busiest] > 0]).size
+    assert ax.get_title().endswith(f"{n} particles")
+    (shown,) = ax.images
+    rgb = shown.get_array()
+    assert rgb.shape == (*image.shape[1:], 3)
+    outline = find_boundaries(labels[busiest], mode="outer")
+    assert outline.any()
+    np.testing.assert_allclose(rgb[outline], np.tile([1.0, 1.0, 0.0], (outline.sum(), 1)))
+    # Away from particles the image is shown in grey, scaled from uint8.
+    far = ~find_boundaries(labels[busiest] > 0, mode="thick") & (labels[busiest] == 0)
+    np.testing.assert_allclose(rgb[far][:, 0], image[busiest][far] / 255.0, atol=1e-6)
+
+
+def test_overlay_reads_zarr_and_dask_and_takes_a_plane(fitted):
+    image, labels = fitted["image"], fitted["labels"]
+    stored = zarr.create_array(store={}, shape=labels.shape, chunks=(2, 96, 96), dtype=labels.dtype)
+    stored[...] = labels
+    reference = plot_overlay(image, labels).images[0].get_array()
+    lazy = plot_overlay(da.from_array(image, chunks=3), stored).images[0].get_array()
+    np.testing.assert_array_equal(lazy, reference)
+    ax = plot_overlay(image, labels, plane=0)
+    assert ax.get_title().startswith("plane z = 0:")
+
+
+def test_overlay_2d_and_errors(fitted):
+    image, labels = fitted["image"], fitted["labels"]
+    assert plot_overlay(image[3], labels[3] > 0).get_title().startswith("image:")
+    with pytest.raises(ValueError, match="plane must be an integer from 0 to 11"):
+        plot_overlay(image, labels, plane=12)
+    with pytest.raises(ValueError, match=r"image has shape \(12, 96, 96\) but labels has shape \(12, 96, 95\)"):
+        plot_overlay(image, labels[..., :95])
+    with pytest.raises(TypeError, match="integer labels or a boolean mask"):
+        plot_overlay(image, labels.astype(float))
+
+
+# ---------------------------------------------------------------------------
+# write_report
+# ---------------------------------------------------------------------------
+
+
+def test_write_report_writes_figures_and_summary(fitted, tmp_path):
+    mixture, table = fitted["mixture"], fitted["table"]
+    index = write_report(
+        tmp_path / "report", mixture=mixture, image=fitted["image"], labels=fitted["labels"],
+        table=table, posterior=fitted["posterior"],
+    )
+    assert index == tmp_path / "report" / "index.html"
+    assert sorted(p.name for p in index.parent.iterdir()) == sorted(plotting.REPORT_FILES)
+    for name in plotting.REPORT_FILES[1:]:
+        assert imread(index.parent / name).ndim == 3
+        assert f'src="{name}"' in index.read_text()
+    text = index.read_text()
+    assert f"<p>{len(table)} particles found.</p>" in text
+    assert f"<td>{mixture.low_intensity_}</td>" in text and f"<td>{mixture.high_intensity_}</td>" in text
+    weights = mixture.slice_weights(fitted["image"])
+    assert f"{weights.min():.3g} to {weights.max():.3g}" in text
+    median = np.percentile(table["equivalent_diameter"], 50)
+    assert f"<td>{median:.4g}</td>" in text
+
+
+def test_write_report_refuses_to_overwrite(fitted, tmp_path):
+    common = {"mixture": fitted["mixture"], "image": fitted["image"], "labels": fitted["labels"], "table": fitted["table"]}
+    write_report(tmp_path, posterior=fitted["posterior"][:2], **common)
+    (tmp_path / "index.html").write_text("old")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_report(tmp_path, **common)
+    assert (tmp_path / "index.html").read_text() == "old"
+    write_report(tmp_path, overwrite=True, **common)
+    assert "particles found" in (tmp_path / "index.html").read_text()
+    # Without a posterior, the earlier sensitivity figure does not linger.
+    assert not (tmp_path / "threshold_sensitivity.png").exists()
+
+
+def test_write_report_with_no_particles(tmp_path, fitted):
+    labels = np.zeros_like(fitted["labels"])
+    index = write_report(
+        tmp_path / "empty", mixture=fitted["mixture"], image=fitted["image"], labels=labels,
+        table=particle_table(labels),
+    )
+    assert "<p>0 particles found.</p>" in index.read_text()
+
+
+def test_docstring_examples():
+    result = doctest.testmod(plotting, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0
