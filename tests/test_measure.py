@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 from skimage.measure import label as sk_label
 from skimage.measure import regionprops_table
 
-import nanoseg.measure as measure
+from nanoseg import measure
 from nanoseg.measure import particle_table, write_table
 
 SPACING_3D = (50.0, 10.0, 7.0)
@@ -386,3 +386,10 @@ def test_docstring_examples():
     result = doctest.testmod(measure, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_progress_bar_counts_planes(capsys):
+    labels = random_labels((6, 10, 10), 11)
+    table = particle_table(labels, progress=True, memory_budget=1)
+    assert "Measuring" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(table, particle_table(labels))

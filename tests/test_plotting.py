@@ -7,21 +7,24 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import dask.array as da  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import zarr  # noqa: E402
-from matplotlib.image import imread  # noqa: E402
-from skimage.segmentation import find_boundaries  # noqa: E402
-from sklearn.exceptions import NotFittedError  # noqa: E402
+import dask.array as da
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from matplotlib.image import imread
+from skimage.segmentation import find_boundaries
+from sklearn.exceptions import NotFittedError
 
-import nanoseg.plotting as plotting  # noqa: E402
-from nanoseg import NanoparticleLabeler, NanoparticleMixture  # noqa: E402
-from nanoseg.datasets import make_crops, make_phantom  # noqa: E402
-from nanoseg.measure import particle_table  # noqa: E402
-from nanoseg.plotting import (  # noqa: E402
+from nanoseg import (
+    NanoparticleLabeler,
+    NanoparticleMixture,
+    plotting,
+)
+from nanoseg.datasets import make_crops, make_phantom
+from nanoseg.measure import particle_table
+from nanoseg.plotting import (
     plot_mixture,
     plot_overlay,
     plot_size_distribution,
@@ -176,6 +179,7 @@ def test_threshold_sensitivity_on_dask_and_lists(fitted):
     expected, voxels = expected_counts(posterior, [0.5, 0.95])
     lazy = plot_threshold_sensitivity(da.from_array(posterior, chunks=(4, 96, 96)), [0.5, 0.95])
     assert list(lazy.lines[0].get_ydata()) == expected
+    assert list(lazy.figure.axes[-1].lines[0].get_ydata()) == voxels
     halves = [posterior[:6], posterior[6:]]
     pooled = plot_threshold_sensitivity(halves, [0.5, 0.95])
     count_halves = [expected_counts(h, [0.5, 0.95]) for h in halves]

@@ -29,10 +29,10 @@ from ._volume import as_volume, is_dask_array, is_volume_list
 
 __all__ = [
     "plot_mixture",
+    "plot_overlay",
+    "plot_size_distribution",
     "plot_slice_weights",
     "plot_threshold_sensitivity",
-    "plot_size_distribution",
-    "plot_overlay",
     "write_report",
 ]
 
