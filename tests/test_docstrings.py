@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-# nanoseg.datasets runs its own in test_datasets.py.
+# nanoseg.datasets, nanoseg.measure and nanoseg.plotting run their own in their test files.
 MODULES = ["nanoseg.mixture", "nanoseg.labeler", "nanoseg.metrics", "nanoseg.baselines"]
 
 
