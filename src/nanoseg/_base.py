@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from ._backend import Backend, is_device_array, resolve_backend
+
 
 class VolumeEstimatorMixin:
-    """scikit-learn tags for estimators on images and volumes.
+    """scikit-learn tags, device choice and pickling for estimators on images and volumes.
 
     Inputs are 2D images or 3D volumes (not feature matrices) and no target
     is needed. Place it left of ``BaseEstimator``.
@@ -17,6 +19,21 @@ class VolumeEstimatorMixin:
         tags.target_tags.required = False
         tags.transformer_tags.preserves_dtype = []
         return tags
+
+    def _resolve_backend(self, volumes):
+        """The backend for the `device` hyper-parameter and these volumes (CuPy ones stay on the GPU)."""
+        return resolve_backend(self.device, on_device=any(volume.kind == "cupy" for volume in volumes))
+
+    def __getstate__(self):
+        # Anything private that lives on a GPU (arrays, or the backend holding
+        # CuPy itself) is left out, so that a model used on a GPU loads on a
+        # machine without one. Fitted attributes are NumPy by construction.
+        state = super().__getstate__()
+        return {
+            key: value
+            for key, value in state.items()
+            if not (key.startswith("_") and (is_device_array(value) or isinstance(value, Backend)))
+        }
 
 
 def map_volumes(function, volumes, is_list):

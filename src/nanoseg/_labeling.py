@@ -14,6 +14,11 @@ whole-volume labelling followed by size filtering and sequential relabelling.
 
 Only per-slab face planes and per-component sizes are kept between slabs:
 memory is bounded by the slab size, not the volume size.
+
+On a GPU each slab is closed and labelled densely with ``cupyx.scipy.ndimage``
+(same border handling as SciPy), its labels are renumbered in raster order,
+and only the slab's foreground voxels come back to the host, where the same
+merging runs: the labels are identical to the CPU's.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from . import _kernels, _sparse
-from ._backend import get_backend
+from ._backend import get_backend, to_numpy
 from ._parallel import ordered_map
 from ._volume import check_finite
 
@@ -66,6 +71,10 @@ def mask_from_posterior(data, threshold, name="X", check=True):
     if check:
         check_probabilities(data, name)
     return data >= threshold
+
+
+#: Largest slab (in voxels) labelled on a GPU: cupyx labels with 32-bit indices.
+GPU_MAX_SLAB_VOXELS = 2**31 - 1
 
 
 def face_offsets(connectivity):
@@ -173,6 +182,9 @@ def local_labels(settings, mask, start, stop, lo):
     count : int
     """
     backend = get_backend(settings.device)
+    if backend.is_gpu:
+        return _device_local_labels(backend, settings, mask, start, stop, lo)
+    mask = to_numpy(mask)
     work = mask[0] if settings.is_2d else mask
     core = slice(0, 1) if settings.is_2d else slice(start - lo, stop - lo)
     plane_size = work.shape[-1] * work.shape[-2]
@@ -195,6 +207,25 @@ def local_labels(settings, mask, start, stop, lo):
     return flat, labels.ravel()[flat], count
 
 
+def _device_local_labels(backend, settings, mask, start, stop, lo):
+    """:func:`local_labels` on a GPU: dense closing and labelling of the slab.
+
+    The mask is uploaded (one byte a voxel) unless it is already there; only
+    the labelled voxels come back, as (flat, ids) NumPy arrays.
+    """
+    work = backend.to_device(mask[0] if settings.is_2d else mask)
+    if work.size > GPU_MAX_SLAB_VOXELS:
+        raise ValueError(
+            f"A slab of {work.size} voxels is too large to label on the GPU (at most "
+            f"{GPU_MAX_SLAB_VOXELS}); lower memory_budget or use device='cpu'."
+        )
+    closed = _kernels.close_mask(backend, work, settings.radius)
+    if not settings.is_2d:
+        closed = closed[start - lo : stop - lo]
+    flat, ids, count = _kernels.label_voxels(backend, closed, settings.connectivity)
+    return backend.to_host(flat), backend.to_host(ids), count
+
+
 class SlabLabeler:
     """Threshold, close and label a :class:`~nanoseg._volume.Volume` by slabs.
 
@@ -208,17 +239,26 @@ class SlabLabeler:
         Working bytes per slab (default :data:`nanoseg._volume.SLAB_BYTES`).
     n_jobs : int
         Slabs labelled at once, on threads; merging follows in Z order.
+    device : {"cpu", "cuda"}
+        Where slabs are closed and labelled (a resolved device, not "auto").
     """
 
-    def __init__(self, volume, *, threshold, radius, connectivity, min_size, budget=None, n_jobs=1):
+    def __init__(
+        self, volume, *, threshold, radius, connectivity, min_size, budget=None, n_jobs=1, device="cpu"
+    ):
         self.volume = volume
-        self.settings = LabelSettings(threshold, radius, connectivity, volume.is_2d, name=volume.name)
+        self.settings = LabelSettings(threshold, radius, connectivity, volume.is_2d, device=device, name=volume.name)
+        self.backend = get_backend(device)
         self.min_size = min_size
         self.n_jobs = n_jobs
         n_slices = volume.shape[0]
         self.depth = depth = volume.slab_depth(LABEL_BYTES_PER_VOXEL, budget)
+        if self.backend.is_gpu:
+            plane = volume.shape[1] * volume.shape[2]
+            depth = max(1, min(depth, GPU_MAX_SLAB_VOXELS // plane - 4 * radius))
+            self.depth = depth
         self.bounds = [(z0, min(z0 + depth, n_slices)) for z0 in range(0, n_slices, depth)]
-        self._lazy_mask = None if volume.kind == "numpy" else self.lazy_mask()
+        self._lazy_mask = None if volume.in_memory else self.lazy_mask()
 
     def halo_bounds(self, start, stop):
         halo = 2 * self.settings.radius
@@ -239,16 +279,25 @@ class SlabLabeler:
         )
 
     def read_mask(self, lo, hi):
-        """Thresholded slices ``lo:hi`` as a NumPy boolean array."""
+        """Thresholded slices ``lo:hi`` as a boolean array.
+
+        NumPy, except that a CuPy volume labelled on the GPU is thresholded
+        there (and a CuPy-backed dask array gives CuPy blocks).
+        """
         if self._lazy_mask is not None:
-            return np.asarray(self._lazy_mask[lo:hi].compute())
-        # In-memory inputs were validated whole by the estimator.
-        return mask_from_posterior(self.volume.read(lo, hi), self.settings.threshold, check=False)
+            return self._lazy_mask[lo:hi].compute()
+        # In-memory inputs were validated whole by the estimator. A host
+        # posterior is thresholded on the host: the mask is 4x smaller to upload.
+        backend = self.backend if self.volume.kind == "cupy" else None
+        return mask_from_posterior(self.volume.read(lo, hi, backend), self.settings.threshold, check=False)
 
     def read_and_label(self, index):
         start, stop = self.bounds[index]
         lo, hi = self.halo_bounds(start, stop)
-        return local_labels(self.settings, self.read_mask(lo, hi), start, stop, lo)
+        # On a GPU each thread queues its slab on its own stream, so one
+        # slab's upload overlaps another's kernels.
+        with self.backend.stream():
+            return local_labels(self.settings, self.read_mask(lo, hi), start, stop, lo)
 
     # -- whole volume ---------------------------------------------------------
     def analyse(self, keep=0, verbose=False):
@@ -321,13 +370,20 @@ class SlabLabeler:
         return table, n_labels
 
     def label_in_memory(self, verbose=False):
-        """Labels of an in-memory volume as a (Z, Y, X) NumPy array."""
+        """Labels of an in-memory volume as a (Z, Y, X) array.
+
+        NumPy, or CuPy for a CuPy volume (only the labelled voxels are uploaded).
+        """
         plan = self.analyse(keep=np.inf, verbose=verbose)
-        out = np.zeros(self.volume.shape, dtype=plan.table.dtype)
+        on_device = self.volume.kind == "cupy"
+        xp = self.backend.xp if on_device else np
+        put = self.backend.to_device if on_device else np.asarray
+        out = xp.zeros(self.volume.shape, dtype=plan.table.dtype)
         flat_out = out.reshape(-1)
         plane_size = self.volume.shape[1] * self.volume.shape[2]
         for index, ((start, _), (flat, ids)) in enumerate(zip(plan.bounds, plan.slabs)):
-            flat_out[start * plane_size + flat] = plan.slab_table(index)[ids]
+            if flat.size:
+                flat_out[put(start * plane_size + flat)] = put(plan.slab_table(index)[ids])
         return out
 
     def label_lazy(self, verbose=False):
@@ -366,5 +422,6 @@ def _scatter(flat, values, shape):
 
 
 def _final_slab(settings, mask, start, stop, lo, lookup, plane_shape):
-    flat, ids, _ = local_labels(settings, np.asarray(mask), start, stop, lo)
+    with get_backend(settings.device).stream():
+        flat, ids, _ = local_labels(settings, mask, start, stop, lo)
     return _scatter(flat, lookup[ids], (stop - start, *plane_shape))

@@ -10,6 +10,8 @@ Conventions
 * A single volume is (Z, Y, X) -- plane, row, column -- and its samples, in
   the scikit-learn sense, are its Z slices.
 * A list (or tuple) of volumes is a set of crops; each crop is one sample.
+* CuPy arrays (kind "cupy") are in memory on a GPU: slabs are read where they
+  are for a GPU backend, and copied to the host otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import zarr
+
+from . import _backend
 
 #: Default target bytes of working memory per slab (the estimators'
 #: ``memory_budget=None``). Slabs hold whole planes and are aligned to the
@@ -71,9 +75,9 @@ class Volume:
 
     Attributes
     ----------
-    array : ndarray, zarr.Array or dask.array.Array
+    array : ndarray, cupy.ndarray, zarr.Array or dask.array.Array
         The wrapped array, never copied.
-    kind : {"numpy", "zarr", "dask"}
+    kind : {"numpy", "cupy", "zarr", "dask"}
     is_2d : bool
         True when `array` is a single image; it is then seen as one slice.
     name : str
@@ -98,7 +102,7 @@ class Volume:
     @property
     def chunk_depth(self):
         """Slices per input chunk along Z (1 for in-memory arrays)."""
-        if self.is_2d or self.kind == "numpy":
+        if self.is_2d or self.kind in ("numpy", "cupy"):
             return 1
         if self.kind == "zarr":
             return int(self.array.chunks[0])
@@ -133,28 +137,43 @@ class Volume:
         for start in range(0, indices.size, depth):
             yield indices[start : start + depth]
 
-    def read(self, start, stop):
-        """Slices ``start:stop`` as a (n, Y, X) NumPy array."""
+    @property
+    def in_memory(self):
+        """True for NumPy and CuPy arrays (validated whole, read without decoding)."""
+        return self.kind in ("numpy", "cupy")
+
+    def read(self, start, stop, backend=None):
+        """Slices ``start:stop`` as a (n, Y, X) array.
+
+        Parameters
+        ----------
+        backend : Backend, optional
+            Give the slab as an array of this backend: a GPU backend gets a
+            view of a CuPy volume, and a copy of anything else. By default
+            (and for the CPU) a NumPy array.
+        """
         if self.is_2d:
-            data = self.array[...] if self.kind != "numpy" else self.array
+            data = self.array if self.in_memory else self.array[...]
             data = data.compute() if self.kind == "dask" else data
-            return np.asarray(data)[None, ...][start:stop]
+            return _deliver(data[None, ...][start:stop], backend)
         data = self.array[start:stop]
         if self.kind == "dask":
             data = data.compute()
-        return np.asarray(data)
+        return _deliver(data, backend)
 
-    def read_slices(self, indices):
-        """The slices listed in `indices` (sorted) as a (n, Y, X) NumPy array."""
+    def read_slices(self, indices, backend=None):
+        """The slices listed in `indices` (sorted) as a (n, Y, X) array (see :meth:`read`)."""
         indices = np.asarray(indices)
         if indices.size and indices[-1] - indices[0] + 1 == indices.size:
-            return self.read(int(indices[0]), int(indices[-1]) + 1)
+            return self.read(int(indices[0]), int(indices[-1]) + 1, backend)
         if self.is_2d:
-            return self.read(0, 1)[indices]
+            return self.read(0, 1, backend)[indices]
         if self.kind == "zarr":
-            return np.asarray(self.array.get_orthogonal_selection((indices, slice(None), slice(None))))
+            return _deliver(self.array.get_orthogonal_selection((indices, slice(None), slice(None))), backend)
+        if self.kind == "cupy":
+            return _deliver(self.array[_backend.gpu_backend().to_device(indices)], backend)
         data = self.array[indices]
-        return np.asarray(data.compute() if self.kind == "dask" else data)
+        return _deliver(data.compute() if self.kind == "dask" else data, backend)
 
     def to_dask(self):
         """The volume as a 3D dask array (a 2D image gains a leading axis)."""
@@ -171,6 +190,13 @@ class Volume:
     def restore(self, array):
         """Give a (Z, Y, X) result back in this volume's dimensionality."""
         return array[0] if self.is_2d else array
+
+
+def _deliver(data, backend):
+    """`data` (a NumPy or CuPy array) as an array of `backend`; NumPy by default."""
+    if backend is None or not backend.is_gpu:
+        return _backend.to_numpy(data)
+    return backend.to_device(data)
 
 
 def _describe(X):
@@ -193,6 +219,8 @@ def as_volume(X, *, name="X"):
         kind = "zarr"
     elif is_dask_array(X):
         kind = "dask"
+    elif _backend.is_device_array(X):
+        kind = "cupy"
     elif isinstance(X, np.ndarray):
         kind = "numpy"
     elif hasattr(X, "__array__") and hasattr(X, "shape"):
@@ -200,8 +228,8 @@ def as_volume(X, *, name="X"):
         kind = "numpy"
     else:
         raise TypeError(
-            f"{name} must be a NumPy, zarr or dask array (or a list of them, one per "
-            f"crop); got {type(X).__name__}."
+            f"{name} must be a NumPy, zarr or dask array (or a CuPy array on a GPU), or a list "
+            f"of them, one per crop; got {type(X).__name__}."
         )
     ndim = len(X.shape)
     if ndim not in (2, 3):
@@ -237,9 +265,9 @@ def as_volumes(X, *, name="X"):
 
 
 def check_finite(data, name):
-    """Raise ValueError if a float array holds NaN or infinite values."""
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        n_bad = int(np.count_nonzero(~np.isfinite(data)))
+    """Raise ValueError if a float array (NumPy or CuPy) holds NaN or infinite values."""
+    if data.dtype.kind == "f" and not bool(np.isfinite(data).all()):
+        n_bad = int((~np.isfinite(data)).sum())
         raise ValueError(
             f"{name} contains {n_bad} NaN or infinite value(s); replace them (e.g. with "
             "numpy.nan_to_num) before calling nanoseg."

@@ -5,8 +5,9 @@ from __future__ import annotations
 from numbers import Integral, Real
 
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 
+from ._backend import DEVICES
 from ._base import VolumeEstimatorMixin, map_volumes
 from ._parallel import effective_n_jobs, slab_budget
 from ._labeling import LABEL_BYTES_PER_VOXEL, SlabLabeler, check_probabilities
@@ -48,6 +49,13 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     n_jobs : int, default=None
         Threads labelling slabs at once. None or -1 means one per CPU; -2
         all but one, and so on.
+    device : {"cpu", "cuda", "auto"}, default="cpu"
+        Where slabs are closed and labelled. "cuda" uses a CUDA GPU through
+        CuPy (``pip install "nanoseg[gpu]"``) and raises
+        :class:`~nanoseg.GPUUnavailableError` without one; "auto" uses
+        the GPU when there is one and the CPU otherwise (saying so in the
+        "nanoseg" log). CuPy input is always labelled on the GPU (unless
+        "cpu", which rejects it). The labels are identical on every device.
     verbose : bool, default=False
         Show progress bars, and print the slab size chosen.
 
@@ -67,6 +75,11 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     the input when computed; memory stays bounded by the slab size.
 
     Labels are uint32 (uint64 beyond 2**32 - 1 particles).
+
+    On a GPU, each slab's mask is copied there (one byte a voxel; a CuPy
+    posterior is thresholded where it is), closed and labelled densely, and
+    only its foreground voxels come back for the merge across slabs, which
+    runs on the host as on the CPU. CuPy input gives CuPy labels.
 
     Examples
     --------
@@ -89,6 +102,7 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         "min_size": [Interval(Integral, 0, None, closed="left")],
         "memory_budget": [None, Interval(Integral, 1, None, closed="left"), str],
         "n_jobs": [None, Integral],
+        "device": [StrOptions(set(DEVICES))],
         "verbose": ["verbose"],
     }
 
@@ -101,6 +115,7 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         min_size=10,
         memory_budget=None,
         n_jobs=None,
+        device="cpu",
         verbose=False,
     ):
         self.threshold = threshold
@@ -109,6 +124,7 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self.min_size = min_size
         self.memory_budget = memory_budget
         self.n_jobs = n_jobs
+        self.device = device
         self.verbose = verbose
 
     def __sklearn_tags__(self):
@@ -128,7 +144,7 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                     f"boolean mask; got {volume.dtype}. Pass the output of "
                     "NanoparticleMixture.transform, not the raw image."
                 )
-            if volume.kind == "numpy" and volume.dtype != bool:
+            if volume.in_memory and volume.dtype != bool:
                 check_probabilities(volume.array, name)
             ndim = 2 if volume.is_2d else 3
             if self.connectivity > ndim:
@@ -139,7 +155,7 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         return volumes, is_list
 
     def fit(self, X, y=None):
-        """Validate the parameters and `X`; nothing is learned.
+        """Validate the parameters, `X` and the device; nothing is learned.
 
         Parameters
         ----------
@@ -154,6 +170,7 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         """
         volumes, is_list = self._posterior_volumes(X)
         check_targets(y, volumes, is_list)
+        self._resolve_backend(volumes)  # fail here, not in transform, without the device asked for
         return self
 
     def transform(self, X):
@@ -169,11 +186,14 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         -------
         labels : array or list of arrays, uint32
             Same shape as `X`; 0 is background, particles are 1..K. NumPy in
-            gives NumPy out; zarr or dask in gives a lazy dask array.
+            gives NumPy out, CuPy in gives CuPy out; zarr or dask in gives a
+            lazy dask array.
         """
-        return map_volumes(self._label, *self._posterior_volumes(X))
+        volumes, is_list = self._posterior_volumes(X)
+        backend = self._resolve_backend(volumes)
+        return map_volumes(lambda volume: self._label(volume, backend.name), volumes, is_list)
 
-    def _label(self, volume):
+    def _label(self, volume, device="cpu"):
         labeler = SlabLabeler(
             volume,
             threshold=float(self.threshold),
@@ -182,6 +202,7 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
             min_size=int(self.min_size),
             budget=slab_budget(self.memory_budget, self.n_jobs),
             n_jobs=effective_n_jobs(self.n_jobs),
+            device=device,
         )
         if self.verbose:
             print(volume.describe_plan(labeler.depth, LABEL_BYTES_PER_VOXEL, "labelling"))

@@ -13,9 +13,9 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm import tqdm
 
 from . import _kernels, _model
+from ._backend import DEVICES, get_backend, to_numpy
 from ._base import VolumeEstimatorMixin, map_volumes
 from ._parallel import effective_n_jobs, ordered_map, slab_budget
-from ._backend import get_backend
 from ._volume import as_volumes, check_finite, check_targets, is_lazy, parse_bytes
 
 __all__ = ["NanoparticleMixture"]
@@ -45,7 +45,7 @@ def check_intensity_volume(volume):
     """Raise a clear error unless `volume` holds 8-bit intensities."""
     if volume.dtype == np.uint8:
         return
-    if volume.kind == "numpy":
+    if volume.in_memory:
         check_finite(volume.array, volume.name)
     raise TypeError(
         f"{volume.name} must hold 8-bit intensities (uint8); got {volume.dtype}. Convert it first, "
@@ -55,7 +55,7 @@ def check_intensity_volume(volume):
 
 
 class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
-    """Two-component intensity mixture for bright nanoparticles (NPs).
+    """Two-component intensity mixture for bright (or dark) nanoparticles (NPs).
 
     The volume's 256-bin intensity histogram is modelled as a mixture of a
     background PMF and an NP PMF. `fit` estimates the background PMF from
@@ -108,6 +108,19 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         below 5e-4), which is much faster than converting a float32 posterior
         voxel by voxel. Thresholds near a rounding step may then select
         slightly different voxels than with float32.
+    polarity : {"bright", "dark"}, default="bright"
+        "bright" for particles brighter than the background (backscattered
+        electrons in SBF-SEM and FIB-SEM); "dark" for particles darker than it
+        (bright-field TEM). "dark" fits the model to inverted intensities
+        ``255 - v``: histograms and lookup tables are read mirrored, so no
+        voxel is ever copied, and the output is still the NP posterior.
+    device : {"cpu", "cuda", "auto"}, default="cpu"
+        Where histograms and lookups run. "cuda" uses a CUDA GPU through CuPy
+        (``pip install "nanoseg[gpu]"``) and raises
+        :class:`~nanoseg.GPUUnavailableError` without one; "auto" uses
+        the GPU when there is one and the CPU otherwise (saying so in the
+        "nanoseg" log). CuPy input is always processed on the GPU (unless
+        "cpu", which rejects it). Results are identical on every device.
     verbose : bool, default=False
         Show progress bars, and print the slab size each pass chose.
 
@@ -118,9 +131,15 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     background_histogram_ : ndarray of shape (256,), int64
         Intensity counts of the voxels kept as surely background.
     stack_pmf_, background_pmf_, particle_pmf_ : ndarray of shape (256,), float64
-        The stack, background and fitted NP PMFs.
+        The stack, background and fitted NP PMFs. Like the histograms, they
+        are indexed by raw intensity, also with ``polarity="dark"``.
     low_intensity_, high_intensity_ : int
-        Intensities at `percentile_low` and `percentile_high` of the stack PMF.
+        Intensities at `percentile_low` and `percentile_high` of the stack PMF:
+        voxels brighter than `low_intensity_` seed particles, and voxels at or
+        above `high_intensity_` are never background. With ``polarity="dark"``
+        both are mirrored (``255 -`` the level found on inverted intensities):
+        voxels darker than `low_intensity_` seed, and voxels at or below
+        `high_intensity_` are never background.
     background_weight_ : float
         Fitted background weight of the stack-level mixture.
     neg_log_likelihood_ : float
@@ -152,6 +171,13 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     `posterior_dtype`): the lookup tables are computed in float64 and rounded
     once (relative error below 6e-8 for float32).
 
+    **GPU.** With ``device="cuda"`` slabs are copied to the GPU one at a time
+    (several threads overlap the copies with the computation) and results come
+    back as the input's kind: NumPy for NumPy, lazy dask for zarr and dask,
+    CuPy for CuPy. Fitted attributes are always NumPy, so a model fitted on a
+    GPU loads and runs on a machine without one (set ``device="cpu"`` or
+    ``"auto"`` there).
+
     Examples
     --------
     >>> from nanoseg import NanoparticleMixture
@@ -176,6 +202,8 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         "memory_budget": [None, Interval(Integral, 1, None, closed="left"), str],
         "n_jobs": [None, Integral],
         "posterior_dtype": [StrOptions({"float32", "float16"})],
+        "polarity": [StrOptions({"bright", "dark"})],
+        "device": [StrOptions(set(DEVICES))],
         "verbose": ["verbose"],
     }
 
@@ -194,6 +222,8 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         memory_budget=None,
         n_jobs=None,
         posterior_dtype="float32",
+        polarity="bright",
+        device="cpu",
         verbose=False,
     ):
         self.beta_prior = beta_prior
@@ -208,6 +238,8 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self.memory_budget = memory_budget
         self.n_jobs = n_jobs
         self.posterior_dtype = posterior_dtype
+        self.polarity = polarity
+        self.device = device
         self.verbose = verbose
 
     def _check_params(self):
@@ -232,6 +264,22 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         for volume in volumes:
             check_intensity_volume(volume)
         return volumes, is_list
+
+    # With polarity="dark" the model sees intensities 255 - v: a histogram
+    # (or PMF) indexed by raw intensity is reversed to enter model space and
+    # reversed again to leave it. Copies keep the arrays contiguous, so sums
+    # over model space run exactly as they would for the bright model.
+    def _mirror(self, array):
+        if self.polarity == "dark":
+            return np.ascontiguousarray(np.asarray(array)[..., ::-1])
+        return array
+
+    def _mirror_level(self, level):
+        return 255 - level if self.polarity == "dark" else level
+
+    def _n_jobs(self, backend, volume):
+        # A CuPy volume needs no copies to overlap: one thread queues its slabs.
+        return 1 if backend.is_gpu and volume.kind == "cupy" else effective_n_jobs(self.n_jobs)
 
     def fit(self, X, y=None):
         """Learn the background and NP intensity PMFs from `X`.
@@ -264,8 +312,9 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self._check_params()
         volumes, is_list = self._intensity_volumes(X)
         check_targets(y, volumes, is_list)
-        backend = get_backend("cpu")
-        n_jobs = effective_n_jobs(self.n_jobs)
+        backend = self._resolve_backend(volumes)
+        n_jobs = min(self._n_jobs(backend, volume) for volume in volumes)
+        dark = self.polarity == "dark"
         sampled = [np.arange(0, v.shape[0], self.sampling_step) for v in volumes]
         n_slices = int(sum(s.size for s in sampled))
         work = [
@@ -274,10 +323,11 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
             for group in volume.slabs(self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL, "histograms"), indices)
         ]
 
-        # Pass 1: every sampled slice's histogram (kept: 2 KiB a slice).
+        # Pass 1: every sampled slice's histogram (kept: 2 KiB a slice), by raw intensity.
         def histograms(item):
             volume, group = item
-            return _kernels.slice_histograms(backend, volume.read_slices(group))
+            with backend.stream():
+                return backend.to_host(_kernels.slice_histograms(backend, volume.read_slices(group, backend)))
 
         slice_hists = []
         with tqdm(total=n_slices, desc="Stack histogram", unit="slice", disable=not self.verbose) as bar:
@@ -285,8 +335,9 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                 slice_hists.append(hists)
                 bar.update(len(hists))
         slice_hists = np.concatenate(slice_hists)
-        stack_hist = slice_hists.sum(axis=0)
-        present = np.flatnonzero(stack_hist)
+        raw_stack_hist = slice_hists.sum(axis=0)
+        stack_hist = self._mirror(raw_stack_hist)
+        present = np.flatnonzero(raw_stack_hist)
         if present.size < 2:
             raise ValueError(
                 f"X is constant: every sampled voxel has intensity {int(present[0])}, so there "
@@ -302,14 +353,14 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
 
         def background(numbered):
             position, (volume, group) = numbered
-            total = np.zeros(_model.N_BINS, dtype=np.int64)
-            for offset, image in enumerate(volume.read_slices(group)):
-                total += _kernels.background_histogram(
-                    backend, image, low, high,
+            first = firsts[position]
+            with backend.stream():
+                hists = _kernels.slab_background_histograms(
+                    backend, volume.read_slices(group, backend), low, high,
                     min_seed_size=self.min_seed_size, halo_pad=self.halo_pad,
-                    hist=slice_hists[firsts[position] + offset],
+                    hists=slice_hists[first : first + len(group)], dark=dark,
                 )
-            return total, len(group)
+                return backend.to_host(hists).sum(axis=0), len(group)
 
         background_hist = np.zeros(_model.N_BINS, dtype=np.int64)
         with tqdm(total=n_slices, desc="Background histogram", unit="slice", disable=not self.verbose) as bar:
@@ -317,11 +368,14 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                 background_hist += hist
                 bar.update(n)
         if background_hist.sum() == 0:
+            side = "at or below" if dark else "at or above"
             raise ValueError(
-                "No background voxels are left once bright seeds, their halos and voxels "
-                f"at or above intensity {high} are excluded. Lower halo_pad or raise "
-                "percentile_low / percentile_high."
+                "No background voxels are left once particle seeds, their halos and voxels "
+                f"{side} intensity {self._mirror_level(high)} are excluded. Lower halo_pad or "
+                "raise percentile_low / percentile_high."
             )
+        raw_background_hist = background_hist
+        background_hist = self._mirror(background_hist)
         background_pmf = _model.normalize_pmf(background_hist, self.eps)
 
         result = _model.fit_particle_pmf(
@@ -341,13 +395,13 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                 stacklevel=2,
             )
 
-        self.stack_histogram_ = stack_hist
-        self.background_histogram_ = background_hist
-        self.stack_pmf_ = stack_pmf
-        self.background_pmf_ = background_pmf
-        self.particle_pmf_ = result.particle_pmf
-        self.low_intensity_ = low
-        self.high_intensity_ = high
+        self.stack_histogram_ = raw_stack_hist
+        self.background_histogram_ = raw_background_hist
+        self.stack_pmf_ = self._mirror(stack_pmf)
+        self.background_pmf_ = self._mirror(background_pmf)
+        self.particle_pmf_ = self._mirror(result.particle_pmf)
+        self.low_intensity_ = self._mirror_level(low)
+        self.high_intensity_ = self._mirror_level(high)
         self.background_weight_ = result.background_weight
         self.neg_log_likelihood_ = result.neg_log_likelihood
         self.n_iter_ = result.n_iter
@@ -375,33 +429,38 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         volumes, is_list, slice_hists = self._fit(X, y)
         if self.sampling_step != 1:
             return self.transform(X)
+        backend = self._resolve_backend(volumes)
         bounds = np.cumsum([0] + [volume.shape[0] for volume in volumes])
         return map_volumes(
-            lambda item: self._posterior(item[0], slice_hists[item[1] : item[2]]),
+            lambda item: self._posterior(item[0], backend, slice_hists[item[1] : item[2]]),
             list(zip(volumes, bounds[:-1], bounds[1:])),
             is_list,
         )
 
     # -- prediction -------------------------------------------------------
-    def _slice_histograms(self, volume, desc):
-        backend = get_backend("cpu")
+    def _slice_histograms(self, volume, desc, backend):
         depth = self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL, "histograms")
 
         def histograms(group):
-            return _kernels.slice_histograms(backend, volume.read(int(group[0]), int(group[-1]) + 1))
+            with backend.stream():
+                slab = volume.read(int(group[0]), int(group[-1]) + 1, backend)
+                return backend.to_host(_kernels.slice_histograms(backend, slab))
 
         parts = []
         with tqdm(total=volume.shape[0], desc=desc, unit="slice", disable=not self.verbose) as bar:
-            for hists in ordered_map(histograms, volume.slabs(depth), effective_n_jobs(self.n_jobs)):
+            for hists in ordered_map(histograms, volume.slabs(depth), self._n_jobs(backend, volume)):
                 parts.append(hists)
                 bar.update(len(hists))
         return np.concatenate(parts)
 
-    def _weights(self, volume, hists=None):
+    def _weights(self, volume, backend, hists=None):
         if hists is None:
-            hists = self._slice_histograms(volume, "Slice weights")
+            hists = self._slice_histograms(volume, "Slice weights", backend)
+        # The MAP objective sums over intensities: evaluate it in model space,
+        # where its terms come in the same order for either polarity.
         return _model.map_slice_weights(
-            hists, self.particle_pmf_, self.background_pmf_, check_beta_prior(self.beta_prior), self.eps
+            self._mirror(hists), self._mirror(self.particle_pmf_), self._mirror(self.background_pmf_),
+            check_beta_prior(self.beta_prior), self.eps,
         )
 
     def slice_weights(self, X):
@@ -420,7 +479,9 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         """
         check_is_fitted(self)
         self._check_params()
-        return map_volumes(self._weights, *self._intensity_volumes(X))
+        volumes, is_list = self._intensity_volumes(X)
+        backend = self._resolve_backend(volumes)
+        return map_volumes(lambda volume: self._weights(volume, backend), volumes, is_list)
 
     def posterior_luts(self, weights):
         """Posterior lookup tables for given per-slice NP fractions.
@@ -433,25 +494,38 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         Returns
         -------
         luts : ndarray of shape (Z, 256), of dtype `posterior_dtype`
-            ``luts[z, v]`` is the posterior of a voxel of intensity ``v`` in
-            slice ``z``.
+            ``luts[z, v]`` is the posterior of a voxel of (raw) intensity ``v``
+            in slice ``z``.
         """
         check_is_fitted(self)
+        # Each entry depends on its own intensity's PMF values only, so raw
+        # order (either polarity) needs no mirroring.
         return _model.posterior_luts(
             weights, self.particle_pmf_, self.background_pmf_, self.eps, dtype=np.dtype(self.posterior_dtype)
         )
 
-    def _posterior(self, volume, hists=None):
-        luts = self.posterior_luts(self._weights(volume, hists))
-        backend = get_backend("cpu")
+    def _posterior(self, volume, backend, hists=None):
+        luts = self.posterior_luts(self._weights(volume, backend, hists))
         if is_lazy(volume.array):
-            return volume.restore(_lazy_posterior(volume.to_dask(), luts))
+            return volume.restore(_lazy_posterior(volume.to_dask(), luts, backend.name))
+        if volume.kind == "cupy":
+            # Already on the GPU: one lookup over the whole volume, no copies.
+            tables = backend.to_device(luts)
+            return volume.restore(_kernels.apply_luts(backend, volume.read(0, volume.shape[0], backend), tables))
         out = np.empty(volume.shape, dtype=luts.dtype)
         depth = self._slab_depth(volume, _POSTERIOR_BYTES_PER_VOXEL, "posterior")
+        tables = backend.to_device(luts)
+        # The tables must be on the device before other threads' streams read them.
+        backend.synchronize()
 
         def lookup(group):
             start, stop = int(group[0]), int(group[-1]) + 1
-            _kernels.apply_luts(backend, volume.read(start, stop), luts[start:stop], out=out[start:stop])
+            with backend.stream():
+                if not backend.is_gpu:
+                    _kernels.apply_luts(backend, volume.read(start, stop), luts[start:stop], out=out[start:stop])
+                    return
+                result = _kernels.apply_luts(backend, volume.read(start, stop, backend), tables[start:stop])
+                backend.to_host(result, out=out[start:stop])
 
         for _ in ordered_map(lookup, volume.slabs(depth), effective_n_jobs(self.n_jobs)):
             pass
@@ -474,7 +548,9 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         """
         check_is_fitted(self)
         self._check_params()
-        return map_volumes(self._posterior, *self._intensity_volumes(X))
+        volumes, is_list = self._intensity_volumes(X)
+        backend = self._resolve_backend(volumes)
+        return map_volumes(lambda volume: self._posterior(volume, backend), volumes, is_list)
 
     def transform(self, X):
         """Posterior NP probability of each voxel; same as :meth:`predict_proba`.
@@ -491,16 +567,22 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         return self.predict_proba(X)
 
 
-def _apply_luts_block(block, luts):
-    return _kernels.apply_luts(get_backend("cpu"), block, luts)
+def _apply_luts_block(block, luts, device="cpu"):
+    """Look one chunk up; on a GPU, a host chunk is copied there and back."""
+    backend = get_backend(device)
+    if not backend.is_gpu:
+        return _kernels.apply_luts(backend, to_numpy(block), luts)
+    with backend.stream():
+        result = _kernels.apply_luts(backend, backend.to_device(block), backend.to_device(luts))
+        return result if backend.owns(block) else backend.to_host(result)
 
 
-def _lazy_posterior(source, luts):
-    """Lazy per-slice lookup: one task per input chunk."""
+def _lazy_posterior(source, luts, device="cpu"):
+    """Lazy per-slice lookup: one task per input chunk, on `device` ("cpu" or "cuda")."""
     import dask.array as da
 
     tables = da.from_array(luts, chunks=(source.chunks[0], luts.shape[1]))
     return da.blockwise(
         _apply_luts_block, "zyx", source, "zyx", tables, "zv",
-        dtype=luts.dtype, concatenate=True,
+        dtype=luts.dtype, concatenate=True, device=device,
     )
