@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
+from sklearn.frozen import FrozenEstimator
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
@@ -65,7 +66,7 @@ def assert_same_value(restored, original):
         assert np.asarray(restored).tobytes() == np.asarray(original).tobytes()
     elif isinstance(original, (list, tuple)):
         assert len(restored) == len(original)
-        for a, b in zip(restored, original):
+        for a, b in zip(restored, original, strict=True):
             assert_same_value(a, b)
     elif isinstance(original, dict):
         assert list(restored) == list(original)
@@ -152,6 +153,32 @@ def test_pipeline_round_trip_gives_identical_labels(image, path):
     assert list(restored.named_steps) == ["mixture", "labeler"]
     assert_same_estimator(restored, pipeline)
     np.testing.assert_array_equal(restored.transform(image), labels)
+
+
+def test_frozen_mixture_round_trip(mixture, image, posterior, path):
+    frozen = FrozenEstimator(mixture)
+    restored = round_trip(frozen, path)
+    assert type(restored) is FrozenEstimator
+    assert_same_estimator(restored.estimator, mixture)
+    assert restored.transform(image).tobytes() == posterior.tobytes()
+
+
+def default_constructible_registered_classes():
+    classes = []
+    for name, target in persistence._REGISTRY.items():
+        try:
+            cls = persistence._import_target(target)
+            cls()
+        except (ImportError, TypeError):
+            continue  # not available, or has required parameters (Pipeline, wrappers)
+        classes.append(pytest.param(cls, id=name))
+    return classes
+
+
+@pytest.mark.parametrize("cls", default_constructible_registered_classes())
+def test_every_registered_class_round_trips_unfitted(cls, path):
+    estimator = cls()
+    assert_same_estimator(round_trip(estimator, path), estimator)
 
 
 def test_unfitted_round_trip_keeps_parameters_and_stays_unfitted(path):
@@ -470,6 +497,20 @@ def test_pickled_array_entry_is_refused_without_running_it(mixture, path):
     assert Payload.executed == []
 
 
+def test_array_larger_than_its_entry_is_refused_before_allocation(mixture, path):
+    save(mixture, path)
+    header = io.BytesIO()
+    shape = (10**12,)
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": shape})
+
+    def describe(doc):
+        doc["estimator"]["fitted"]["particle_pmf_"]["shape"] = list(shape)
+
+    rewrite(path, describe, {"estimator.particle_pmf_.npy": header.getvalue() + bytes(64)})
+    with pytest.raises(ValueError, match="shorter than its shape requires"):
+        load(path)
+
+
 def test_structured_array_entry_is_refused(mixture, path):
     save(mixture, path)
     fake = np.zeros(256, dtype=[("a", "<f8")])
@@ -552,6 +593,18 @@ def test_non_standard_json_constants_are_refused(path):
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(DOCUMENT, text.replace('"threshold": 0.95', '"threshold": NaN'))
     with pytest.raises(ValueError, match="not a nanoseg model file.*NaN"):
+        load(path)
+
+
+@pytest.mark.parametrize("depth", [500, 3000])
+def test_deeply_nested_values_are_refused(depth, path):
+    save(NanoparticleLabeler(), path)
+    with zipfile.ZipFile(path) as archive:
+        text = archive.read(DOCUMENT).decode()
+    nested = "[" * depth + "]" * depth
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(DOCUMENT, text.replace('"threshold": 0.95', f'"threshold": {nested}'))
+    with pytest.raises(ValueError, match="nested too deeply|recursion"):
         load(path)
 
 

@@ -74,7 +74,9 @@ _REGISTRY = {
     "SliceEqualizer": "nanoseg.preprocessing:SliceEqualizer",
     "ParticleSplitter": "nanoseg.splitting:ParticleSplitter",
     "PerVolume": "nanoseg.tuning:PerVolume",
+    "PrefitMixture": "nanoseg.tuning:PrefitMixture",
     "Pipeline": "sklearn.pipeline:Pipeline",
+    "FrozenEstimator": "sklearn.frozen:FrozenEstimator",
 }
 
 # Expected fitted attributes of some registered classes: numpy dtype kinds
@@ -542,38 +544,53 @@ class _Reader:
         if key not in self.archive.files or key == DOCUMENT_ENTRY or key in self.used:
             raise self.damaged(where, f"the array entry {key!r} is missing or used twice")
         self.used.add(key)
+        # The .npy header first: dtype and shape are checked before any array
+        # memory is allocated or any data read.
         try:
-            array = self.archive[key]
-        except ValueError as err:
-            if "allow_pickle" in str(err):
-                raise ValueError(
-                    f"Refusing to load {self.source}: its entry {key!r} holds pickled Python "
-                    "objects, which could run code when loaded. nanoseg model files never "
-                    "contain them; this file was not written by nanoseg.persistence.save, or "
-                    "was altered. Do not load it with pickle or joblib unless you trust its source."
-                ) from err
+            shape, dtype, size = self.entry_header(key)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             raise self.damaged(where, f"the array entry {key!r} cannot be read ({err})") from err
-        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-            raise self.damaged(where, f"the array entry {key!r} cannot be read ({err})") from err
-        if not isinstance(array, np.ndarray):
-            raise self.damaged(where, f"the entry {key!r} is not a NumPy array")
-        if array.dtype.kind not in _ARRAY_KINDS:
-            raise self.damaged(where, f"the array {key!r} has dtype {array.dtype}; only booleans and numbers are allowed")
-        try:
-            expected_dtype = np.dtype(node["dtype"])
-        except (TypeError, ValueError):
-            expected_dtype = None
-        if array.dtype != expected_dtype or list(array.shape) != node["shape"]:
+        if dtype.hasobject:
+            raise ValueError(
+                f"Refusing to load {self.source}: its entry {key!r} holds pickled Python "
+                "objects, which could run code when loaded. nanoseg model files never "
+                "contain them; this file was not written by nanoseg.persistence.save, or "
+                "was altered. Do not load it with pickle or joblib unless you trust its source."
+            )
+        if dtype.kind not in _ARRAY_KINDS:
+            raise self.damaged(
+                where, f"the array {key!r} has dtype {dtype}; only booleans and numbers are allowed"
+            )
+        if dtype.str != node["dtype"] or list(shape) != node["shape"]:
             raise self.damaged(
                 where,
-                f"the array {key!r} has dtype {array.dtype} and shape {array.shape}, but the "
-                f"document records {node['dtype']!r} and {node['shape']!r}",
+                f"the array {key!r} has dtype {dtype} and shape {shape}, but the document "
+                f"records {node['dtype']!r} and {node['shape']!r}",
             )
+        if math.prod(shape) * dtype.itemsize > size:
+            raise self.damaged(where, f"the array entry {key!r} is shorter than its shape requires")
+        try:
+            array = self.archive[key]
+        except (ValueError, MemoryError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            raise self.damaged(where, f"the array entry {key!r} cannot be read ({err})") from err
         if tag == "scalar":
             if array.shape != ():
                 raise self.damaged(where, f"the scalar {key!r} is an array of shape {array.shape}")
             return array[()]
         return array
+
+    def entry_header(self, key):
+        """Shape, dtype and stored size of an ``.npy`` entry, from its header alone."""
+        info = self.archive.zip.getinfo(key + ".npy")
+        with self.archive.zip.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+        return shape, dtype, info.file_size
 
 
 def _build(cls, params, name, where):
@@ -696,7 +713,8 @@ def _load_stream(stream, source):
     try:
         archive = np.load(stream, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise _not_a_model(source, f"it cannot be read as a zip (.npz) archive, or it is damaged: {err}") from err
+        reason = f"it cannot be read as a zip (.npz) archive, or it is damaged: {err}"
+        raise _not_a_model(source, reason) from err
     with archive:
         document = _read_document(archive, source)
         version = document.get("format_version")
@@ -712,7 +730,10 @@ def _load_stream(stream, source):
         if saved_with != _nanoseg_version():
             warnings.warn(ModelVersionWarning(str(saved_with), _nanoseg_version()), stacklevel=3)
         reader = _Reader(archive, source)
-        estimator = reader.estimator(document.get("estimator"), "estimator")
+        try:
+            estimator = reader.estimator(document.get("estimator"), "estimator")
+        except RecursionError as err:
+            raise reader.damaged("estimator", "its values are nested too deeply") from err
         extra = sorted(set(archive.files) - reader.used - {DOCUMENT_ENTRY})
         if extra:
             raise reader.damaged("estimator", f"the archive holds entries no estimator uses: {extra}")
