@@ -155,6 +155,20 @@ def test_pipeline_round_trip_gives_identical_labels(image, path):
     np.testing.assert_array_equal(restored.transform(image), labels)
 
 
+def test_gpu_model_loads_without_a_gpu(mixture, image, posterior, path):
+    # device is only a parameter: loading never needs the device, and the
+    # model runs on the CPU once told so.
+    if "device" not in mixture.get_params():
+        pytest.skip("this NanoparticleMixture has no device parameter")
+    gpu_model = NanoparticleMixture().set_params(**{**mixture.get_params(), "device": "cuda"})
+    for key, value in fitted_attributes(mixture).items():
+        setattr(gpu_model, key, value)
+    restored = round_trip(gpu_model, path)
+    assert restored.device == "cuda"
+    restored.set_params(device="cpu")
+    assert restored.predict_proba(image).tobytes() == posterior.tobytes()
+
+
 def test_frozen_mixture_round_trip(mixture, image, posterior, path):
     frozen = FrozenEstimator(mixture)
     restored = round_trip(frozen, path)
