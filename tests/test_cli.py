@@ -48,7 +48,7 @@ def big_particles(tmp_path_factory):
     Few particles keep the particle fraction (about 0.5 %) in the range the
     method assumes.
     """
-    image, mask, truth = make_phantom(
+    image, _, truth = make_phantom(
         (24, 384, 384), n_particles=4, radius=(15, 18), cluster_fraction=0, spacing=SPACING,
         random_state=1, return_labels=True,
     )
@@ -95,10 +95,10 @@ def test_installed_entry_point():
     script = Path(sys.executable).parent / "nanoseg"
     if not script.exists():
         pytest.skip("the nanoseg script is not installed next to this Python")
-    completed = subprocess.run([str(script), "convert", "no-such-input.tif", "out.zarr"], capture_output=True, text=True)
+    completed = subprocess.run([str(script), "convert", "no-such-input.tif", "out.zarr"], capture_output=True, text=True, check=False)
     assert completed.returncode == 2
     assert completed.stderr.strip() == "nanoseg convert: error: no-such-input.tif does not exist."
-    completed = subprocess.run([sys.executable, "-m", "nanoseg", "--help"], capture_output=True, text=True)
+    completed = subprocess.run([sys.executable, "-m", "nanoseg", "--help"], capture_output=True, text=True, check=False)
     assert completed.returncode == 0
     assert all(command in completed.stdout for command in COMMANDS)
 
@@ -281,6 +281,8 @@ def test_segment_refuses_bad_outputs_before_computing(small_image, capsys):
         (["segment", str(small_image), str(small_image / "out.zarr")], "lies inside the input"),
         (["segment", str(small_image), str(folder / "new.zarr"), "--table", str(folder / "t.xlsx")], "must end in .csv or .parquet"),
         (["segment", str(folder / "missing.zarr"), str(folder / "new.zarr")], "missing.zarr does not exist"),
+        (["segment", str(small_image), str(folder / "new.zarr"), "--table", str(folder / "no" / "t.csv")],
+         "does not exist; create it first"),
         (["segment", str(small_image), str(folder / "new.zarr"), "--threshold", "1.5"], "'threshold' parameter"),
     ]
     for argv, message in cases:

@@ -109,9 +109,16 @@ def _require(module, purpose, extra):
         raise RunError(f"{purpose} needs {module} ({exc}); install it with pip install {extra}.") from None
 
 
+def _check_parent(path, what):
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"the folder of the {what} {path} does not exist; create it first.")
+
+
 def _check_table_path(path, inputs, overwrite):
     from .io import check_output_path
 
+    _check_parent(path, "table")
     if Path(path).suffix.lower() not in _TABLE_SUFFIXES:
         raise InputError(f"the table {path} must end in .csv or .parquet.")
     if Path(path).suffix.lower() == ".parquet":
@@ -259,6 +266,7 @@ def _fit(args):
 
     persistence = importlib.import_module("nanoseg.persistence")
     check_output_path(args.model, inputs=[args.image], overwrite=args.overwrite)
+    _check_parent(args.model, "model")
     mixture = _make_mixture(args)
     image, _ = _read(args.image, spacing=args.spacing)
     with _to_stderr():
@@ -333,7 +341,7 @@ def _read_any(path):
     return read_image(path)
 
 
-def segment_volume(
+def _run_segment(
     image_path,
     output,
     *,
@@ -417,7 +425,7 @@ def segment_volume(
 def _segment(args):
     client = _connect(args.scheduler) if args.scheduler else contextlib.nullcontext()
     with client:
-        result = segment_volume(
+        result = _run_segment(
             args.image, args.output, spacing=args.spacing, model=args.model, table=args.table,
             report=args.report, chunks=args.chunks, overwrite=args.overwrite,
             progress=_progress(args), args=args,
@@ -472,7 +480,7 @@ def _demo(args):
         write_ome_zarr(folder / "phantom.zarr", image, spacing=spacing, overwrite=True, progress=progress)
         write_ome_zarr(folder / "truth.zarr", truth, spacing=spacing, kind="labels", overwrite=True, progress=progress)
         table = folder / "particles.csv" if _has_module("nanoseg.measure") else None
-        result = segment_volume(
+        result = _run_segment(
             folder / "phantom.zarr", folder / "labels.zarr", table=table, overwrite=True, progress=progress
         )
         labels = np.asarray(result.labels[...])

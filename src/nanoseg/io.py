@@ -24,8 +24,8 @@ import math
 import os
 import re
 import shutil
-import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import zarr
@@ -34,12 +34,12 @@ from tqdm import tqdm
 from ._volume import is_dask_array
 
 __all__ = [
+    "check_output_path",
+    "convert",
+    "is_complete",
     "read_image",
     "read_spacing",
     "write_ome_zarr",
-    "convert",
-    "check_output_path",
-    "is_complete",
 ]
 
 #: Bytes of output data computed and written per step by :func:`write_ome_zarr`.
@@ -603,7 +603,8 @@ def read_spacing(path):
         raise ValueError(f"{path} is not a zarr store; read_spacing needs an OME-Zarr image.")
     node = zarr.open(store=str(path), mode="r")
     if isinstance(node, zarr.Array):
-        raise ValueError(f"{path} is a plain zarr array without OME-Zarr metadata, so it has no voxel size.")
+        # The file's content, not the argument's type, is at fault.
+        raise ValueError(f"{path} is a plain zarr array without OME-Zarr metadata, so it has no voxel size.")  # noqa: TRY004
     _, _, spacing = _ome_image(node, path)
     if spacing is None:
         raise ValueError(
@@ -627,6 +628,11 @@ def is_complete(path):
         True only when the group's ``"nanoseg"`` attribute says all data was
         written; False for an interrupted write or a store nanoseg did not
         write.
+
+    Raises
+    ------
+    FileNotFoundError
+        If `path` does not exist.
 
     Examples
     --------
@@ -758,7 +764,7 @@ def slab_bounds(edges, chunk_depth, max_depth):
     Cuts prefer multiples of the output's `chunk_depth` (whole chunks are
     written once); a slab is as deep as needed to reach the next edge.
     """
-    edges = sorted(set(int(e) for e in edges))
+    edges = sorted({int(e) for e in edges})
     n_slices = edges[-1]
     aligned = [e for e in edges if e % chunk_depth == 0 or e == n_slices]
     bounds, start = [], 0
