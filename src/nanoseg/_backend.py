@@ -17,10 +17,11 @@ import importlib.util
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -208,7 +209,7 @@ def _load_gpu():
         ) from exc
     try:
         available = bool(cupy.is_available())
-    except Exception:  # a broken CUDA install raises from the driver query
+    except (RuntimeError, OSError, ImportError):  # a broken CUDA install raises from the driver query
         available = False
     if not available:
         raise GPUUnavailableError(

@@ -238,7 +238,7 @@ def component_boxes(backend, labels, min_size):
         ``slice, row0, row1, col0, col1`` with exclusive ends.
     """
     xp = backend.xp
-    n_slices, n_rows, n_cols = labels.shape
+    _, n_rows, n_cols = labels.shape
     plane = n_rows * n_cols
     total = labels.size
     flat = xp.flatnonzero(labels)

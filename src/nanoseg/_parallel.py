@@ -25,6 +25,24 @@ def effective_n_jobs(n_jobs):
     return max(1, int(n_jobs))
 
 
+#: Slabs in flight on a GPU. Two or three threads already overlap one slab's
+#: copies with another's kernels; more would only take device memory.
+GPU_SLABS_IN_FLIGHT = 4
+
+
+def device_n_jobs(n_jobs, backend, on_device=False):
+    """Threads for slab work on `backend`.
+
+    On the CPU, :func:`effective_n_jobs`. On a GPU at most
+    :data:`GPU_SLABS_IN_FLIGHT`, and one for data already there (no copies
+    to overlap).
+    """
+    n = effective_n_jobs(n_jobs)
+    if not backend.is_gpu:
+        return n
+    return 1 if on_device else min(n, GPU_SLABS_IN_FLIGHT)
+
+
 def ordered_map(function, items, n_jobs):
     """Yield ``function(item)`` for each item, in order, on `n_jobs` threads."""
     if n_jobs <= 1:

@@ -7,10 +7,10 @@ from numbers import Integral, Real
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._backend import DEVICES
+from ._backend import CPU, DEVICES
 from ._base import VolumeEstimatorMixin, map_volumes
-from ._parallel import effective_n_jobs, slab_budget
 from ._labeling import LABEL_BYTES_PER_VOXEL, SlabLabeler, check_probabilities
+from ._parallel import device_n_jobs, slab_budget
 from ._volume import as_volumes, check_targets, is_lazy, parse_bytes
 
 __all__ = ["NanoparticleLabeler"]
@@ -191,9 +191,9 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         """
         volumes, is_list = self._posterior_volumes(X)
         backend = self._resolve_backend(volumes)
-        return map_volumes(lambda volume: self._label(volume, backend.name), volumes, is_list)
+        return map_volumes(lambda volume: self._label(volume, backend), volumes, is_list)
 
-    def _label(self, volume, device="cpu"):
+    def _label(self, volume, backend=CPU):
         labeler = SlabLabeler(
             volume,
             threshold=float(self.threshold),
@@ -201,8 +201,8 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
             connectivity=int(self.connectivity),
             min_size=int(self.min_size),
             budget=slab_budget(self.memory_budget, self.n_jobs),
-            n_jobs=effective_n_jobs(self.n_jobs),
-            device=device,
+            n_jobs=device_n_jobs(self.n_jobs, backend, on_device=volume.kind == "cupy"),
+            device=backend.name,
         )
         if self.verbose:
             print(volume.describe_plan(labeler.depth, LABEL_BYTES_PER_VOXEL, "labelling"))

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from . import _kernels, _model
 from ._backend import DEVICES, get_backend, to_numpy
 from ._base import VolumeEstimatorMixin, map_volumes
-from ._parallel import effective_n_jobs, ordered_map, slab_budget
+from ._parallel import device_n_jobs, ordered_map, slab_budget
 from ._volume import as_volumes, check_finite, check_targets, is_lazy, parse_bytes
 
 __all__ = ["NanoparticleMixture"]
@@ -278,8 +278,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         return 255 - level if self.polarity == "dark" else level
 
     def _n_jobs(self, backend, volume):
-        # A CuPy volume needs no copies to overlap: one thread queues its slabs.
-        return 1 if backend.is_gpu and volume.kind == "cupy" else effective_n_jobs(self.n_jobs)
+        return device_n_jobs(self.n_jobs, backend, on_device=volume.kind == "cupy")
 
     def fit(self, X, y=None):
         """Learn the background and NP intensity PMFs from `X`.
@@ -527,7 +526,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                 result = _kernels.apply_luts(backend, volume.read(start, stop, backend), tables[start:stop])
                 backend.to_host(result, out=out[start:stop])
 
-        for _ in ordered_map(lookup, volume.slabs(depth), effective_n_jobs(self.n_jobs)):
+        for _ in ordered_map(lookup, volume.slabs(depth), self._n_jobs(backend, volume)):
             pass
         return volume.restore(out)
 
