@@ -1,6 +1,7 @@
 """Spatial-context steps: posterior smoothing and downsampling, background
 subtraction, slice equalisation, and their composition in pipelines."""
 
+import doctest
 import pickle
 
 import dask.array as da
@@ -17,6 +18,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, KFold
 from sklearn.pipeline import Pipeline
 
+import nanoseg.preprocessing
 from nanoseg import NanoparticleLabeler, NanoparticleMixture
 from nanoseg.datasets import make_crops, make_phantom
 from nanoseg.metrics import match_objects, object_f1_scorer
@@ -225,7 +227,8 @@ def test_round_trip_to_the_input_grid(trim_excess):
     coarse = smoother.transform(posterior)
     back = smoother.upsample(coarse > 0.5, posterior.shape)
     assert back.shape == posterior.shape
-    np.testing.assert_array_equal(back[::2, ::5, ::5][: coarse.shape[0], : coarse.shape[1], : coarse.shape[2]], coarse > 0.5)
+    corners = back[::2, ::5, ::5][tuple(slice(0, n) for n in coarse.shape)]
+    np.testing.assert_array_equal(corners, coarse > 0.5)
     # Lists: one shape per crop.
     parts = smoother.upsample([coarse, coarse[:, :, :2]], [posterior.shape, (5, 23, 10)])
     assert [p.shape for p in parts] == [posterior.shape, (5, 23, 10)]
@@ -457,7 +460,8 @@ def test_background_lazy_equals_eager(params, chunks):
 def test_background_on_zarr_2d_and_lists():
     image, _ = make_phantom((4, 32, 32), n_particles=4, random_state=8)
     subtractor = BackgroundSubtractor()
-    np.testing.assert_array_equal(subtractor.transform(as_zarr(image, (1, 16, 16))).compute(), subtractor.transform(image))
+    lazy = subtractor.transform(as_zarr(image, (1, 16, 16)))
+    np.testing.assert_array_equal(lazy.compute(), subtractor.transform(image))
     np.testing.assert_array_equal(subtractor.transform(image[1]), subtractor.transform(image)[1])
     results = subtractor.transform([image, image[0]])
     assert isinstance(results, list)
@@ -707,3 +711,8 @@ def test_grid_search_over_background_and_smoothing():
     best = search.best_estimator_
     assert best.get_params()["background__method"] == search.best_params_["background__method"]
     assert object_f1_scorer(best, crops, masks) == pytest.approx(search.score(crops, masks))
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(nanoseg.preprocessing, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -1,5 +1,6 @@
 """Splitting touching particles: distance transform, peaks and watershed."""
 
+import doctest
 import pickle
 
 import dask.array as da
@@ -9,6 +10,7 @@ from skimage.measure import label
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 
+import nanoseg.splitting
 from nanoseg import NanoparticleLabeler
 from nanoseg.datasets import make_crops
 from nanoseg.metrics import match_objects
@@ -145,7 +147,9 @@ def test_2d_input_takes_the_in_plane_spacing():
 
 
 def test_splitting_separates_clustered_phantom_particles():
-    _, masks, truth = make_crops(2, (10, 96, 96), n_particles=40, cluster_fraction=0.8, random_state=0, return_labels=True)
+    _, masks, truth = make_crops(
+        2, (10, 96, 96), n_particles=40, cluster_fraction=0.8, random_state=0, return_labels=True
+    )
     merged = [label(mask, connectivity=2) for mask in masks]
     split = [split_touching(m, spacing=(50, 10, 10)) for m in merged]
     before = match_objects(merged, truth)
@@ -216,7 +220,9 @@ def test_splitter_rejects_posteriors():
         ParticleSplitter().fit(np.zeros((8, 8), dtype=np.float32))
 
 
-@pytest.mark.parametrize("splitter", [ParticleSplitter(), ParticleSplitter(min_distance=3, spacing=(5, 1, 1), compactness=0.1)])
+@pytest.mark.parametrize(
+    "splitter", [ParticleSplitter(), ParticleSplitter(min_distance=3, spacing=(5, 1, 1), compactness=0.1)]
+)
 def test_splitter_params_clone_and_pickle(splitter):
     assert set(ParticleSplitter().get_params()) == set(ParticleSplitter._parameter_constraints)
     params = splitter.get_params()
@@ -227,3 +233,8 @@ def test_splitter_params_clone_and_pickle(splitter):
     np.testing.assert_array_equal(restored.transform(labels), fitted.transform(labels))
     with pytest.raises(TypeError):
         ParticleSplitter(2)
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(nanoseg.splitting, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

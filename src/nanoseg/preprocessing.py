@@ -764,7 +764,7 @@ def _slice_percentiles(hists, percentiles):
     out = np.empty((hists.shape[0], len(percentiles)), dtype=np.int64)
     for j, q in enumerate(percentiles):
         needed = np.maximum(np.ceil(totals * (q / 100.0)), 1)
-        out[:, j] = [np.searchsorted(c, k, side="left") for c, k in zip(cumulative, needed)]
+        out[:, j] = np.argmax(cumulative >= needed[:, None], axis=1)
     return out
 
 
