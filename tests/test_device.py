@@ -29,6 +29,7 @@ import nanoseg._backend as backend_module
 import nanoseg._labeling as labeling_module
 from nanoseg import NanoparticleLabeler, NanoparticleMixture, _kernels
 from nanoseg._backend import CPU, Backend, GPUUnavailableError
+from nanoseg._parallel import GPU_SLABS_IN_FLIGHT, device_n_jobs
 from nanoseg.datasets import make_phantom
 
 
@@ -351,12 +352,28 @@ def test_mixture_gpu_inputs_keep_their_kind(fake_gpu, phantom):
 
 
 def test_mixture_gpu_2d_and_list(fake_gpu, phantom):
-    crops = [phantom[0], phantom[3:6]]
+    crops = [phantom[0], phantom[3:6], phantom[7]]
     cpu = NanoparticleMixture().fit(crops)
+    expected = cpu.transform(crops)
     gpu = NanoparticleMixture(device="cuda").fit(crops)
     assert_same_fit(gpu, cpu)
-    for got, expected in zip(gpu.transform(crops), cpu.transform(crops)):
-        np.testing.assert_array_equal(got, expected)
+    for got, want in zip(gpu.transform(crops), expected):
+        np.testing.assert_array_equal(got, want)
+    # A list mixing host and device crops: each comes back as it went in.
+    mixed = [crops[0], on_device(crops[1]), on_device(crops[2])]
+    assert_same_fit(NanoparticleMixture(device="auto").fit(mixed), cpu)
+    got = gpu.transform(mixed)
+    assert [type(g) for g in got] == [np.ndarray, DeviceArray, DeviceArray]
+    assert got[2].shape == crops[2].shape
+    for g, want in zip(got, expected):
+        np.testing.assert_array_equal(fake_gpu.to_host(g), want)
+
+
+def test_threads_per_device():
+    assert device_n_jobs(3, CPU) == 3
+    assert device_n_jobs(16, FAKE_GPU) == GPU_SLABS_IN_FLIGHT
+    assert device_n_jobs(2, FAKE_GPU) == 2
+    assert device_n_jobs(8, FAKE_GPU, on_device=True) == 1
 
 
 def whole_volume_labels(mask, radius, connectivity, min_size):
