@@ -215,6 +215,13 @@ def test_splitter_refuses_lazy_input():
         ParticleSplitter().transform(labels)
 
 
+def test_splitter_fit_accepts_coarser_labels_than_annotations():
+    # After a downsampling smoother the labels are smaller than the masks.
+    labels = discs([(10, 10), (10, 18)], 5, (20, 30)).astype(np.uint32)
+    splitter = ParticleSplitter()
+    assert splitter.fit(labels, np.zeros((40, 60), dtype=bool)) is splitter
+
+
 def test_splitter_rejects_posteriors():
     with pytest.raises(TypeError, match="integer labels"):
         ParticleSplitter().fit(np.zeros((8, 8), dtype=np.float32))

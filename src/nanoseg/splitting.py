@@ -17,7 +17,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import Interval
 
 from ._base import VolumeEstimatorMixin, map_volumes
-from ._volume import as_volumes, check_targets, is_lazy
+from ._volume import as_volumes, is_lazy
 
 __all__ = ["split_touching", "ParticleSplitter"]
 
@@ -312,13 +312,14 @@ class ParticleSplitter(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
         X : ndarray or list of ndarray
             Labels (integer, 0 = background) or boolean masks.
         y : ignored
-            Present for pipelines; when given, its shape is checked against `X`.
+            Present for pipelines. Its shape is not checked: after a
+            downsampling :class:`~nanoseg.preprocessing.PosteriorSmoother`
+            the labels are coarser than the annotations.
 
         Returns
         -------
         self : ParticleSplitter
         """
-        check_targets(y, *as_volumes(X))
         self._volumes(X)
         return self
 
