@@ -20,6 +20,7 @@ Conventions
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import os
 import re
@@ -32,6 +33,8 @@ import zarr
 from tqdm import tqdm
 
 from ._volume import is_dask_array
+
+logger = logging.getLogger("nanoseg")
 
 __all__ = [
     "check_output_path",
@@ -665,6 +668,17 @@ def _store_path(array):
     return None if root is None else Path(root) / getattr(array, "path", "")
 
 
+def _is_unfinished(path):
+    """Whether `path` is a store that nanoseg started writing but never finished."""
+    if not path.is_dir() or not _is_zarr_store(path):
+        return False
+    try:
+        marker = zarr.open(store=str(path), mode="r").attrs.get("nanoseg")
+    except Exception:  # unreadable metadata: not provably ours, so keep it
+        return False
+    return isinstance(marker, dict) and marker.get("complete") is False
+
+
 def check_output_path(output, *, inputs=(), overwrite=False):
     """Refuse an output that exists or would overwrite or sit inside an input.
 
@@ -690,7 +704,10 @@ def check_output_path(output, *, inputs=(), overwrite=False):
         store or TIFF folder), or contains one; or if `overwrite` would
         replace a non-empty folder that is not a zarr store.
     FileExistsError
-        If `output` exists and `overwrite` is False.
+        If `output` exists and `overwrite` is False -- unless it is a store
+        that nanoseg began writing and never marked complete (see
+        :func:`is_complete`): what an interrupted run left is replaced, so
+        that rerunning the same command resumes the work.
 
     Examples
     --------
@@ -718,6 +735,11 @@ def check_output_path(output, *, inputs=(), overwrite=False):
                 f"The output {output} contains the input {source}; replacing it would delete the input."
             )
     if out.exists() or out.is_symlink():
+        if not overwrite and _is_unfinished(out):
+            # An interrupted nanoseg run left it: it holds nothing worth
+            # keeping, and rerunning the same command resumes the work.
+            logger.info("%s was left unfinished by an interrupted run; it will be replaced.", output)
+            return out
         if not overwrite:
             raise FileExistsError(
                 f"{output} already exists; pass --overwrite (overwrite=True) to replace it."
@@ -917,8 +939,12 @@ def write_ome_zarr(
     if out.exists() or out.is_symlink():
         _remove(out)
     marker = {**(attributes or {}), "complete": False}
-    root = zarr.open_group(store=str(out), mode="w-", zarr_format=3)
-    root.attrs.update({"ome": _ngff_metadata(spacing, kind, name), "nanoseg": marker})
+    # The group's first metadata already says "not complete": a run killed at
+    # any later point leaves a store that is recognisably unfinished.
+    root = zarr.open_group(
+        store=str(out), mode="w-", zarr_format=3,
+        attributes={"ome": _ngff_metadata(spacing, kind, name), "nanoseg": marker},
+    )
     target = root.create_array(
         "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0, dimension_names=_AXES
     )

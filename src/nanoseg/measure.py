@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -481,15 +483,25 @@ def write_table(table, path, *, overwrite=False):
         )
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it.")
-    if suffix == ".csv":
-        table.to_csv(path, index=False)
-        return path
+    if suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as error:
+            raise ImportError(
+                "Writing Parquet needs pyarrow: install it with pip install \"nanoseg[parquet]\" "
+                "(or pip install pyarrow), or write a .csv file instead."
+            ) from error
+    # Write beside the target and move it into place: an interrupted run never
+    # leaves a truncated table that looks complete.
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
+    os.close(handle)
     try:
-        import pyarrow  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            "Writing Parquet needs pyarrow: install it with pip install \"nanoseg[parquet]\" "
-            "(or pip install pyarrow), or write a .csv file instead."
-        ) from error
-    table.to_parquet(path, index=False)
+        if suffix == ".csv":
+            table.to_csv(temporary, index=False)
+        else:
+            table.to_parquet(temporary, index=False)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     return path
