@@ -80,9 +80,19 @@ def test_no_background_left_is_explained(image):
     ],
 )
 def test_mask_shape_must_match_volume(image, y, message):
-    for est, X in ((NanoparticleMixture(), image), (NanoparticleLabeler(), image.astype(np.float32) / 255)):
-        with pytest.raises(ValueError, match=message):
-            est.fit(X, y)
+    with pytest.raises(ValueError, match=message):
+        NanoparticleMixture().fit(image, y)
+
+
+def test_labeler_accepts_full_resolution_masks_of_a_coarser_posterior(image):
+    # After a downsampling smoother the posterior is coarser than the annotations.
+    posterior = image[:, ::4, ::4].astype(np.float32) / 255
+    labeler = NanoparticleLabeler()
+    assert labeler.fit(posterior, np.zeros(image.shape, bool)) is labeler
+    with pytest.raises(ValueError, match="y has 1 masks but X has 2 crops"):
+        labeler.fit([posterior[0], posterior[1]], [np.zeros((64, 64), bool)])
+    with pytest.raises(ValueError, match="shape"):
+        labeler.fit(posterior, np.zeros((64, 64), bool))
 
 
 def test_mask_list_must_match_crops(image):

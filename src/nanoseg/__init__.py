@@ -9,10 +9,11 @@ The two estimators compose in a scikit-learn pipeline::
     labels = pipe.fit_transform(volume)
 """
 
+from ._backend import GPUUnavailableError
 from ._model import EMCollapseError
 from .labeler import NanoparticleLabeler
 from .mixture import NanoparticleMixture
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["EMCollapseError", "NanoparticleLabeler", "NanoparticleMixture", "__version__"]
+__all__ = ["EMCollapseError", "GPUUnavailableError", "NanoparticleLabeler", "NanoparticleMixture", "__version__"]

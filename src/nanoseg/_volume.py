@@ -274,8 +274,13 @@ def check_finite(data, name):
         )
 
 
-def check_targets(y, volumes, is_list, *, name="y"):
-    """Check that annotation masks `y` match the volumes they annotate."""
+def check_targets(y, volumes, is_list, *, name="y", same_shape=True):
+    """Check that annotation masks `y` match the volumes they annotate.
+
+    With ``same_shape=False`` only their number and dimensionality are
+    checked: a step that follows a downsampling one sees coarser arrays than
+    the full-resolution annotations.
+    """
     if y is None:
         return
     if is_list:
@@ -294,6 +299,8 @@ def check_targets(y, volumes, is_list, *, name="y"):
     for i, (mask, volume) in enumerate(pairs):
         shape = tuple(int(s) for s in getattr(mask, "shape", np.shape(mask)))
         expected = tuple(int(s) for s in volume.array.shape)
+        if not same_shape and len(shape) == len(expected):
+            continue
         if shape != expected:
             where = f"{name}[{i}]" if is_list else name
             raise ValueError(

@@ -162,14 +162,18 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         X : array or list of arrays
             Posterior maps or boolean masks.
         y : ignored
-            Present for pipelines; when given, its shape is checked against `X`.
+            Present for pipelines; when given, its number of masks and their
+            dimensionality are checked against `X` (not their shape, which is
+            finer than `X` after a downsampling
+            :class:`~nanoseg.preprocessing.PosteriorSmoother`).
 
         Returns
         -------
         self : NanoparticleLabeler
         """
         volumes, is_list = self._posterior_volumes(X)
-        check_targets(y, volumes, is_list)
+        # Annotations stay at full resolution when a smoother downsampled X.
+        check_targets(y, volumes, is_list, same_shape=False)
         self._resolve_backend(volumes)  # fail here, not in transform, without the device asked for
         return self
 
