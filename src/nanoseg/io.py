@@ -20,11 +20,14 @@ Conventions
 from __future__ import annotations
 
 import bisect
+import contextlib
+import json
 import logging
 import math
 import os
 import re
 import shutil
+import struct
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -552,11 +555,14 @@ def read_image(path, *, spacing=None):
     if spacing is not None:
         spacing = check_spacing(spacing)
     if _is_zarr_store(path):
-        image, found = _read_zarr(path, with_spacing=spacing is None)
+        with _unreadable(path, "zarr store"):
+            image, found = _read_zarr(path, with_spacing=spacing is None)
     elif path.is_dir():
-        image, found = _read_tiff_folder(path)
+        with _unreadable(path, "folder of TIFF slices"):
+            image, found = _read_tiff_folder(path)
     elif path.suffix.lower() in _TIFF_SUFFIXES or _looks_like_tiff(path):
-        image, found = _read_tiff_file(path)
+        with _unreadable(path, "TIFF file"):
+            image, found = _read_tiff_file(path)
     else:
         raise ValueError(
             f"{path} is neither a TIFF file, a folder of TIFF slices nor a zarr store; convert "
@@ -565,6 +571,34 @@ def read_image(path, *, spacing=None):
     if spacing is None and found is not None:
         spacing = tuple(float(v) for v in found)
     return image, spacing
+
+
+@contextlib.contextmanager
+def _unreadable(path, kind):
+    """Turn a reader's low-level failure on a damaged file into one clear error."""
+    import tifffile
+
+    try:
+        yield
+    except (json.JSONDecodeError, UnicodeDecodeError, tifffile.TiffFileError, EOFError, struct.error) as exc:
+        raise ValueError(
+            f"{path} looks like a {kind} but cannot be read ({type(exc).__name__}: {exc}); "
+            "the file may be damaged or incompletely copied. Check it, or convert the original again."
+        ) from exc
+    except (KeyError, TypeError, IndexError) as exc:
+        # zarr's metadata parser reports a document missing a required field
+        # (e.g. 'data_type') this way, and tifffile a damaged page structure.
+        if kind == "TIFF file":
+            raise ValueError(
+                f"{path} looks like a TIFF file but cannot be read ({type(exc).__name__}: {exc}); "
+                "the file may be damaged or incompletely copied."
+            ) from exc
+        if kind != "zarr store":
+            raise
+        raise ValueError(
+            f"{path} looks like a zarr store but its metadata is malformed ({type(exc).__name__}: {exc}); "
+            "the store may be damaged or incompletely copied."
+        ) from exc
 
 
 def _looks_like_tiff(path):
