@@ -29,11 +29,33 @@ class VolumeEstimatorMixin:
         # CuPy itself) is left out, so that a model used on a GPU loads on a
         # machine without one. Fitted attributes are NumPy by construction.
         state = super().__getstate__()
-        return {
+        state = {
             key: value
             for key, value in state.items()
             if not (key.startswith("_") and (is_device_array(value) or isinstance(value, Backend)))
         }
+        # Stamp the version, as scikit-learn does with its own, so that loading
+        # the pickle elsewhere can say when it was made by another nanoseg.
+        state["_nanoseg_version"] = _version()
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        saved = state.pop("_nanoseg_version", None)
+        if saved is not None and saved != _version():
+            import warnings
+
+            from .persistence import ModelVersionWarning
+
+            warnings.warn(ModelVersionWarning(saved, _version()), stacklevel=2)
+        super().__setstate__(state)
+
+
+def _version():
+    # Imported at call time: nanoseg/__init__.py imports the estimators.
+    import nanoseg
+
+    return nanoseg.__version__
 
 
 def map_volumes(function, volumes, is_list):
