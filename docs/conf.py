@@ -31,10 +31,25 @@ extensions = [
     "sphinx.ext.doctest",
     "sphinx.ext.intersphinx",
     "numpydoc",
+    "sphinx_gallery.gen_gallery",
 ]
 
 templates_path = ["_templates"]
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+# examples/ holds the gallery's sources; sphinx-gallery turns them into
+# auto_examples/ (generated at build time, not under version control).
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "examples"]
+
+# -- Gallery -------------------------------------------------------------------
+
+sphinx_gallery_conf = {
+    "examples_dirs": "examples",
+    "gallery_dirs": "auto_examples",
+    "filename_pattern": "/plot_",
+    "matplotlib_animations": False,
+    "download_all_examples": False,
+    "show_memory": False,
+    "within_subsection_order": "FileNameSortKey",
+}
 # Single backticks in docstrings name parameters (numpydoc style): show them
 # as code rather than trying to link them.
 default_role = "literal"

@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("sphinx")
 pytest.importorskip("numpydoc")
+pytest.importorskip("sphinx_gallery")
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -25,3 +26,7 @@ def test_docs_build_without_warnings(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "html" / "index.html").is_file()
     assert (tmp_path / "html" / "api.html").is_file()
+    # The gallery's examples ran and drew their figures.
+    gallery = tmp_path / "html" / "auto_examples"
+    assert len(list(gallery.glob("plot_*.html"))) == len(list((DOCS / "examples").glob("plot_*.py"))) > 0
+    assert list((tmp_path / "html" / "_images").glob("sphx_glr_plot_*"))
