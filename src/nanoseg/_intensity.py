@@ -178,6 +178,37 @@ class Binning:
         """The map tabulated for every value of `dtype`: uint8 array of 2**bits entries."""
         return _table(self, check_intensity_dtype(dtype).itemsize * 8)
 
+    def fold(self, counts):
+        """Counts by value turned into counts by bin, along the last axis.
+
+        Parameters
+        ----------
+        counts : array_like of int, shape (..., 256) or (..., 65536)
+            Counts of every uint8 or uint16 value, e.g. from
+            :func:`value_histogram` or per-slice histograms.
+
+        Returns
+        -------
+        binned : ndarray of int64, shape (..., 256)
+            ``binned[..., b]`` is the total count of the values whose bin is
+            ``b``: the histogram of the mapped data, computed without mapping it.
+        """
+        counts = np.asarray(counts)
+        if counts.shape[-1:] not in ((N_BINS,), (2**16,)) or counts.dtype.kind not in "iu":
+            raise ValueError(
+                "counts must hold integer counts of every uint8 or uint16 value along its last axis "
+                f"(256 or 65536 entries); got shape {counts.shape} and dtype {counts.dtype}."
+            )
+        table = self.table(np.uint8 if counts.shape[-1] == N_BINS else np.uint16)
+        # Both rules are non-decreasing in the value, so each bin holds one run of
+        # consecutive values: its count is a difference of cumulative sums (exact).
+        cumulative = np.zeros((*counts.shape[:-1], counts.shape[-1] + 1), dtype=np.int64)
+        np.cumsum(counts, axis=-1, out=cumulative[..., 1:])
+        bins = np.arange(N_BINS)
+        starts = np.searchsorted(table, bins, side="left")
+        stops = np.searchsorted(table, bins, side="right")
+        return cumulative[..., stops] - cumulative[..., starts]
+
     def apply(self, slab):
         """Bins of a NumPy slab of uint8 or uint16 intensities, as uint8.
 
@@ -214,9 +245,10 @@ def _resolve(mode, dtype, observed, low, high):
     low = _check_bound(low, "low", dtype)
     high = _check_bound(high, "high", dtype)
     if mode == "shift":
-        if low is not None:
+        if low not in (None, 0):
             raise ValueError(
-                "mode='shift' always starts its first bin at 0; low cannot be set (use mode='range')."
+                "mode='shift' always starts its first bin at 0; low cannot be set to another value "
+                "(use mode='range')."
             )
         top = observed[1] if high is None else high
         return Binning("shift", 0, top, max(0, int(top).bit_length() - 8))
@@ -230,7 +262,7 @@ def _resolve(mode, dtype, observed, low, high):
 
 
 def _needs_observation(mode, low, high):
-    return (low is None or high is None) and not (mode == "shift" and high is not None)
+    return high is None or (low is None and mode != "shift")
 
 
 def choose_binning(hist_or_sample, dtype, *, mode="auto", low=None, high=None):

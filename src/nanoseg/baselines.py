@@ -109,6 +109,15 @@ class GlobalThreshold(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
     (Z, Y, X), or a list of them (crops), held in memory as NumPy arrays.
     zarr and dask inputs are not supported by the baselines.
 
+    **16-bit data.** The baseline works on 8-bit intensities only: its
+    `threshold`, `threshold_` and `histogram_` are on the 0-255 scale, and the
+    "multiotsu" method would be far too slow on 65,536 grey levels. uint16
+    input raises a :class:`TypeError` that says how to map it to 8 bits with
+    one rule for the whole volume, e.g.
+    ``skimage.exposure.rescale_intensity(X, in_range=(low, high),
+    out_range=np.uint8)``. :class:`~nanoseg.NanoparticleMixture` takes uint16
+    data directly (see its `binning` parameter).
+
     Examples
     --------
     >>> import numpy as np
@@ -184,7 +193,8 @@ class GlobalThreshold(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
         Raises
         ------
         TypeError
-            If `X` is not uint8, or not held in memory.
+            If `X` is not uint8 (uint16 included, see Notes), or not held in
+            memory.
         ValueError
             If `X` has too few distinct intensities for the "otsu", "li" or
             "multiotsu" method.

@@ -54,6 +54,8 @@ _MIXTURE_OPTIONS = {
     "sampling_step": "fit",
     "max_iter": "fit",
     "tol": "fit",
+    "binning": "fit",
+    "intensity_range": "fit",
 }
 _LABELER_OPTIONS = ("threshold", "radius", "min_size", "connectivity")
 
@@ -170,6 +172,8 @@ def _make_mixture(args):
     from .mixture import NanoparticleMixture
 
     options = _options(args, _MIXTURE_OPTIONS)
+    if "intensity_range" in options:
+        options["intensity_range"] = tuple(options["intensity_range"])
     mixture = NanoparticleMixture(**options, verbose=_progress(args))
     _set_performance([mixture], args)
     mixture._check_params()
@@ -217,12 +221,25 @@ def _lazy(image):
     return da.from_array(image, chunks=(1, *image.shape[1:]))
 
 
+def _binning_text(mixture):
+    """How the model maps intensities to its 256 bins; empty for 8-bit data kept as is."""
+    mode, low, high, shift = (
+        mixture.binning_mode_, mixture.binning_low_, mixture.binning_high_, mixture.binning_shift_
+    )
+    if mode == "range" and (low, high) == (0, 255):
+        return ""
+    if mode == "shift":
+        return f" Intensities mapped to 256 bins of {2**shift} values each (shift by {shift} bits)."
+    return f" Intensities {low} to {high} mapped linearly to 256 bins ('range' binning)."
+
+
 def _fit_summary(mixture):
     state = "converged" if mixture.converged_ else "NOT converged (raise --max-iter or --tol)"
+    levels = "intensities" if not _binning_text(mixture) else "bins"
     return (
         f"Fitted on {mixture.n_slices_fit_} slices: EM {mixture.n_iter_} iterations, {state}; "
-        f"background weight {mixture.background_weight_:.5f}; seed intensities >{mixture.low_intensity_}, "
-        f"hard exclusion >={mixture.high_intensity_}."
+        f"background weight {mixture.background_weight_:.5f}; seed {levels} >{mixture.low_intensity_}, "
+        f"hard exclusion >={mixture.high_intensity_}." + _binning_text(mixture)
     )
 
 
@@ -535,6 +552,18 @@ def _positive_float(text):
     return value
 
 
+def _intensity_bound(text):
+    if text.lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be an integer intensity from 0 to 65535 or 'auto', got {text}")
+    return value
+
+
 def _add_common(parser, *, spacing=True, chunks=False, overwrite=True):
     if spacing:
         parser.add_argument(
@@ -583,6 +612,14 @@ def _add_mixture_options(parser):
                        help=f"EM updates at most (default: {defaults['max_iter']})")
     group.add_argument("--tol", type=float, default=None,
                        help=f"EM stopping tolerance (default: {defaults['tol']})")
+    group.add_argument("--binning", choices=("auto", "range", "shift"), default=None,
+                       help="how 16-bit intensities are mapped to the model's 256 bins: 'range' splits "
+                       "LOW..HIGH linearly, 'shift' drops low bits; 'auto' keeps 8-bit data as it is "
+                       f"and uses 'range' otherwise (default: {defaults['binning']})")
+    group.add_argument("--intensity-range", type=_intensity_bound, nargs=2, metavar=("LOW", "HIGH"),
+                       default=None,
+                       help="bounds of the binning, in the image's units; 'auto' for the observed "
+                       "minimum or maximum (default: both observed)")
 
 
 def _add_labeler_options(parser):
@@ -634,7 +671,7 @@ def build_parser():
         "Fit the background/particle intensity mixture on an image and save the model.\n\n"
         "example:\n  nanoseg fit image.zarr model.npz --beta-prior 1 20 --sampling-step 4",
     )
-    fit.add_argument("image", help="uint8 image (OME-Zarr, zarr or TIFF)")
+    fit.add_argument("image", help="uint8 or uint16 image (OME-Zarr, zarr or TIFF)")
     fit.add_argument("model", help="model file to write")
     _add_mixture_options(fit)
     _add_performance(fit)
@@ -647,7 +684,7 @@ def build_parser():
         "an OME-Zarr image with the input's voxel size.\n\n"
         "example:\n  nanoseg predict image.zarr model.npz posterior.zarr --dtype float16",
     )
-    predict.add_argument("image", help="uint8 image (OME-Zarr, zarr or TIFF)")
+    predict.add_argument("image", help="uint8 or uint16 image (OME-Zarr, zarr or TIFF)")
     predict.add_argument("model", help="model written by 'nanoseg fit'")
     predict.add_argument("output", help="OME-Zarr posterior to create")
     predict.add_argument("--dtype", choices=("float32", "float16"), default=None,
@@ -690,7 +727,7 @@ def build_parser():
         "particle table and a quality-control report. The input is only read.\n\n"
         "example:\n  nanoseg segment image.zarr labels.zarr --table particles.csv --report report/",
     )
-    segment.add_argument("image", help="uint8 image (OME-Zarr, zarr, TIFF file or TIFF folder)")
+    segment.add_argument("image", help="uint8 or uint16 image (OME-Zarr, zarr, TIFF file or TIFF folder)")
     segment.add_argument("output", help="OME-Zarr label image to create")
     segment.add_argument("--table", default=None, help="also write a particle table (.csv or .parquet)")
     segment.add_argument("--model", default=None, help="use a model saved by 'nanoseg fit' instead of fitting")

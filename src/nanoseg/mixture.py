@@ -15,6 +15,8 @@ from tqdm import tqdm
 from . import _kernels, _model
 from ._backend import DEVICES, get_backend, to_numpy
 from ._base import VolumeEstimatorMixin, map_volumes
+from ._intensity import MODES as BINNING_MODES
+from ._intensity import Binning, check_intensity_dtype, choose_binning
 from ._parallel import device_n_jobs, ordered_map, slab_budget
 from ._volume import as_volumes, check_finite, check_targets, is_lazy, parse_bytes
 
@@ -22,9 +24,14 @@ __all__ = ["NanoparticleMixture"]
 
 # Working bytes per voxel for the histogram passes (the uint8 slab plus the
 # background kernel's boolean masks) and for the in-memory posterior
-# (the uint8 slab and its float32 output).
+# (the uint8 slab and its float32 output). A slab that is mapped to bins
+# first (16-bit data) adds its raw voxels: see _mapping_bytes.
 _HISTOGRAM_BYTES_PER_VOXEL = 4
 _POSTERIOR_BYTES_PER_VOXEL = 5
+
+#: The binning of 8-bit data under binning="auto": every value is its own bin.
+_IDENTITY = Binning("range", 0, 255)
+_UINT16_MAX = 2**16 - 1
 
 
 def check_beta_prior(beta_prior):
@@ -41,12 +48,26 @@ def check_beta_prior(beta_prior):
     return values
 
 
-def check_intensity_volume(volume):
-    """Raise a clear error unless `volume` holds 8-bit intensities."""
-    if volume.dtype == np.uint8:
+def check_intensity_volume(volume, *, allow_uint16=False):
+    """Raise a clear error unless `volume` holds 8-bit intensities (or 16-bit ones, if allowed).
+
+    Steps that work on 8-bit intensities only keep the default; the mixture,
+    which maps 16-bit data to its 256 bins itself, passes ``allow_uint16=True``.
+    """
+    if volume.dtype == np.uint8 or (allow_uint16 and volume.dtype == np.uint16):
         return
     if volume.in_memory:
         check_finite(volume.array, volume.name)
+    if allow_uint16:
+        check_intensity_dtype(volume.dtype, volume.name)
+    if volume.dtype == np.uint16:
+        raise TypeError(
+            f"{volume.name} must hold 8-bit intensities (uint8) for this step; got uint16. "
+            "NanoparticleMixture takes 16-bit data directly (see its binning parameter); for this "
+            "step, map the data to 8 bits with one rule for the whole volume, e.g. "
+            "skimage.exposure.rescale_intensity(X, in_range=(low, high), out_range=np.uint8) "
+            "with the same low and high for every slab."
+        )
     raise TypeError(
         f"{volume.name} must hold 8-bit intensities (uint8); got {volume.dtype}. Convert it first, "
         "e.g. with skimage.util.img_as_ubyte for images scaled to [0, 1], or by rescaling "
@@ -54,11 +75,59 @@ def check_intensity_volume(volume):
     )
 
 
+def check_intensity_range(intensity_range, binning="auto"):
+    """Validate `intensity_range` for `binning`; return ``(low, high)``, None for a missing bound."""
+    if intensity_range is None:
+        return None, None
+    try:
+        values = tuple(intensity_range)
+    except TypeError:
+        values = ()
+    if len(values) != 2 or not all(
+        v is None or isinstance(v, Integral) and not isinstance(v, (bool, np.bool_)) for v in values
+    ):
+        raise ValueError(
+            "intensity_range must be None or a pair (low, high) of integer intensities, either of "
+            f"which may be None for the observed minimum or maximum; got {intensity_range!r}."
+        )
+    low, high = (None if v is None else int(v) for v in values)
+    for name, value in (("low", low), ("high", high)):
+        if value is not None and not 0 <= value <= _UINT16_MAX:
+            raise ValueError(
+                f"intensity_range: {name} must be an intensity from 0 to {_UINT16_MAX}; got {value}."
+            )
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"intensity_range: low ({low}) must not exceed high ({high}).")
+    if binning == "shift" and low not in (None, 0):
+        raise ValueError(
+            "binning='shift' always starts its first bin at intensity 0, so intensity_range cannot "
+            f"set low={low}: pass (None, high) or (0, high), or use binning='range'."
+        )
+    return low, high
+
+
+def _to_bins(backend, slab, binning):
+    """The bins of a slab of the backend: a uint8 slab under an identity binning as is.
+
+    Any other slab takes one lookup per voxel in the binning's table (64 KiB
+    for uint16), on the device that holds the slab.
+    """
+    if slab.dtype == np.uint8 and binning.is_identity:
+        return slab
+    return backend.to_device(binning.table(slab.dtype))[slab]
+
+
+def _mapping_bytes(volume, maps):
+    """Extra working bytes per voxel when `volume`'s slabs are mapped to bins: the raw slab."""
+    return volume.dtype.itemsize if maps or volume.dtype != np.uint8 else 0
+
+
 class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
     """Two-component intensity mixture for bright (or dark) nanoparticles (NPs).
 
     The volume's 256-bin intensity histogram is modelled as a mixture of a
-    background PMF and an NP PMF. `fit` estimates the background PMF from
+    background PMF and an NP PMF (16-bit data is first mapped to 256 bins,
+    see `binning`). `fit` estimates the background PMF from
     pixels far from any bright seed, then the NP PMF by expectation-
     maximisation (EM) on the histograms alone. `predict_proba` estimates,
     for every slice, the MAP fraction of NP voxels under a Beta prior and
@@ -114,6 +183,30 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         (bright-field TEM). "dark" fits the model to inverted intensities
         ``255 - v``: histograms and lookup tables are read mirrored, so no
         voxel is ever copied, and the output is still the NP posterior.
+        For 16-bit data ``v`` is the bin of a voxel (see `binning`).
+    binning : {"auto", "range", "shift"}, default="auto"
+        How intensities are mapped to the model's 256 bins; decided once in
+        `fit` and kept for prediction (see Notes, *16-bit data*):
+
+        - "range": the values from `low` to `high` are split linearly into
+          256 bins of (within one) equal width,
+          ``bin = (v - low) * 256 // (high - low + 1)``, clipped to 0-255;
+        - "shift": ``bin = min(v >> k, 255)`` with the smallest ``k`` that
+          brings `high` below 256 (bins ``2**k`` values wide, from 0);
+        - "auto": each value is its own bin when the data fits in 8 bits
+          (uint8 data, or uint16 data whose largest value is at most 255)
+          and no `intensity_range` is given; otherwise "range".
+
+        `low` and `high` are the smallest and largest values of the sampled
+        slices unless `intensity_range` sets them. 8-bit data under "auto"
+        is never mapped: results are exactly those of the 8-bit model.
+    intensity_range : (int, int), default=None
+        ``(low, high)`` bounds of the binning, in the data's units; either
+        may be None for the observed minimum or maximum. Values below `low`
+        go to bin 0 and values above `high` to bin 255. Give bounds when hot
+        pixels or a few saturated voxels stretch the observed range, or to
+        fix the same binning for several volumes. With "shift", `low` must
+        be None or 0.
     device : {"cpu", "cuda", "auto"}, default="cpu"
         Where histograms and lookups run. "cuda" uses a CUDA GPU through CuPy
         (``pip install "nanoseg[gpu]"``) and raises
@@ -127,12 +220,13 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     Attributes
     ----------
     stack_histogram_ : ndarray of shape (256,), int64
-        Intensity counts of all sampled voxels.
+        Intensity counts of all sampled voxels, by bin (see `binning`; the
+        bin is the intensity itself for 8-bit data).
     background_histogram_ : ndarray of shape (256,), int64
-        Intensity counts of the voxels kept as surely background.
+        Intensity counts of the voxels kept as surely background, by bin.
     stack_pmf_, background_pmf_, particle_pmf_ : ndarray of shape (256,), float64
         The stack, background and fitted NP PMFs. Like the histograms, they
-        are indexed by raw intensity, also with ``polarity="dark"``.
+        are indexed by raw intensity (bin), also with ``polarity="dark"``.
     low_intensity_, high_intensity_ : int
         Intensities at `percentile_low` and `percentile_high` of the stack PMF:
         voxels brighter than `low_intensity_` seed particles, and voxels at or
@@ -150,6 +244,15 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         Whether EM met `tol` within `max_iter` updates.
     n_slices_fit_ : int
         Number of slices the model was fitted on.
+    binning_mode_ : {"range", "shift"}
+        The rule mapping intensities to the 256 bins (``"range"`` from 0 to
+        255, the identity, for 8-bit data under ``binning="auto"``).
+    binning_low_, binning_high_ : int
+        Bounds of the rule: "range" maps `binning_low_` to `binning_high_`
+        (both included) onto the 256 bins; "shift" has `binning_low_` 0 and
+        `binning_high_` the value the shift was chosen for.
+    binning_shift_ : int
+        Bits dropped by the "shift" rule; 0 for "range".
 
     See Also
     --------
@@ -159,9 +262,27 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     -----
     **Input conventions.** `X` is a 2D image (Y, X), a 3D volume (Z, Y, X) --
     plane, row, column -- or a list of such arrays (annotated crops). Arrays may
-    be NumPy, zarr or dask arrays of dtype uint8. For a single volume the
-    samples, in the scikit-learn sense, are its Z slices (each slice gets its
-    own NP fraction); for a list, each crop is one sample.
+    be NumPy, zarr or dask arrays of dtype uint8 or uint16. For a single volume
+    the samples, in the scikit-learn sense, are its Z slices (each slice gets
+    its own NP fraction); for a list, each crop is one sample.
+
+    **16-bit data.** The model works on 256 bins. For uint16 data (or 8-bit
+    data with a `binning` other than "auto" or an `intensity_range`), `fit`
+    decides one map from values to bins -- the `binning` rule, with bounds
+    from `intensity_range` or from the smallest and largest sampled values --
+    and stores it (``binning_*_``). Every slab, in `fit` and afterwards, goes
+    through that map (one lookup per voxel in a 64 KiB table) before the
+    8-bit computations, so the bin of a voxel depends on its value only, not
+    on the slab or chunk it is read in, and the posterior of a voxel is its
+    slice's lookup table at its bin. The histograms, PMFs and
+    ``low_intensity_``/``high_intensity_`` are then indexed by bin.
+    Prediction applies the fitted map to any input; values outside
+    ``binning_low_``..``binning_high_`` fall in the first or last bin. A
+    uint16 array whose values all fit in 8 bits gives exactly the results of
+    the same array as uint8. The bounds cost no extra pass over the data:
+    the first pass counts every 16-bit value over the sampled slices
+    (65,536 counters) instead of per-slice histograms, which the second pass
+    then counts on the mapped slabs.
 
     **Out of core.** zarr and dask inputs are read slab by slab (whole planes,
     aligned to the chunks along Z) and never loaded whole; their posterior is
@@ -187,6 +308,18 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     >>> posterior = mixture.predict_proba(image)
     >>> posterior.shape == image.shape, posterior.dtype
     (True, dtype('float32'))
+
+    16-bit data whose range is given maps back onto the same 256 bins, so the
+    posterior is the one of the 8-bit image:
+
+    >>> import numpy as np
+    >>> wide = image.astype(np.uint16) * 200 + 1000
+    >>> mixture16 = NanoparticleMixture(binning="range", intensity_range=(1000, 52199))
+    >>> mixture16 = mixture16.fit(wide)
+    >>> mixture16.binning_mode_, mixture16.binning_low_, mixture16.binning_high_
+    ('range', 1000, 52199)
+    >>> bool((mixture16.predict_proba(wide) == posterior).all())
+    True
     """
 
     _parameter_constraints = {
@@ -203,6 +336,8 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         "n_jobs": [None, Integral],
         "posterior_dtype": [StrOptions({"float32", "float16"})],
         "polarity": [StrOptions({"bright", "dark"})],
+        "binning": [StrOptions(set(BINNING_MODES))],
+        "intensity_range": [None, "array-like"],
         "device": [StrOptions(set(DEVICES))],
         "verbose": ["verbose"],
     }
@@ -223,6 +358,8 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         n_jobs=None,
         posterior_dtype="float32",
         polarity="bright",
+        binning="auto",
+        intensity_range=None,
         device="cpu",
         verbose=False,
     ):
@@ -239,6 +376,8 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self.n_jobs = n_jobs
         self.posterior_dtype = posterior_dtype
         self.polarity = polarity
+        self.binning = binning
+        self.intensity_range = intensity_range
         self.device = device
         self.verbose = verbose
 
@@ -246,6 +385,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self._validate_params()
         parse_bytes(self.memory_budget)
         check_beta_prior(self.beta_prior)
+        check_intensity_range(self.intensity_range, self.binning)
         if self.percentile_low > self.percentile_high:
             raise ValueError(
                 f"percentile_low ({self.percentile_low}) must not exceed percentile_high "
@@ -262,7 +402,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     def _intensity_volumes(self, X):
         volumes, is_list = as_volumes(X)
         for volume in volumes:
-            check_intensity_volume(volume)
+            check_intensity_volume(volume, allow_uint16=True)
         return volumes, is_list
 
     # With polarity="dark" the model sees intensities 255 - v: a histogram
@@ -286,8 +426,9 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         Parameters
         ----------
         X : array or list of arrays
-            uint8 image (Y, X), volume (Z, Y, X), or a list of them (NumPy,
-            zarr or dask). See the class Notes for the conventions.
+            uint8 or uint16 image (Y, X), volume (Z, Y, X), or a list of
+            them (NumPy, zarr or dask). See the class Notes for the
+            conventions.
         y : ignored
             Present for pipelines; when given, its shape is checked against `X`.
 
@@ -298,8 +439,11 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
 
         Raises
         ------
+        TypeError
+            If `X` is not uint8 or uint16 (the message suggests a conversion).
         ValueError
-            If `X` is constant, or no background voxels remain.
+            If `X` is constant (or all of it falls in one bin), or no
+            background voxels remain.
         nanoseg.EMCollapseError
             If EM finds nothing the background cannot explain.
         """
@@ -316,61 +460,90 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         dark = self.polarity == "dark"
         sampled = [np.arange(0, v.shape[0], self.sampling_step) for v in volumes]
         n_slices = int(sum(s.size for s in sampled))
+        # 16-bit data (and 8-bit data given a binning) is mapped to bins slab by slab.
+        wide = any(volume.dtype == np.uint16 for volume in volumes)
+        maps = wide or not self._keeps_8bit_values()
         work = [
             (volume, group)
             for volume, indices in zip(volumes, sampled)
-            for group in volume.slabs(self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL, "histograms"), indices)
+            for group in volume.slabs(
+                self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL + _mapping_bytes(volume, maps), "histograms"),
+                indices,
+            )
         ]
 
-        # Pass 1: every sampled slice's histogram (kept: 2 KiB a slice), by raw intensity.
-        def histograms(item):
-            volume, group = item
-            with backend.stream():
-                return backend.to_host(_kernels.slice_histograms(backend, volume.read_slices(group, backend)))
+        if wide:
+            # Pass 1 for 16-bit data: the binning must be fixed before any slab
+            # is mapped, so this pass counts every raw value over all sampled
+            # slices (65,536 counters: 512 KiB per thread, whatever the
+            # volume's size). The per-slice histograms of the mapped data are
+            # counted in pass 2, which reads every slab anyway: no extra pass.
+            value_counts = self._value_counts(work, backend, n_jobs, n_slices)
+            binning = self._choose_binning(value_counts)
+            slice_hists = None
+            raw_stack_hist = binning.fold(value_counts)
+        else:
+            # Pass 1: every sampled slice's histogram (kept: 2 KiB a slice), by raw intensity.
+            def histograms(item):
+                volume, group = item
+                with backend.stream():
+                    return backend.to_host(_kernels.slice_histograms(backend, volume.read_slices(group, backend)))
 
-        slice_hists = []
-        with tqdm(total=n_slices, desc="Stack histogram", unit="slice", disable=not self.verbose) as bar:
-            for hists in ordered_map(histograms, work, n_jobs):
-                slice_hists.append(hists)
-                bar.update(len(hists))
-        slice_hists = np.concatenate(slice_hists)
-        raw_stack_hist = slice_hists.sum(axis=0)
+            slice_hists = []
+            with tqdm(total=n_slices, desc="Stack histogram", unit="slice", disable=not self.verbose) as bar:
+                for hists in ordered_map(histograms, work, n_jobs):
+                    slice_hists.append(hists)
+                    bar.update(len(hists))
+            slice_hists = np.concatenate(slice_hists)
+            value_counts = slice_hists.sum(axis=0)
+            if maps:
+                binning = self._choose_binning(value_counts)
+                slice_hists = binning.fold(slice_hists)
+            else:
+                binning = _IDENTITY
+            raw_stack_hist = slice_hists.sum(axis=0)
         stack_hist = self._mirror(raw_stack_hist)
-        present = np.flatnonzero(raw_stack_hist)
-        if present.size < 2:
-            raise ValueError(
-                f"X is constant: every sampled voxel has intensity {int(present[0])}, so there "
-                "is no contrast to separate particles from background. Check that the right "
-                "array (and channel) was passed."
-            )
+        self._check_contrast(raw_stack_hist, value_counts, binning)
         stack_pmf = _model.normalize_pmf(stack_hist, self.eps)
         low = _model.percentile_intensity(stack_pmf, self.percentile_low)
         high = _model.percentile_intensity(stack_pmf, self.percentile_high)
 
-        # Pass 2: subtract each slice's excluded pixels from its histogram.
+        # Pass 2: subtract each slice's excluded pixels from its histogram
+        # (for 16-bit data, count each mapped slice's histogram first).
         firsts = np.cumsum([0] + [len(group) for _, group in work])
 
         def background(numbered):
             position, (volume, group) = numbered
             first = firsts[position]
             with backend.stream():
-                hists = _kernels.slab_background_histograms(
-                    backend, volume.read_slices(group, backend), low, high,
+                slab = _to_bins(backend, volume.read_slices(group, backend), binning)
+                if slice_hists is None:
+                    hists = _kernels.slice_histograms(backend, slab)
+                else:
+                    hists = slice_hists[first : first + len(group)]
+                background = _kernels.slab_background_histograms(
+                    backend, slab, low, high,
                     min_seed_size=self.min_seed_size, halo_pad=self.halo_pad,
-                    hists=slice_hists[first : first + len(group)], dark=dark,
+                    hists=hists, dark=dark,
                 )
-                return backend.to_host(hists).sum(axis=0), len(group)
+                counted = backend.to_host(hists) if slice_hists is None else None
+                return backend.to_host(background).sum(axis=0), len(group), counted
 
         background_hist = np.zeros(_model.N_BINS, dtype=np.int64)
+        counted_hists = []
         with tqdm(total=n_slices, desc="Background histogram", unit="slice", disable=not self.verbose) as bar:
-            for hist, n in ordered_map(background, enumerate(work), n_jobs):
+            for hist, n, counted in ordered_map(background, enumerate(work), n_jobs):
                 background_hist += hist
+                counted_hists.append(counted)
                 bar.update(n)
+        if slice_hists is None:
+            slice_hists = np.concatenate(counted_hists)
         if background_hist.sum() == 0:
             side = "at or below" if dark else "at or above"
             raise ValueError(
                 "No background voxels are left once particle seeds, their halos and voxels "
-                f"{side} intensity {self._mirror_level(high)} are excluded. Lower halo_pad or "
+                f"{side} {'intensity' if binning.is_identity else 'bin'} {self._mirror_level(high)} "
+                "are excluded. Lower halo_pad or "
                 "raise percentile_low / percentile_high."
             )
         raw_background_hist = background_hist
@@ -406,7 +579,67 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self.n_iter_ = result.n_iter
         self.converged_ = result.converged
         self.n_slices_fit_ = n_slices
+        self.binning_mode_ = binning.mode
+        self.binning_low_ = int(binning.low)
+        self.binning_high_ = int(binning.high)
+        self.binning_shift_ = int(binning.shift)
         return volumes, is_list, slice_hists
+
+    # -- binning ------------------------------------------------------------
+    def _keeps_8bit_values(self):
+        """True when 8-bit data keeps its values as bins (no binning asked for)."""
+        return self.binning == "auto" and self.intensity_range is None
+
+    def _value_counts(self, work, backend, n_jobs, n_slices):
+        """Counts of every 16-bit value over the slabs of `work`: (65536,) int64."""
+
+        def count(item):
+            volume, group = item
+            with backend.stream():
+                slab = volume.read_slices(group, backend)
+                total = backend.xp.zeros(_UINT16_MAX + 1, dtype=np.int64)
+                # Plane by plane: bincount widens its input to 64-bit integers,
+                # so this bounds that copy to one plane.
+                for plane in slab:
+                    total += backend.xp.bincount(plane.reshape(-1), minlength=_UINT16_MAX + 1)
+                return backend.to_host(total), len(group)
+
+        counts = np.zeros(_UINT16_MAX + 1, dtype=np.int64)
+        with tqdm(total=n_slices, desc="Intensity range", unit="slice", disable=not self.verbose) as bar:
+            for total, n in ordered_map(count, work, n_jobs):
+                counts += total
+                bar.update(n)
+        return counts
+
+    def _choose_binning(self, value_counts):
+        """The binning for the counts of every value (256 or 65536 of them) and the parameters."""
+        low, high = check_intensity_range(self.intensity_range, self.binning)
+        counts = np.zeros(_UINT16_MAX + 1, dtype=np.int64)
+        counts[: value_counts.size] = value_counts
+        return choose_binning(counts, np.uint16, mode=self.binning, low=low, high=high)
+
+    def _check_contrast(self, stack_hist, value_counts, binning):
+        """Refuse data whose sampled voxels all fall in one bin."""
+        present = np.flatnonzero(stack_hist)
+        if present.size >= 2:
+            return
+        values = np.flatnonzero(value_counts)
+        if values.size < 2:
+            raise ValueError(
+                f"X is constant: every sampled voxel has intensity {int(values[0])}, so there "
+                "is no contrast to separate particles from background. Check that the right "
+                "array (and channel) was passed."
+            )
+        raise ValueError(
+            f"Every sampled voxel falls in bin {int(present[0])}: its intensities, from "
+            f"{int(values[0])} to {int(values[-1])}, lie outside or at one end of the binning's "
+            f"range ({binning.mode!r} from {binning.low} to {binning.high}), so there is no contrast "
+            "left. Widen intensity_range, or leave it as None to use the observed range."
+        )
+
+    def _fitted_binning(self):
+        """The binning fixed by `fit`."""
+        return Binning(self.binning_mode_, int(self.binning_low_), int(self.binning_high_), int(self.binning_shift_))
 
     def fit_transform(self, X, y=None):
         """Fit, then return the posterior of `X`; reuses the fit's slice histograms.
@@ -438,11 +671,13 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
 
     # -- prediction -------------------------------------------------------
     def _slice_histograms(self, volume, desc, backend):
-        depth = self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL, "histograms")
+        binning = self._fitted_binning()
+        maps = not binning.is_identity
+        depth = self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL + _mapping_bytes(volume, maps), "histograms")
 
         def histograms(group):
             with backend.stream():
-                slab = volume.read(int(group[0]), int(group[-1]) + 1, backend)
+                slab = _to_bins(backend, volume.read(int(group[0]), int(group[-1]) + 1, backend), binning)
                 return backend.to_host(_kernels.slice_histograms(backend, slab))
 
         parts = []
@@ -494,7 +729,8 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         -------
         luts : ndarray of shape (Z, 256), of dtype `posterior_dtype`
             ``luts[z, v]`` is the posterior of a voxel of (raw) intensity ``v``
-            in slice ``z``.
+            in slice ``z``; for 16-bit data, of a voxel in bin ``v`` (see
+            `binning`).
         """
         check_is_fitted(self)
         # Each entry depends on its own intensity's PMF values only, so raw
@@ -505,14 +741,18 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
 
     def _posterior(self, volume, backend, hists=None):
         luts = self.posterior_luts(self._weights(volume, backend, hists))
+        binning = self._fitted_binning()
+        maps = volume.dtype != np.uint8 or not binning.is_identity
         if is_lazy(volume.array):
-            return volume.restore(_lazy_posterior(volume.to_dask(), luts, backend.name))
+            return volume.restore(_lazy_posterior(volume.to_dask(), luts, backend.name, binning if maps else None))
         if volume.kind == "cupy":
-            # Already on the GPU: one lookup over the whole volume, no copies.
+            # Already on the GPU: one lookup over the whole volume, no copies
+            # (but the mapped volume, for 16-bit data).
             tables = backend.to_device(luts)
-            return volume.restore(_kernels.apply_luts(backend, volume.read(0, volume.shape[0], backend), tables))
+            slab = _to_bins(backend, volume.read(0, volume.shape[0], backend), binning)
+            return volume.restore(_kernels.apply_luts(backend, slab, tables))
         out = np.empty(volume.shape, dtype=luts.dtype)
-        depth = self._slab_depth(volume, _POSTERIOR_BYTES_PER_VOXEL, "posterior")
+        depth = self._slab_depth(volume, _POSTERIOR_BYTES_PER_VOXEL + _mapping_bytes(volume, maps), "posterior")
         tables = backend.to_device(luts)
         # The tables must be on the device before other threads' streams read them.
         backend.synchronize()
@@ -521,9 +761,11 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
             start, stop = int(group[0]), int(group[-1]) + 1
             with backend.stream():
                 if not backend.is_gpu:
-                    _kernels.apply_luts(backend, volume.read(start, stop), luts[start:stop], out=out[start:stop])
+                    slab = _to_bins(backend, volume.read(start, stop), binning)
+                    _kernels.apply_luts(backend, slab, luts[start:stop], out=out[start:stop])
                     return
-                result = _kernels.apply_luts(backend, volume.read(start, stop, backend), tables[start:stop])
+                slab = _to_bins(backend, volume.read(start, stop, backend), binning)
+                result = _kernels.apply_luts(backend, slab, tables[start:stop])
                 backend.to_host(result, out=out[start:stop])
 
         for _ in ordered_map(lookup, volume.slabs(depth), self._n_jobs(backend, volume)):
@@ -536,7 +778,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         Parameters
         ----------
         X : array or list of arrays
-            uint8 image, volume or list of them, as in :meth:`fit`.
+            uint8 or uint16 image, volume or list of them, as in :meth:`fit`.
 
         Returns
         -------
@@ -557,7 +799,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         Parameters
         ----------
         X : array or list of arrays
-            uint8 image, volume or list of them, as in :meth:`fit`.
+            uint8 or uint16 image, volume or list of them, as in :meth:`fit`.
 
         Returns
         -------
@@ -566,22 +808,34 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         return self.predict_proba(X)
 
 
-def _apply_luts_block(block, luts, device="cpu"):
-    """Look one chunk up; on a GPU, a host chunk is copied there and back."""
+def _apply_luts_block(block, luts, device="cpu", binning=None):
+    """Look one chunk up (mapped to bins first when a `binning` is given); on a
+    GPU, a host chunk is copied there and back."""
     backend = get_backend(device)
     if not backend.is_gpu:
-        return _kernels.apply_luts(backend, to_numpy(block), luts)
+        block = to_numpy(block)
+        if binning is not None:
+            block = _to_bins(backend, block, binning)
+        return _kernels.apply_luts(backend, block, luts)
     with backend.stream():
-        result = _kernels.apply_luts(backend, backend.to_device(block), backend.to_device(luts))
+        slab = backend.to_device(block)
+        if binning is not None:
+            slab = _to_bins(backend, slab, binning)
+        result = _kernels.apply_luts(backend, slab, backend.to_device(luts))
         return result if backend.owns(block) else backend.to_host(result)
 
 
-def _lazy_posterior(source, luts, device="cpu"):
-    """Lazy per-slice lookup: one task per input chunk, on `device` ("cpu" or "cuda")."""
+def _lazy_posterior(source, luts, device="cpu", binning=None):
+    """Lazy per-slice lookup: one task per input chunk, on `device` ("cpu" or "cuda").
+
+    With a `binning`, each chunk is mapped to bins in its own task, so the
+    mapped volume never exists as a whole.
+    """
     import dask.array as da
 
     tables = da.from_array(luts, chunks=(source.chunks[0], luts.shape[1]))
+    options = {} if binning is None else {"binning": binning}
     return da.blockwise(
         _apply_luts_block, "zyx", source, "zyx", tables, "zv",
-        dtype=luts.dtype, concatenate=True, device=device,
+        dtype=luts.dtype, concatenate=True, device=device, **options,
     )

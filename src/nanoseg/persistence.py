@@ -101,6 +101,11 @@ _FITTED_ATTRIBUTES = {
         "n_iter_": _INTEGER,
         "converged_": _FLAG,
         "n_slices_fit_": _INTEGER,
+        # The map from intensities to bins (binning_mode_, a string, is
+        # checked by the mixture when the model is used).
+        "binning_low_": _INTEGER,
+        "binning_high_": _INTEGER,
+        "binning_shift_": _INTEGER,
     },
     "GlobalThreshold": {"threshold_": _INTEGER, "histogram_": _HISTOGRAM},
 }
