@@ -438,3 +438,29 @@ def test_nuclei3d_plumbing():
         assert row["centroid_z"] == pytest.approx(np.nonzero(mask)[0].mean() * 290)
     truth, _ = read_image(NUCLEI / "nuclei_label.tif")
     assert truth.shape == image.shape
+
+
+def test_a_model_fitted_before_16bit_support_keeps_working(reference):
+    image, _, posterior, _ = reference["bright"]
+    old = NanoparticleMixture().fit(image)
+    for name in BINNING:  # what an unpickled model of an 8-bit-only version lacks
+        delattr(old, name)
+    np.testing.assert_array_equal(old.predict_proba(image), posterior)
+
+
+# -- a real GPU, when there is one -------------------------------------------------
+@pytest.mark.gpu
+def test_uint16_on_a_cuda_gpu_equals_the_cpu(phantom):
+    cupy = pytest.importorskip("cupy")
+    if not cupy.is_available():
+        pytest.skip("no usable CUDA device")
+    wide = phantom.astype(np.uint16) * 37 + 500
+    cpu = NanoparticleMixture().fit(wide)
+    expected = cpu.transform(wide)
+    gpu = NanoparticleMixture(device="cuda").fit(wide)
+    assert_same_fit(gpu, cpu)
+    assert binning_of(gpu) == binning_of(cpu)
+    np.testing.assert_array_equal(gpu.transform(wide), expected)
+    np.testing.assert_array_equal(gpu.transform(to_zarr(wide, (4, 96, 112))).compute(), expected)
+    np.testing.assert_array_equal(cupy.asnumpy(gpu.transform(cupy.asarray(wide))), expected)
+    np.testing.assert_array_equal(NanoparticleMixture(device="cuda").fit_transform(wide), expected)

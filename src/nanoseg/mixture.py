@@ -639,6 +639,9 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
 
     def _fitted_binning(self):
         """The binning fixed by `fit`."""
+        if not hasattr(self, "binning_mode_"):
+            # Unpickled from a version that took 8-bit data only: values were bins.
+            return _IDENTITY
         return Binning(self.binning_mode_, int(self.binning_low_), int(self.binning_high_), int(self.binning_shift_))
 
     def fit_transform(self, X, y=None):
