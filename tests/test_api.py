@@ -111,7 +111,7 @@ def test_fitted_attributes_are_small_numpy(image):
     assert set(fitted) == {
         "stack_histogram_", "background_histogram_", "stack_pmf_", "background_pmf_", "particle_pmf_",
         "low_intensity_", "high_intensity_", "background_weight_", "neg_log_likelihood_", "n_iter_",
-        "converged_", "n_slices_fit_",
+        "converged_", "n_slices_fit_", "binning_mode_", "binning_low_", "binning_high_", "binning_shift_",
     }
     for name in ("stack_histogram_", "background_histogram_"):
         assert fitted[name].dtype == np.int64 and fitted[name].shape == (256,)
@@ -121,6 +121,8 @@ def test_fitted_attributes_are_small_numpy(image):
     assert isinstance(mixture.n_iter_, int) and mixture.converged_ is True
     assert 0 < mixture.background_weight_ < 1
     assert mixture.stack_histogram_.sum() == image.size
+    # 8-bit data is binned by identity.
+    assert (mixture.binning_low_, mixture.binning_high_, mixture.binning_shift_) == (0, 255, 0)
     # Nothing in the fitted model refers to the data.
     assert len(pickle.dumps(mixture)) < 20_000
 
