@@ -51,6 +51,9 @@ def files(tmp_path_factory, image):
     _plain_zarr(root / "empty.zarr", np.zeros((0, 16, 16), np.uint8))
     _plain_zarr(root / "four_d.zarr", np.zeros((2, 3, 16, 16), np.uint8))
     _plain_zarr(root / "constant.zarr", np.full((4, 32, 32), 90, np.uint8))
+    saturated = np.full((4, 32, 32), 255, np.uint8)
+    saturated[:, :4, :4] = 120
+    _plain_zarr(root / "saturated.zarr", saturated)
     _plain_zarr(root / "float_labels.zarr", labels.astype(np.float32))
     _plain_zarr(root / "short_posterior.zarr", posterior[:, :, :-1])
     write_ome_zarr(root / "unfinished.zarr", image, spacing=SPACING, progress=False)
@@ -118,6 +121,7 @@ CLI_CASES = {
     "empty image": (["segment", "{empty.zarr}", "{out.zarr}", "--spacing", "50", "10", "10"], "empty"),
     "4D image": (["segment", "{four_d.zarr}", "{out.zarr}", "--spacing", "50", "10", "10"], r"4|channel|3D"),
     "constant image": (["segment", "{constant.zarr}", "{out.zarr}", "--spacing", "50", "10", "10"], "constant"),
+    "saturated image": (["segment", "{saturated.zarr}", "{out.zarr}", "--spacing", "50", "10", "10"], "saturated"),
     "missing input": (["segment", "{nowhere.zarr}", "{out.zarr}"], "does not exist"),
     "not an image": (["segment", "{notes.txt}", "{out.zarr}"], "neither a TIFF file"),
     "corrupt zarr": (["segment", "{corrupt.zarr}", "{out.zarr}"], "cannot be read"),

@@ -25,6 +25,13 @@ def float_with(value, shape=(4, 16, 16)):
     return data
 
 
+def saturated(dtype, top):
+    """Most voxels at the largest value: an all-bright acquisition."""
+    volume = np.full((4, 16, 16), top, dtype=dtype)
+    volume[:, :5, :] = top // 2
+    return volume
+
+
 MIXTURE_BAD_X = [
     (np.zeros((4, 16, 16), dtype=np.float64), TypeError, "uint8 or uint16"),
     (np.zeros((4, 16, 16), dtype=np.int16), TypeError, "uint8"),
@@ -38,6 +45,8 @@ MIXTURE_BAD_X = [
     (np.zeros(16, dtype=np.uint8), ValueError, "2D image .* or a 3D volume"),
     (np.zeros((2, 4, 16, 16), dtype=np.uint8), ValueError, "select one channel"),
     (np.full((4, 16, 16), 17, dtype=np.uint8), ValueError, "constant.*17"),
+    (saturated(np.uint8, 255), ValueError, "saturated.*at or above intensity 255"),
+    (saturated(np.uint16, 65535), ValueError, "saturated.*at or above bin 255"),
     ([], ValueError, "empty list"),
     ([np.zeros((8, 8), np.uint8), "not an image"], TypeError, r"X\[1\] must be a NumPy, zarr or dask array"),
     ("volume.zarr", TypeError, "must be a NumPy, zarr or dask array"),
@@ -163,3 +172,20 @@ def test_read_only_and_non_contiguous_arrays_work(image):
     expected = NanoparticleMixture().fit(np.ascontiguousarray(view)).transform(np.ascontiguousarray(view))
     np.testing.assert_array_equal(NanoparticleMixture().fit(view).transform(view), expected)
     NanoparticleMixture().fit(frozen).transform(frozen)
+
+
+def test_saturated_dark_volume_is_refused_with_dark_polarity():
+    volume = 255 - saturated(np.uint8, 255)
+    with pytest.raises(ValueError, match="saturated.*at or below intensity 0"):
+        NanoparticleMixture(polarity="dark").fit(volume)
+
+
+def test_background_only_volume_gives_no_particles():
+    # Noise without particles is valid input: the fit succeeds and the
+    # labeler finds nothing, rather than calling the noise tail particles.
+    rng = np.random.default_rng(3)
+    noise = np.clip(rng.normal(100, 6, (16, 96, 96)), 0, 255).astype(np.uint8)
+    mixture = NanoparticleMixture(max_iter=100_000).fit(noise)
+    assert mixture.background_weight_ > 0.99
+    labels = NanoparticleLabeler().transform(mixture.transform(noise))
+    assert labels.max() == 0

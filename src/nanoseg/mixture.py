@@ -32,6 +32,9 @@ _POSTERIOR_BYTES_PER_VOXEL = 5
 #: The binning of 8-bit data under binning="auto": every value is its own bin.
 _IDENTITY = Binning("range", 0, 255)
 _UINT16_MAX = 2**16 - 1
+# Above this fraction of voxels at or beyond the seed percentile, the data is
+# treated as saturated (see NanoparticleMixture._check_not_saturated).
+_SATURATED_FRACTION = 0.5
 
 
 def check_beta_prior(beta_prior):
@@ -507,6 +510,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         stack_pmf = _model.normalize_pmf(stack_hist, self.eps)
         low = _model.percentile_intensity(stack_pmf, self.percentile_low)
         high = _model.percentile_intensity(stack_pmf, self.percentile_high)
+        self._check_not_saturated(stack_hist, low, binning)
 
         # Pass 2: subtract each slice's excluded pixels from its histogram
         # (for 16-bit data, count each mapped slice's histogram first).
@@ -635,6 +639,31 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
             f"{int(values[0])} to {int(values[-1])}, lie outside or at one end of the binning's "
             f"range ({binning.mode!r} from {binning.low} to {binning.high}), so there is no contrast "
             "left. Widen intensity_range, or leave it as None to use the observed range."
+        )
+
+    def _check_not_saturated(self, stack_hist, low, binning):
+        """Refuse data where most voxels tie at or beyond the seed percentile.
+
+        The seed threshold is the `percentile_low` percentile of the stack
+        histogram, so normally only ``100 - percentile_low`` % of the voxels
+        reach it. When most voxels share the brightest values (a saturated
+        or all-bright acquisition) the percentile collapses onto them, and the
+        model would call nearly the whole volume particles.
+        """
+        above = stack_hist[low:].sum() / stack_hist.sum()
+        # Twice the expected share, so that a deliberately low percentile_low
+        # is not mistaken for saturation.
+        expected = (100.0 - self.percentile_low) / 100.0
+        if above <= max(_SATURATED_FRACTION, 2 * expected):
+            return
+        unit = "intensity" if binning.is_identity else "bin"
+        side = "at or below" if self.polarity == "dark" else "at or above"
+        raise ValueError(
+            f"X looks saturated: {100 * above:.1f} % of the sampled voxels are {side} {unit} "
+            f"{self._mirror_level(low)}, its {self.percentile_low:g} percentile, so particles "
+            "cannot be told from background. Check the acquisition's contrast and the polarity "
+            "(polarity='dark' for particles darker than background); for 16-bit data, set "
+            "intensity_range to the useful range."
         )
 
     def _fitted_binning(self):
