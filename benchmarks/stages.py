@@ -65,8 +65,11 @@ def warm_up_jit():
     try:
         if not _jit.available():
             return None
-        _jit.slice_histograms(np.zeros((1, 8), dtype=np.uint8))
-        _jit.apply_luts(np.zeros((1, 8), dtype=np.uint8), np.zeros((1, 256), np.float32), np.empty((1, 8), np.float32))
+        if hasattr(_jit, "warm_up"):
+            _jit.warm_up()
+        else:
+            _jit.slice_histograms(np.zeros((1, 8), dtype=np.uint8))
+            _jit.apply_luts(np.zeros((1, 8), dtype=np.uint8), np.zeros((1, 256), np.float32), np.empty((1, 8), np.float32))
     except Exception:  # noqa: BLE001 - private API that may change; then nothing is warmed up
         return None
     return time.perf_counter() - t0

@@ -39,9 +39,10 @@ def plain_background_histogram(image, low, high, min_seed_size, halo_pad):
     return np.bincount(image[~excluded], minlength=256)
 
 
-@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("path", ["compiled", "sparse", "dense"])
 @pytest.mark.parametrize("seed", range(3))
-def test_background_histogram_both_paths(path, seed, monkeypatch):
+def test_background_histogram_all_paths(path, seed, monkeypatch):
+    monkeypatch.setattr(jit, "ENABLED", path == "compiled")
     monkeypatch.setattr(kernels, "SPARSE_SEED_FRACTION", 1.0 if path == "sparse" else -1.0)
     rng = np.random.default_rng(seed)
     image = (ndi.gaussian_filter(rng.normal(size=(120, 90)), 2) * 400 + 120).clip(0, 255).astype(np.uint8)
@@ -50,6 +51,29 @@ def test_background_histogram_both_paths(path, seed, monkeypatch):
         expected = plain_background_histogram(image, low, high, min_seed_size, halo_pad)
         got = kernels.background_histogram(CPU, image.copy(), low, high, min_seed_size=min_seed_size, halo_pad=halo_pad)
         np.testing.assert_array_equal(got, expected)
+    # A strided view, and levels at and beyond the ends of the range.
+    view = image[::2, 1::2]
+    for low, high in [(-1, 0), (0, 1), (254, 255), (255, 256), (300, 300)]:
+        expected = plain_background_histogram(view, low, high, 3, 2)
+        got = kernels.background_histogram(CPU, view, low, high, min_seed_size=3, halo_pad=2)
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_background_histogram_dark_compiled_equals_numpy(seed, monkeypatch):
+    """Dark particles: seeds below ``255 - low``, never background at or below ``255 - high``."""
+    rng = np.random.default_rng(seed)
+    image = (ndi.gaussian_filter(rng.normal(size=(80, 110)), 2) * 400 + 120).clip(0, 255).astype(np.uint8)
+    low, high = 255 - np.percentile(image, [3, 0.5]).astype(int)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(jit, "ENABLED", enabled)
+        results.append(
+            kernels.background_histogram(CPU, image, low, high, min_seed_size=4, halo_pad=5, dark=True)
+        )
+    np.testing.assert_array_equal(results[0], results[1])
+    mirrored = plain_background_histogram(255 - image, low, high, 4, 5)
+    np.testing.assert_array_equal(results[0], mirrored[::-1])
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64, bool])

@@ -7,16 +7,21 @@ from skimage.measure import label
 from skimage.morphology import ball, closing, disk
 from skimage.segmentation import relabel_sequential
 
+import nanoseg._jit as jit
 import nanoseg._labeling as labeling_module
 from nanoseg import NanoparticleLabeler, _sparse
 from nanoseg._kernels import footprint
 from nanoseg._labeling import face_offsets
 
 
-@pytest.fixture(autouse=True, params=["sparse", "dense"])
+@pytest.fixture(autouse=True, params=["sparse-compiled", "sparse-numpy", "dense"])
 def label_path(request, monkeypatch):
-    """Run every test with closing/labelling forced onto each implementation."""
-    monkeypatch.setattr(labeling_module, "SPARSE_MAX_FRACTION", 1.0 if request.param == "sparse" else -1.0)
+    """Run every test with closing/labelling forced onto each implementation:
+    voxel sets with the numba kernels, voxel sets in NumPy, dense ndimage."""
+    monkeypatch.setattr(labeling_module, "SPARSE_MAX_FRACTION", -1.0 if request.param == "dense" else 1.0)
+    monkeypatch.setattr(jit, "ENABLED", request.param != "sparse-numpy")
+    if request.param == "sparse-compiled":
+        assert jit.available()
     return request.param
 
 
@@ -144,6 +149,10 @@ def test_sparse_closing_equals_dense(shape, radius):
     dilated = ndi.binary_dilation(mask, fp)
     expected = np.flatnonzero(ndi.binary_erosion(dilated, fp, border_value=1))
     np.testing.assert_array_equal(_sparse.close(np.flatnonzero(mask), shape, fp), expected)
+    # Given the dense mask, the closing may run compiled (label_path decides); same set.
+    before = mask.copy()
+    np.testing.assert_array_equal(_sparse.close(_sparse.foreground(mask), shape, fp, mask=mask), expected)
+    np.testing.assert_array_equal(mask, before)  # the caller's mask is left alone
 
 
 @pytest.mark.parametrize("shape, connectivity", [((7, 15, 16), 1), ((7, 15, 16), 2), ((7, 15, 16), 3), ((30, 31), 1), ((30, 31), 2)])
@@ -161,3 +170,18 @@ def test_sparse_empty_set():
     ids, n = _sparse.label(np.zeros(0, dtype=np.int64), (3, 4, 5), 2)
     assert n == 0 and ids.size == 0
     assert _sparse.close(np.zeros(0, dtype=np.int64), (3, 4, 5), footprint(1, 3)).size == 0
+    empty = np.zeros((3, 4, 5), dtype=bool)
+    assert _sparse.close(_sparse.foreground(empty), empty.shape, footprint(1, 3), mask=empty).size == 0
+
+
+@pytest.mark.parametrize("shape", [(5, 9, 8), (17, 23), (3, 1, 70)])
+def test_foreground_is_flatnonzero(shape):
+    rng = np.random.default_rng(len(shape))
+    for density in (0.0, 0.01, 0.5, 1.0):
+        mask = rng.random(shape) < density
+        got = _sparse.foreground(mask)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, np.flatnonzero(mask))
+    # Non-contiguous views too.
+    view = (rng.random((6, 20, 21)) < 0.1)[::2, :, 1::2]
+    np.testing.assert_array_equal(_sparse.foreground(view), np.flatnonzero(view))

@@ -182,6 +182,9 @@ def background_histogram(backend, image, low, high, *, min_seed_size, halo_pad, 
         )[0]
     if hist is None:
         hist = histogram(backend, image)
+    if _jit.available():
+        boxes = _jit.excluded_box_histograms(image, [low], min_seed_size=min_seed_size, halo_pad=halo_pad, dark=dark)
+        return drop_bright(hist - boxes[0], high, dark)
     seeds, excluded = seed_and_bright_masks(backend, image, low, high, dark)
     n_rows, n_cols = image.shape
     for r0, r1, c0, c1 in _seed_boxes(backend, seeds, min_seed_size).tolist():
@@ -190,6 +193,23 @@ def background_histogram(backend, image, low, high, *, min_seed_size, halo_pad, 
             max(c0 - halo_pad, 0) : min(c1 + halo_pad, n_cols),
         ] = True
     return hist - backend.xp.bincount(image[excluded], minlength=N_BINS).astype(np.int64, copy=False)
+
+
+def bright_bins(high, dark=False):
+    """Boolean (256,) mask of the raw intensities that are never background at level `high`.
+
+    In model space a voxel at or above `high` is never background: raw
+    ``v >= high``, or ``v <= 255 - high`` for dark particles.
+    """
+    values = np.arange(N_BINS)
+    return values <= 255 - high if dark else values >= high
+
+
+def drop_bright(hists, high, dark=False):
+    """Histograms (..., 256) with the counts of never-background intensities set to zero."""
+    out = np.array(hists, dtype=np.int64, copy=True)
+    out[..., bright_bins(high, dark)] = 0
+    return out
 
 
 def slab_background_histograms(backend, slab, low, high, *, min_seed_size, halo_pad, hists=None, dark=False):

@@ -188,11 +188,13 @@ def local_labels(settings, mask, start, stop, lo):
     work = mask[0] if settings.is_2d else mask
     core = slice(0, 1) if settings.is_2d else slice(start - lo, stop - lo)
     plane_size = work.shape[-1] * work.shape[-2]
-    foreground = np.flatnonzero(work)
+    foreground = _sparse.foreground(work)
     if foreground.size <= SPARSE_MAX_FRACTION * work.size:
         closed = foreground
         if settings.radius:
-            closed = _sparse.close(foreground, work.shape, _kernels.footprint(settings.radius, work.ndim))
+            closed = _sparse.close(
+                foreground, work.shape, _kernels.footprint(settings.radius, work.ndim), mask=work
+            )
         if not settings.is_2d:
             lo_i, hi_i = np.searchsorted(closed, [core.start * plane_size, core.stop * plane_size])
             closed = closed[lo_i:hi_i] - core.start * plane_size

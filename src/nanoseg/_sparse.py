@@ -16,6 +16,12 @@ All three are exact: they compute the same sets as the dense
 ``scipy.ndimage`` operations, in time proportional to the foreground size.
 Because the indices are sorted, the first member of a component is its first
 voxel in raster order, which gives the same numbering as a dense labelling.
+
+With numba (:mod:`nanoseg._jit`) the closing and the labelling run as
+compiled loops over the voxel list instead: a union-find with one forward
+pointer per neighbour offset, and a closing that marks the dilated voxels in
+a byte copy of the mask. They give the same sets and numbering (the tests run
+both) in a fraction of the time, and release the GIL.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import numpy as np
 from scipy.ndimage import generate_binary_structure
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+
+from . import _jit
 
 
 def shift(coords, offset, shape):
@@ -86,7 +94,14 @@ class _Neighbourhood:
         return np.concatenate(parts)
 
 
-def close(flat, shape, footprint):
+def foreground(mask):
+    """Sorted flat indices (int64) of the True voxels of a boolean array."""
+    if _jit.available():
+        return _jit.foreground(mask)
+    return np.flatnonzero(mask)
+
+
+def close(flat, shape, footprint, mask=None):
     """Closing of the set `flat` with a symmetric boolean `footprint`.
 
     Parameters
@@ -95,12 +110,19 @@ def close(flat, shape, footprint):
         Foreground voxels as flat indices into an array of `shape`.
     footprint : ndarray of bool
         Symmetric structuring element with odd sides (a ball or a disk).
+    mask : ndarray of bool, optional
+        The dense array whose foreground `flat` is. When given (and numba is
+        available), the closing runs as a compiled loop on a byte copy of it.
 
     Returns
     -------
     closed : (m,) int64, sorted
     """
     offsets = np.argwhere(footprint) - np.array(footprint.shape) // 2
+    if mask is not None and _jit.available():
+        # The kernel marks dilated voxels in place: work on a copy.
+        state = np.array(mask, dtype=np.uint8, order="C")
+        return _jit.close_set(state.reshape(tuple(int(n) for n in shape)), np.asarray(flat, dtype=np.int64), offsets)
     hood = _Neighbourhood(offsets, shape)
     dilated = _sorted_unique(hood.shifted(np.asarray(flat, dtype=np.int64)))
     inner, border_coords, interior = hood.split(dilated)
@@ -131,9 +153,14 @@ def label(flat, shape, connectivity):
     if n == 0:
         return np.zeros(0, dtype=np.int32), 0
     ndim = len(shape)
-    shape = np.asarray(shape)
     structure = generate_binary_structure(ndim, connectivity)
     offsets = np.argwhere(structure) - 1
+    if _jit.available():
+        # Each edge once, from a voxel to its neighbours before it in raster order.
+        before = offsets[[tuple(o) < (0,) * ndim for o in offsets]]
+        ids, count = _jit.label_set(np.asarray(flat, dtype=np.int64), tuple(shape), before)
+        return ids, int(count)
+    shape = np.asarray(shape)
     # Each undirected edge once: offsets after the centre in raster order.
     offsets = offsets[[tuple(o) > (0,) * ndim for o in offsets]]
     coords = _coords(flat, tuple(shape))
