@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from make_volume import make_volume  # noqa: E402
+from make_volume import make_volume
 
 REF_STAGES = ["ref-fit", "ref-posterior", "ref-labels"]
 NS_STAGES = ["ns-fit", "ns-posterior-mask", "ns-posterior-zarr", "ns-labels"]
@@ -45,7 +45,7 @@ ROWS = [
     ("ref-fit", "fit", "reference", "two passes over the zarr slices + EM"),
     ("ns-fit", "fit", "nanoseg", "NanoparticleMixture().fit(zarr)"),
     ("ref-posterior", "posterior", "reference", "per-slice MAP + LUT, written to zarr float16"),
-    ("ns-posterior-zarr", "posterior", "nanoseg", "lazy transform, written to zarr float16"),
+    ("ns-posterior-zarr", "posterior", "nanoseg", "lazy transform (posterior_dtype float16), written to zarr"),
     ("ns-posterior-mask", "posterior + mask", "nanoseg", "lazy transform, (p >= 0.95).sum(), nothing stored"),
     ("ref-labels", "labels", "reference", "whole posterior zarr loaded, close, label, filter, write"),
     ("ns-labels", "labels", "nanoseg", "Labeler().transform(mixture.transform(raw zarr)), written to zarr"),
@@ -72,7 +72,7 @@ def shape_for(size_gvox):
     """Volume shape for a size in Gvoxel (see the module docstring)."""
     plane = 2048 if size_gvox >= 0.03 else 512
     depth = size_gvox * 1e9 / plane**2
-    depth = int(round(depth / 8) * 8) if depth >= 8 else max(1, int(round(depth)))
+    depth = int(round(depth / 8) * 8) if depth >= 8 else max(1, round(depth))
     return (depth, plane, plane)
 
 
@@ -135,7 +135,7 @@ def run_stage(stage, input_path, workdir, threads):
         "--result", str(result), "--threads", str(threads),
     ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     process_wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
@@ -257,18 +257,18 @@ def agreement_lines(result):
     if "reason" in a:
         return [f"labels differ: {a['reason']}"]
     lines = [
-        f"labels identical (voxel for voxel): {'yes' if a['identical'] else 'no'}"
-        f" ({a['voxels_differing']} voxels differ)",
-        f"labels identical up to renumbering: {'yes' if a['same_partition'] else 'no'}"
+        (f"labels identical (voxel for voxel): {'yes' if a['identical'] else 'no'}"
+        f" ({a['voxels_differing']} voxels differ)"),
+        (f"labels identical up to renumbering: {'yes' if a['same_partition'] else 'no'}"
         f" ({a['n_labels_ref']} particles in the reference, {a['n_labels_nanoseg']} in nanoseg;"
         f" foreground only in the reference: {a['foreground_only_ref']}, only in nanoseg:"
-        f" {a['foreground_only_nanoseg']})",
+        f" {a['foreground_only_nanoseg']})"),
     ]
     if "posterior_comparison_error" in a:
         return lines + [f"posterior comparison failed: {a['posterior_comparison_error']}"]
     return lines + [
-        f"posterior: max |reference float16 - nanoseg float32| = {a['max_abs_diff_posterior']:.2e};"
-        f" voxels on different sides of 0.95: {a['threshold_mask_voxels_differing']}",
+        (f"posterior: max |reference float16 - nanoseg float32| = {a['max_abs_diff_posterior']:.2e};"
+        f" voxels on different sides of 0.95: {a['threshold_mask_voxels_differing']}"),
         f"PMFs: max |diff| p_np {a['max_abs_diff_p_np']:.1e}, p_bg {a['max_abs_diff_p_bg']:.1e}",
     ]
 
@@ -384,10 +384,10 @@ def report(results, info, command, markdown_path=None):
         "```",
         "",
         *[f"- {line}" for line in lines_text],
-        "- every stage runs in its own process on the same zarr input; wall s is the median of the"
+        ("- every stage runs in its own process on the same zarr input; wall s is the median of the"
         " runs (the stage's own work, after imports), process s the median wall time of the whole"
         " process (interpreter start and imports included); peak RSS is the largest high-water mark"
-        " of the runs; speed-up is the reference's wall s over nanoseg's for the same stage",
+        " of the runs; speed-up is the reference's wall s over nanoseg's for the same stage"),
         "",
     ]
     for r in results:
@@ -404,14 +404,14 @@ def report(results, info, command, markdown_path=None):
     md += [
         "## Notes",
         "",
-        "- End to end is raw zarr to labels zarr on disk: fit + posterior + labels for the reference"
+        ("- End to end is raw zarr to labels zarr on disk: fit + posterior + labels for the reference"
         " (its labelling reads the stored float16 posterior), fit + labels for nanoseg (its label"
-        " stage reads the raw zarr and computes the posterior on the fly).",
-        "- Both \"posterior\" rows store a float16 volume; NumPy converts values below float16's"
+        " stage reads the raw zarr and computes the posterior on the fly)."),
+        ("- Both \"posterior\" rows store a float16 volume; NumPy converts values below float16's"
         " normal range (most background voxels) tens of times slower than others, and that"
-        " conversion is a large part of both rows. \"posterior + mask\" stores nothing.",
-        "- Labels are compared slab by slab by a separate process; see benchmarks/README.md for"
-        " the definitions of every figure.",
+        " conversion is a large part of both rows. \"posterior + mask\" stores nothing."),
+        ("- Labels are compared slab by slab by a separate process; see benchmarks/README.md for"
+        " the definitions of every figure."),
         "",
     ]
     goals = targets(results)

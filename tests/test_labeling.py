@@ -185,3 +185,45 @@ def test_foreground_is_flatnonzero(shape):
     # Non-contiguous views too.
     view = (rng.random((6, 20, 21)) < 0.1)[::2, :, 1::2]
     np.testing.assert_array_equal(_sparse.foreground(view), np.flatnonzero(view))
+
+
+def test_plane_cache_computes_each_plane_once_and_drops_it():
+    import threading
+
+    volume = np.arange(12 * 3 * 2).reshape(12, 3, 2)
+    calls, lock = [], threading.Lock()
+
+    def compute(lo, hi):
+        with lock:
+            calls.append((lo, hi))
+        return volume[lo:hi] * 1
+
+    slabs = [(max(0, s - 2), min(12, s + 3 + 2)) for s in range(0, 12, 3)]
+    uses = np.zeros(12, dtype=int)
+    for lo, hi in slabs:
+        uses[lo:hi] += 1
+    cache = labeling_module.PlaneCache(compute, uses)
+    results = {}
+
+    def read(bounds):
+        results[bounds] = cache.read(*bounds)
+
+    threads = [threading.Thread(target=read, args=(bounds,)) for bounds in slabs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for lo, hi in slabs:
+        np.testing.assert_array_equal(results[(lo, hi)], volume[lo:hi])
+    computed = np.concatenate([np.arange(lo, hi) for lo, hi in calls])
+    np.testing.assert_array_equal(np.sort(computed), np.arange(12))  # every plane exactly once
+    assert cache._planes == {}  # all dropped after their last read
+
+
+def test_plane_cache_passes_errors_on():
+    def compute(lo, hi):
+        raise OSError("unreadable chunk")
+
+    cache = labeling_module.PlaneCache(compute, np.ones(4, dtype=int))
+    with pytest.raises(OSError, match="unreadable chunk"):
+        cache.read(0, 4)

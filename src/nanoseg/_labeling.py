@@ -23,6 +23,7 @@ merging runs: the labels are identical to the CPU's.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -132,6 +133,85 @@ def plane_of(flat, ids, index, plane_size):
     """The members of plane `index` of a sparse slab, as (flat-in-plane, ids)."""
     lo, hi = np.searchsorted(flat, [index * plane_size, (index + 1) * plane_size])
     return flat[lo:hi] - index * plane_size, ids[lo:hi]
+
+
+class PlaneCache:
+    """Planes of a lazily computed volume, each computed once for all the slabs that read it.
+
+    A slab labelled with a halo reads ``2 * radius`` planes on each side that
+    belong to its neighbours; recomputing them would read and look up those
+    planes two or three times. Here a plane is computed by the first slab that
+    asks for it (other threads asking meanwhile wait for it), handed to each
+    reader, and dropped after its last expected read, so at most the planes of
+    the slabs in flight are held.
+
+    Parameters
+    ----------
+    compute : callable
+        ``compute(lo, hi)`` gives planes ``lo:hi`` as a NumPy array.
+    uses : (Z,) int array
+        How many reads each plane will get.
+    """
+
+    def __init__(self, compute, uses):
+        self._compute = compute
+        self._uses = np.array(uses, dtype=np.int64)
+        self._planes = {}  # index -> array, or a threading.Event while being computed
+        self._lock = threading.Lock()
+
+    def read(self, lo, hi):
+        """Planes ``lo:hi`` as one new array."""
+        claimed, pending = [], {}
+        with self._lock:
+            for z in range(lo, hi):
+                entry = self._planes.get(z)
+                if entry is None:
+                    self._planes[z] = pending[z] = threading.Event()
+                    claimed.append(z)
+                elif isinstance(entry, threading.Event):
+                    pending[z] = entry
+        # Compute this reader's own planes first, then wait for the others':
+        # no reader waits while holding planes someone else waits for.
+        for run in np.split(np.asarray(claimed, dtype=np.int64), np.flatnonzero(np.diff(claimed) != 1) + 1):
+            if run.size:
+                self._fill(int(run[0]), int(run[-1]) + 1)
+        out = None
+        with self._lock:
+            available = {z: self._planes.get(z) for z in range(lo, hi) if z not in pending}
+        for z in range(lo, hi):
+            plane = available.get(z)
+            if z in pending:
+                pending[z].wait()
+                with self._lock:
+                    plane = self._planes.get(z)
+            if plane is None or isinstance(plane, (threading.Event, BaseException)):
+                raise RuntimeError(f"plane {z} could not be computed") from (
+                    plane if isinstance(plane, BaseException) else None
+                )
+            if out is None:
+                out = np.empty((hi - lo, *plane.shape), dtype=plane.dtype)
+            out[z - lo] = plane
+            with self._lock:
+                self._uses[z] -= 1
+                if self._uses[z] <= 0:
+                    self._planes.pop(z, None)
+        return out
+
+    def _fill(self, lo, hi):
+        try:
+            block = np.asarray(self._compute(lo, hi))
+        except BaseException as exc:
+            with self._lock:
+                for z in range(lo, hi):
+                    event = self._planes[z]
+                    self._planes[z] = exc
+                    event.set()
+            raise
+        with self._lock:
+            for z in range(lo, hi):
+                event = self._planes[z]
+                self._planes[z] = block[z - lo]
+                event.set()
 
 
 @dataclass
@@ -261,6 +341,7 @@ class SlabLabeler:
             self.depth = depth
         self.bounds = [(z0, min(z0 + depth, n_slices)) for z0 in range(0, n_slices, depth)]
         self._lazy_mask = None if volume.in_memory else self.lazy_mask()
+        self._planes = None
 
     def halo_bounds(self, start, stop):
         halo = 2 * self.settings.radius
@@ -287,6 +368,8 @@ class SlabLabeler:
         there (and a CuPy-backed dask array gives CuPy blocks).
         """
         if self._lazy_mask is not None:
+            if self._planes is not None:
+                return self._planes.read(lo, hi)
             return self._lazy_mask[lo:hi].compute()
         # In-memory inputs were validated whole by the estimator. A host
         # posterior is thresholded on the host: the mask is 4x smaller to upload.
@@ -325,6 +408,13 @@ class SlabLabeler:
         with tqdm(
             total=self.volume.shape[0], desc="Labelling", unit="slice", disable=not verbose
         ) as bar:
+            if self._lazy_mask is not None and self.settings.radius and not self.settings.is_2d:
+                # Neighbouring slabs share their halo planes: compute each once.
+                uses = np.zeros(self.volume.shape[0], dtype=np.int64)
+                for start, stop in self.bounds:
+                    lo, hi = self.halo_bounds(start, stop)
+                    uses[lo:hi] += 1
+                self._planes = PlaneCache(lambda lo, hi: self._lazy_mask[lo:hi].compute(), uses)
             results = ordered_map(self.read_and_label, range(len(self.bounds)), self.n_jobs)
             for (start, stop), (flat, ids, count) in zip(self.bounds, results):
                 plan.offsets.append(offset)

@@ -13,6 +13,7 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm import tqdm
 
 from . import _kernels, _model
+from ._backend import CPU as CPU_BACKEND
 from ._backend import DEVICES, get_backend, to_numpy
 from ._base import VolumeEstimatorMixin, map_volumes
 from ._intensity import MODES as BINNING_MODES
@@ -772,9 +773,17 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         )
 
     def _posterior(self, volume, backend, hists=None):
-        luts = self.posterior_luts(self._weights(volume, backend, hists))
         binning = self._fitted_binning()
         maps = volume.dtype != np.uint8 or not binning.is_identity
+        if is_lazy(volume.array) and hists is None and not backend.is_gpu:
+            # The slice weights are computed inside the graph from the chunks
+            # the lookup reads anyway: one pass over the input, not two.
+            tables = _SliceTables(
+                self._mirror(self.particle_pmf_), self._mirror(self.background_pmf_),
+                check_beta_prior(self.beta_prior), self.eps, self.posterior_dtype, self.polarity == "dark",
+            )
+            return volume.restore(_one_pass_posterior(volume.to_dask(), tables, binning if maps else None))
+        luts = self.posterior_luts(self._weights(volume, backend, hists))
         if is_lazy(volume.array):
             return volume.restore(_lazy_posterior(volume.to_dask(), luts, backend.name, binning if maps else None))
         if volume.kind == "cupy":
@@ -870,4 +879,72 @@ def _lazy_posterior(source, luts, device="cpu", binning=None):
     return da.blockwise(
         _apply_luts_block, "zyx", source, "zyx", tables, "zv",
         dtype=luts.dtype, concatenate=True, device=device, **options,
+    )
+
+
+class _SliceTables:
+    """Posterior lookup tables from slice histograms, as a small picklable callable.
+
+    Gives exactly ``posterior_luts(_weights(hists))`` of the fitted mixture:
+    each slice's MAP weight depends on its own histogram only, so tables
+    computed for a few slices at a time equal those computed for all at once.
+    The PMFs are stored in model space (mirrored for dark particles).
+    """
+
+    def __init__(self, particle_pmf, background_pmf, beta_prior, eps, dtype, dark):
+        self.particle_pmf = particle_pmf
+        self.background_pmf = background_pmf
+        self.beta_prior = beta_prior
+        self.eps = eps
+        self.dtype = np.dtype(dtype)
+        self.dark = dark
+
+    def _mirror(self, array):
+        return array[..., ::-1] if self.dark else array
+
+    def __call__(self, hists):
+        weights = _model.map_slice_weights(
+            self._mirror(hists), self.particle_pmf, self.background_pmf, self.beta_prior, self.eps
+        )
+        return _model.posterior_luts(
+            weights, self._mirror(self.particle_pmf), self._mirror(self.background_pmf), self.eps, dtype=self.dtype
+        )
+
+    def __dask_tokenize__(self):
+        return (
+            "nanoseg-slice-tables", self.particle_pmf.tobytes(), self.background_pmf.tobytes(),
+            tuple(self.beta_prior), self.eps, str(self.dtype), self.dark,
+        )
+
+
+def _block_histograms(block, binning=None):
+    """(n, 1, 1, 256) histograms of the slices of one (n, y, x) chunk, in bins."""
+    block = to_numpy(block)
+    if binning is not None:
+        block = _to_bins(CPU_BACKEND, block, binning)
+    return _kernels.slice_histograms(CPU_BACKEND, np.ascontiguousarray(block))[:, None, None, :]
+
+
+def _one_pass_posterior(source, tables, binning=None):
+    """Lazy posterior whose slice weights are part of the graph.
+
+    Each input chunk feeds two tasks: a histogram of its part of each slice,
+    summed over the slice's chunks into the slice's histogram, then turned
+    into the slices' lookup tables by `tables`; and the lookup itself. In
+    one computation dask reads each chunk once and frees it when both are
+    done, so any part of the posterior costs one read of the chunks it
+    covers (whole slices for the histograms) and memory stays per chunk.
+    """
+    import dask.array as da
+
+    options = {} if binning is None else {"binning": binning}
+    partial = da.blockwise(
+        _block_histograms, "zyxv", source, "zyx", new_axes={"v": _model.N_BINS},
+        adjust_chunks={"y": 1, "x": 1}, dtype=np.int64, **options,
+    )
+    hists = partial.sum(axis=(1, 2), dtype=np.int64)
+    luts = hists.map_blocks(tables, dtype=tables.dtype)
+    return da.blockwise(
+        _apply_luts_block, "zyx", source, "zyx", luts, "zv",
+        dtype=tables.dtype, concatenate=True, device="cpu", **options,
     )
