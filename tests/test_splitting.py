@@ -97,6 +97,28 @@ def test_touching_objects_with_different_labels_are_split_on_their_own():
     np.testing.assert_array_equal(split_touching(labels), labels.astype(np.uint32))
 
 
+def test_voxels_joined_by_a_corner_keep_a_piece_of_their_own_object():
+    # An 8-connected object (as the labeller makes them) whose tail touches
+    # it only at corners: the watershed, flooding through edges, cannot
+    # reach the tail, yet every voxel must get one of the object's pieces,
+    # never another object's number or the background.
+    mask = discs([(20, 20), (20, 36)], 9)
+    tail = [(29 + k, 20 + k) for k in range(1, 5)]  # a staircase from the left disc's bottom
+    for r, c in tail:
+        assert not mask[r, c]
+        mask[r, c] = True
+    labels = label(mask, connectivity=2).astype(np.uint32)
+    assert labels.max() == 1
+    labels[2:6, 50:55] = 2  # a second object, numbered after the first one's pieces
+    split = split_touching(labels, min_distance=5)  # the two disc centres, no peak on the tail
+    np.testing.assert_array_equal(split > 0, labels > 0)
+    first = set(np.unique(split[labels == 1]))
+    assert first == {1, 2}
+    assert set(np.unique(split[labels == 2])) == {3}
+    for r, c in tail:
+        assert split[r, c] in first
+
+
 def test_boolean_mask_is_split_per_connected_part():
     mask = discs([(12, 12), (12, 27)], 8) | discs([(32, 48)], 6)
     split = split_touching(mask)

@@ -1,7 +1,7 @@
 """Tuning against annotated crops: PerVolume, PrefitMixture and tune."""
 
 import pickle
-import warnings
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -20,7 +20,13 @@ from nanoseg.datasets import make_crops, make_phantom
 from nanoseg.metrics import match_objects, object_f1_scorer
 from nanoseg.preprocessing import PosteriorSmoother
 from nanoseg.splitting import ParticleSplitter
-from nanoseg.tuning import PerVolume, PrefitMixture, default_search_space, tune, tuning_pipeline
+from nanoseg.tuning import (
+    PerVolume,
+    PrefitMixture,
+    default_search_space,
+    tune,
+    tuning_pipeline,
+)
 
 
 def two_backgrounds():
@@ -35,7 +41,7 @@ def two_backgrounds():
 class RecordsFit(GlobalThreshold):
     """A baseline that records what its fit received."""
 
-    calls = []
+    calls: ClassVar[list] = []
 
     def fit(self, X, y=None):
         RecordsFit.calls.append((np.asarray(X).copy(), y))

@@ -261,37 +261,40 @@ def _instances(a, name):
     return a
 
 
+def _instance_sizes(labels):
+    """Sorted nonzero instance ids of `labels` and their sizes in voxels."""
+    flat = labels.ravel()
+    top = int(flat.max()) if flat.size else 0
+    if top <= 2 * flat.size + 1024:
+        # Ids dense enough for a table: one linear pass, no sort.
+        counts = np.bincount(flat.astype(np.intp, copy=False), minlength=top + 1)
+        counts[0] = 0
+        ids = np.flatnonzero(counts)
+        return ids, counts[ids]
+    return np.unique(flat[flat != 0], return_counts=True)
+
+
 def _pair_ious(pred_labels, true_labels):
     """IoUs of all overlapping (prediction, truth) instance pairs.
 
     Returns the number of predicted instances, the number of true instances,
     and, for each overlapping pair, the compact indices of its predicted and
-    true instances and its IoU.
+    true instances and its IoU, pairs sorted by (prediction, truth).
     """
-    fg = (pred_labels != 0) | (true_labels != 0)
-    pv = pred_labels[fg]
-    tv = true_labels[fg]
-    # Compact ids; every voxel of an instance lies in `fg`, so the counts of
-    # the unique values are the instance sizes.
-    p_ids, p_inv, p_sizes = np.unique(pv, return_inverse=True, return_counts=True)
-    t_ids, t_inv, t_sizes = np.unique(tv, return_inverse=True, return_counts=True)
-    p_inv = p_inv.reshape(-1).astype(np.int64)
-    t_inv = t_inv.reshape(-1).astype(np.int64)
-    # Drop the background id 0, which is first when present.
-    p_off = int(p_ids.size > 0 and p_ids[0] == 0)
-    t_off = int(t_ids.size > 0 and t_ids[0] == 0)
-    n_pred = p_ids.size - p_off
-    n_true = t_ids.size - t_off
-    # Joint histogram of the (prediction, truth) id pairs.
-    n_t_all = t_ids.size
-    keys, inter = np.unique(p_inv * n_t_all + t_inv, return_counts=True)
-    pi = keys // n_t_all
-    ti = keys % n_t_all
-    both = (pi >= p_off) & (ti >= t_off)
-    pi, ti, inter = pi[both], ti[both], inter[both]
+    p_ids, p_sizes = _instance_sizes(pred_labels)
+    t_ids, t_sizes = _instance_sizes(true_labels)
+    n_pred, n_true = p_ids.size, t_ids.size
+    # Only voxels inside both a predicted and a true instance make pairs:
+    # usually far fewer than the foreground, and the only ones sorted.
+    both = (pred_labels != 0) & (true_labels != 0)
+    pi = np.searchsorted(p_ids, pred_labels[both]).astype(np.int64)
+    ti = np.searchsorted(t_ids, true_labels[both]).astype(np.int64)
+    keys, inter = np.unique(pi * max(n_true, 1) + ti, return_counts=True)
+    pi = keys // max(n_true, 1)
+    ti = keys % max(n_true, 1)
     union = p_sizes[pi] + t_sizes[ti] - inter
     iou = inter / union
-    return n_pred, n_true, pi - p_off, ti - t_off, iou
+    return n_pred, n_true, pi, ti, iou
 
 
 def _assign(n_pred, n_true, pi, ti, iou):

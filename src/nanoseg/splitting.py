@@ -205,6 +205,13 @@ def split_touching(labels, *, spacing=None, min_distance=2, footprint=None, comp
     for index, box in enumerate(ndi.find_objects(ids)):
         if box is None:
             continue
+        # Two markers must lie `min_distance` apart along some axis: an
+        # object shorter than that along every axis stays whole, and most
+        # small objects are skipped without a distance transform.
+        if max((s.stop - s.start - 1) * f for s, f in zip(box, scale)) < min_distance:
+            out[box][ids[box] == index + 1] = next_label
+            next_label += 1
+            continue
         # One voxel of margin so that the object's outside is background in
         # the crop too; the distance is then that of the whole volume.
         box = tuple(
@@ -219,6 +226,16 @@ def split_touching(labels, *, spacing=None, min_distance=2, footprint=None, comp
             next_label += 1
             continue
         pieces = watershed(-distance, markers, mask=inside, compactness=float(compactness))
+        missed = inside & (pieces == 0)
+        if missed.any():
+            # The watershed floods through faces only: voxels joined to the
+            # object by an edge or a corner (the labeller's connectivity)
+            # are out of its reach. Give them the nearest piece, so that
+            # every voxel of the object gets one of the object's pieces.
+            nearest = ndi.distance_transform_edt(
+                pieces == 0, sampling=spacing, return_distances=False, return_indices=True
+            )
+            pieces[missed] = pieces[tuple(index[missed] for index in nearest)]
         target[inside] = pieces[inside].astype(np.uint32) + (next_label - 1)
         next_label += n_markers
     if next_label - 1 > np.iinfo(np.uint32).max:

@@ -17,16 +17,25 @@ Three pieces make a scikit-learn search fit the way nanoseg models are used:
 
 from __future__ import annotations
 
-import math
 import warnings
 from numbers import Integral
+from typing import ClassVar
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.frozen import FrozenEstimator
-from sklearn.model_selection import GridSearchCV, KFold, ParameterGrid, RandomizedSearchCV
+from sklearn.model_selection import (
+    GridSearchCV,
+    KFold,
+    ParameterGrid,
+    RandomizedSearchCV,
+)
 from sklearn.pipeline import Pipeline
-from sklearn.utils._param_validation import HasMethods, InvalidParameterError, StrOptions
+from sklearn.utils._param_validation import (
+    HasMethods,
+    InvalidParameterError,
+    StrOptions,
+)
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import VolumeEstimatorMixin, map_volumes
@@ -34,7 +43,7 @@ from ._model import EMCollapseError
 from ._volume import as_volumes, check_targets, is_lazy, is_volume_list
 from .mixture import NanoparticleMixture, check_beta_prior
 
-__all__ = ["PerVolume", "PrefitMixture", "tuning_pipeline", "default_search_space", "tune"]
+__all__ = ["PerVolume", "PrefitMixture", "default_search_space", "tune", "tuning_pipeline"]
 
 
 # ---------------------------------------------------------------------------
@@ -124,7 +133,7 @@ class PerVolume(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
     [4, 4]
     """
 
-    _parameter_constraints = {
+    _parameter_constraints: ClassVar[dict] = {
         "estimator": [HasMethods(["fit", "transform"])],
         "on_error": [StrOptions({"raise", "empty"})],
     }
@@ -298,7 +307,7 @@ class PrefitMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
     True
     """
 
-    _parameter_constraints = {
+    _parameter_constraints: ClassVar[dict] = {
         "mixture": [HasMethods(["fit", "transform"])],
         "beta_prior": [None, "array-like"],
         "posterior_dtype": [None, StrOptions({"float32", "float16"})],
@@ -455,7 +464,13 @@ STEP_NAMES = ("background", "mixture", "smooth", "labeler", "split")
 
 
 def _scorers():
-    from .metrics import dice_scorer, iou_scorer, make_object_scorer, object_f1_scorer, panoptic_quality_scorer
+    from .metrics import (
+        dice_scorer,
+        iou_scorer,
+        make_object_scorer,
+        object_f1_scorer,
+        panoptic_quality_scorer,
+    )
 
     return {
         "object_f1": object_f1_scorer,
@@ -783,13 +798,15 @@ def tune(
         cv = KFold(n_splits=cv, shuffle=shuffle, random_state=random_state if shuffle else None)
 
     pipeline = tuning_pipeline(per_volume=per_volume)
-    space = default_search_space() if isinstance(search_space, str) and search_space == "default" else search_space
+    space = search_space
     if isinstance(space, str):
-        raise ValueError(f"search_space must be 'default', a dict or a list of dicts; got {space!r}.")
+        if space != "default":
+            raise ValueError(f"search_space must be 'default', a dict or a list of dicts; got {space!r}.")
+        space = default_search_space()
     space = _translate(space, pipeline, per_volume)
 
     n_candidates = len(ParameterGrid(space))
-    common = dict(scoring=scoring, cv=cv, n_jobs=n_jobs, refit=refit, verbose=verbose)
+    common = {"scoring": scoring, "cv": cv, "n_jobs": n_jobs, "refit": refit, "verbose": verbose}
     if n_candidates <= n_iter:
         search = GridSearchCV(pipeline, space, **common)
     else:
