@@ -278,3 +278,19 @@ def test_lazy_posterior_of_uint16_like_eager(phantom):
     mixture = NanoparticleMixture().fit(image)
     lazy = mixture.transform(to_zarr(image, (2, 48, 112)))
     np.testing.assert_array_equal(lazy.compute(), mixture.transform(image))
+
+
+def test_zarr_chunks_are_grouped_into_whole_planes_for_dask(phantom, monkeypatch):
+    from nanoseg import _volume
+
+    assert _volume.dask_chunks((128, 2048, 2048), (1, 1024, 1024), 1) == (1, 2048, 2048)
+    assert _volume.dask_chunks((128, 8192, 8192), (1, 1024, 1024), 1) == (1, 2048, 8192)  # 16 MiB cap
+    assert _volume.dask_chunks((128, 2048, 2048), (64, 64, 64), 1) == (64, 128, 2048)
+    assert _volume.dask_chunks((30, 50), (7, 9), 4, limit=10) == (7, 9)  # a chunk is never split
+    # Lazy results keep the chunk depth and align with the zarr chunks.
+    monkeypatch.setattr(_volume, "DASK_BLOCK_BYTES", 2 * 48 * 112)
+    z = to_zarr(phantom, (2, 48, 56))
+    mixture = NanoparticleMixture().fit(phantom)
+    lazy = mixture.transform(z)
+    assert lazy.chunks == ((2,) * 10, (48, 48), (112,))
+    np.testing.assert_array_equal(lazy.compute(), mixture.transform(phantom))

@@ -89,3 +89,18 @@ def test_slice_histograms_and_luts(dtype, kernel_path):
     np.testing.assert_array_equal(
         kernels.apply_luts(CPU, strided, luts), np.stack([lut[s] for lut, s in zip(luts, strided)])
     )
+
+
+def test_box_histograms_use_the_seed_count_from_the_histogram():
+    rng = np.random.default_rng(5)
+    image = (ndi.gaussian_filter(rng.normal(size=(70, 95)), 2) * 400 + 120).clip(0, 255).astype(np.uint8)
+    low = int(np.percentile(image, 96))
+    hist = np.bincount(image.ravel(), minlength=256)
+    counted = jit.excluded_box_histograms(image, [low], min_seed_size=3, halo_pad=4)
+    given = jit.excluded_box_histograms(image, [low], min_seed_size=3, halo_pad=4, hist=hist)
+    np.testing.assert_array_equal(given, counted)
+    # A histogram announcing too few seeds must not corrupt anything: same result.
+    short = jit.excluded_box_histograms(image, [low], min_seed_size=3, halo_pad=4, hist=np.zeros(256, np.int64))
+    np.testing.assert_array_equal(short, counted)
+    expected = plain_background_histogram(image, low, 256, 3, 4)
+    np.testing.assert_array_equal(hist - counted[0], expected)

@@ -88,13 +88,14 @@ def _k_union(parent, a, b):
         parent[a] = b
 
 
-def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, out):
+def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out):
     """Histogram of the pixels inside the grown seed boxes, for several seed levels.
 
     image: (Y, X) uint8, C-contiguous. Level l seeds the pixels with
     values in firsts[l]..firsts[l] + spans[l] (the caller orders the
     levels so that each one's seeds are a subset of the first one's).
-    out: (levels, 256) int64, overwritten.
+    n_seeds: number of seeds of the first level when known (from the
+    slice's histogram), else -1. out: (levels, 256) int64, overwritten.
     """
     n_rows, n_cols = image.shape
     flat = image.reshape(-1)
@@ -105,9 +106,11 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, out):
     # seed are skipped after one vectorised test.
     first = np.uint8(firsts[0])
     span = np.uint8(spans[0])
-    n_all = 0
-    for p in range(flat.size):
-        n_all += np.uint8(flat[p] - first) <= span
+    n_all = n_seeds
+    if n_all < 0:
+        n_all = 0
+        for p in range(flat.size):
+            n_all += np.uint8(flat[p] - first) <= span
     all_cols = np.empty(n_all, dtype=np.int32)
     all_starts = np.empty(n_rows + 1, dtype=np.int64)
     k = 0
@@ -123,10 +126,13 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, out):
             if hit:
                 for q in range(c, stop):
                     if np.uint8(flat[base + q] - first) <= span:
+                        if k == all_cols.size:  # more seeds than announced: never write past the end
+                            all_cols = _k_grow(all_cols, k)
                         all_cols[k] = q
                         k += 1
             c = stop
     all_starts[n_rows] = k
+    n_all = k
     cols = np.empty(n_all, dtype=np.int32)
     starts = np.empty(n_rows + 1, dtype=np.int64)
     parent = np.empty(n_all, dtype=np.int64)
@@ -199,30 +205,6 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, out):
                         painted[q] = 1
                         out[level, flat[q]] += 1
     return out
-
-
-def _k_foreground(mask):
-    """Flat indices of the non-zero bytes of a C-contiguous uint8 array, in order."""
-    flat = mask.reshape(-1)
-    n_words = flat.size // 8
-    words = flat[: n_words * 8].view(np.uint64)
-    found = np.empty(1024, dtype=np.int64)
-    n = 0
-    for w in range(n_words):
-        if words[w] != 0:
-            for p in range(8 * w, 8 * w + 8):
-                if flat[p] != 0:
-                    if n == found.size:
-                        found = _k_grow(found, n)
-                    found[n] = p
-                    n += 1
-    for p in range(8 * n_words, flat.size):
-        if flat[p] != 0:
-            if n == found.size:
-                found = _k_grow(found, n)
-            found[n] = p
-            n += 1
-    return found[:n].copy()
 
 
 def _k_close_set(state, fg, offsets):
@@ -342,7 +324,7 @@ def _k_label_set(flat, shape, offsets):
 
 
 #: Kernels, in the order they must be compiled (callees before callers).
-_KERNELS = ("_k_plane_histograms", "_k_plane_lookup", "_k_grow", "_k_find", "_k_union", "_k_excluded_box_histograms", "_k_foreground", "_k_close_set", "_k_label_set")
+_KERNELS = ("_k_plane_histograms", "_k_plane_lookup", "_k_grow", "_k_find", "_k_union", "_k_excluded_box_histograms", "_k_close_set", "_k_label_set")
 
 
 @functools.cache
@@ -400,12 +382,13 @@ def seed_ranges(lows, dark):
     return firsts, spans
 
 
-def excluded_box_histograms(image, lows, *, min_seed_size, halo_pad, dark=False):
+def excluded_box_histograms(image, lows, *, min_seed_size, halo_pad, dark=False, hist=None):
     """(len(lows), 256) histograms of the pixels in the grown seed boxes of a 2D slice.
 
     See :func:`nanoseg._kernels.background_histogram` for the boxes; one row
     per level of `lows` (model space). Levels are processed from the lowest,
-    whose seeds include every other level's.
+    whose seeds include every other level's. The slice's histogram `hist`,
+    when given, tells how many seeds there are, which saves a pass.
     """
     lows = np.asarray(lows, dtype=np.int64)
     order = np.argsort(lows, kind="stable")
@@ -415,17 +398,13 @@ def excluded_box_histograms(image, lows, *, min_seed_size, halo_pad, dark=False)
     if usable.any():
         image = np.ascontiguousarray(image)
         found = np.zeros((int(usable.sum()), 256), dtype=np.int64)
+        first, span = int(firsts[usable][0]), int(spans[usable][0])
+        n_seeds = -1 if hist is None else int(np.asarray(hist)[first : first + span + 1].sum())
         _compile()["excluded_box_histograms"](
-            image, firsts[usable], spans[usable], int(min_seed_size), int(halo_pad), found
+            image, firsts[usable], spans[usable], int(min_seed_size), int(halo_pad), n_seeds, found
         )
         out[order[usable]] = found
     return out
-
-
-def foreground(mask):
-    """Sorted flat indices of the True voxels of a boolean (or uint8) array."""
-    data = np.ascontiguousarray(mask)
-    return _compile()["foreground"](data.view(np.uint8) if data.dtype == bool else data)
 
 
 def _as_3d(shape, offsets):
@@ -467,7 +446,7 @@ def warm_up():
         apply_luts(image[None], np.zeros((1, 256), dtype), np.empty((1, *image.shape), dtype))
     excluded_box_histograms(image, [100, 150], min_seed_size=1, halo_pad=1)
     mask = image[None] > 0
-    flat = foreground(mask)
+    flat = np.flatnonzero(mask)
     closed = close_set(mask.view(np.uint8).copy(), flat, np.zeros((1, 3), dtype=np.int64))
     label_set(closed, mask.shape, -np.eye(3, dtype=np.int64))
     return True

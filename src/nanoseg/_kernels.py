@@ -183,7 +183,9 @@ def background_histogram(backend, image, low, high, *, min_seed_size, halo_pad, 
     if hist is None:
         hist = histogram(backend, image)
     if _jit.available():
-        boxes = _jit.excluded_box_histograms(image, [low], min_seed_size=min_seed_size, halo_pad=halo_pad, dark=dark)
+        boxes = _jit.excluded_box_histograms(
+            image, [low], min_seed_size=min_seed_size, halo_pad=halo_pad, dark=dark, hist=hist
+        )
         return drop_bright(hist - boxes[0], high, dark)
     seeds, excluded = seed_and_bright_masks(backend, image, low, high, dark)
     n_rows, n_cols = image.shape

@@ -96,9 +96,7 @@ class _Neighbourhood:
 
 def foreground(mask):
     """Sorted flat indices (int64) of the True voxels of a boolean array."""
-    if _jit.available():
-        return _jit.foreground(mask)
-    return np.flatnonzero(mask)
+    return np.flatnonzero(mask).astype(np.int64, copy=False)
 
 
 def close(flat, shape, footprint, mask=None):

@@ -182,7 +182,7 @@ class Volume:
         if self.kind == "dask":
             array = self.array
         elif self.kind == "zarr":
-            array = da.from_zarr(self.array)
+            array = da.from_zarr(self.array, chunks=dask_chunks(self.array.shape, self.array.chunks, self.dtype.itemsize))
         else:
             array = da.from_array(self.array)
         return array[None, ...] if self.is_2d else array
@@ -190,6 +190,34 @@ class Volume:
     def restore(self, array):
         """Give a (Z, Y, X) result back in this volume's dimensionality."""
         return array[0] if self.is_2d else array
+
+
+#: Largest dask block (bytes of input) that :meth:`Volume.to_dask` makes of a
+#: zarr array by grouping its chunks.
+DASK_BLOCK_BYTES = 16 * 2**20
+
+
+def dask_chunks(shape, chunks, itemsize, limit=None):
+    """Dask block shape for a zarr array: whole groups of its chunks, up to `limit` bytes.
+
+    zarr reads each call's chunks concurrently, but every call costs a round
+    trip through its I/O thread; one task per 1 MiB chunk spends more on those
+    trips than on decoding. Blocks grow from the last axis (whole rows of
+    chunks first, then whole planes), by whole chunks, while they fit `limit`
+    (:data:`DASK_BLOCK_BYTES`); the first axis keeps the chunk depth, so that
+    slabs still start on chunk boundaries.
+    """
+    limit = DASK_BLOCK_BYTES if limit is None else limit
+    block = [min(int(c), int(n)) for c, n in zip(chunks, shape)]
+    for axis in range(len(shape) - 1, 0, -1):
+        others = int(np.prod(block)) // block[axis] * itemsize
+        fit = max(1, limit // max(1, others)) // block[axis]
+        if fit <= 1:
+            break
+        block[axis] = min(int(shape[axis]), block[axis] * fit)
+        if block[axis] < shape[axis]:
+            break
+    return tuple(block)
 
 
 def _deliver(data, backend):
