@@ -442,3 +442,11 @@ def test_tune_checks_annotations(crops_2d):
         tune(images[:3], masks[:2], cv=2)
     with pytest.raises(ValueError, match="shape"):
         tune(images[:3], [masks[0], masks[1], masks[2][:10]], cv=2)
+
+
+def test_tune_is_exported_at_the_top_level():
+    import nanoseg
+    import nanoseg.tuning
+
+    assert nanoseg.tune is nanoseg.tuning.tune
+    assert "tune" in nanoseg.__all__

@@ -13,7 +13,15 @@ from ._backend import GPUUnavailableError
 from ._model import EMCollapseError
 from .labeler import NanoparticleLabeler
 from .mixture import NanoparticleMixture
+from .tuning import tune
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["EMCollapseError", "GPUUnavailableError", "NanoparticleLabeler", "NanoparticleMixture", "__version__"]
+__all__ = [
+    "EMCollapseError",
+    "GPUUnavailableError",
+    "NanoparticleLabeler",
+    "NanoparticleMixture",
+    "__version__",
+    "tune",
+]
