@@ -358,11 +358,32 @@ def targets(results):
                 rate = n / s[key]["wall_s"] / 1e6
                 out.append((tag, what, f">= {goal} Mvox/s", f"{rate:.0f} Mvox/s", rate >= goal))
         ns_peak = max(s[k]["peak_rss_mib"] for k in NS_STAGES if k in s)
-        out.append((tag, "nanoseg peak RSS (any stage)", "<= 1024 MiB at 1 Gvox, flat", f"{ns_peak:.0f} MiB", None))
+        ok = ns_peak <= 1024 if r["n_voxels"] >= 1e9 else None
+        out.append((tag, "nanoseg peak RSS (any stage)", "<= 1024 MiB at 1 Gvox, flat", f"{ns_peak:.0f} MiB", ok))
+    out += flatness(results)
     return out
 
 
-def report(results, info, command, markdown_path=None):
+def flatness(results):
+    """Across sizes: nanoseg's end-to-end time per voxel and peak RSS, largest over smallest."""
+    keys = END_TO_END["nanoseg"]
+    sized = [r for r in results if all(k in r["stages"] for k in keys)]
+    if len(sized) < 2:
+        return []
+    tags = ", ".join(f"{r['size_gvox']:g}" for r in sized) + " Gvox"
+    per_voxel = [sum(r["stages"][k]["wall_s"] for k in keys) / r["n_voxels"] * 1e9 for r in sized]
+    peaks = [max(r["stages"][k]["peak_rss_mib"] for k in NS_STAGES if k in r["stages"]) for r in sized]
+    spread = max(per_voxel) / min(per_voxel) - 1
+    growth = max(peaks) / min(peaks) - 1
+    return [
+        (tags, "end-to-end s per Gvox, spread", "within 25 %",
+         " / ".join(f"{v:.1f}" for v in per_voxel) + f" s ({spread * 100:.0f} %)", spread <= 0.25),
+        (tags, "peak RSS, spread", "flat",
+         " / ".join(f"{v:.0f}" for v in peaks) + f" MiB ({growth * 100:.0f} %)", None),
+    ]
+
+
+def report(results, info, command, markdown_path=None, notes=()):
     lines_text = [
         f"machine: {info['cpus']} CPUs, {info['platform']}, Python {info['python']}",
         "versions: " + ", ".join(f"{k} {info[k]}" for k in ("numpy", "scipy", "scikit-image", "zarr", "dask", "nanoseg"))
@@ -407,9 +428,11 @@ def report(results, info, command, markdown_path=None):
         ("- End to end is raw zarr to labels zarr on disk: fit + posterior + labels for the reference"
         " (its labelling reads the stored float16 posterior), fit + labels for nanoseg (its label"
         " stage reads the raw zarr and computes the posterior on the fly)."),
-        ("- Both \"posterior\" rows store a float16 volume; NumPy converts values below float16's"
-        " normal range (most background voxels) tens of times slower than others, and that"
-        " conversion is a large part of both rows. \"posterior + mask\" stores nothing."),
+        ("- Both \"posterior\" rows store a float16 volume. The reference converts each slice's float64"
+        " posterior on writing, which NumPy does tens of times slower for values below float16's"
+        " normal range (most background voxels); nanoseg looks voxels up in float16 tables"
+        " (posterior_dtype=\"float16\"), so it converts nothing. \"posterior + mask\" stores nothing."),
+        *[f"- {note}" for note in notes],
         ("- Labels are compared slab by slab by a separate process; see benchmarks/README.md for"
         " the definitions of every figure."),
         "",
@@ -456,12 +479,17 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the raw records as JSON to this file")
     parser.add_argument("--skip-reference", action="store_true", help="time nanoseg only")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed")
-    parser.add_argument("--report-only", metavar="JSON",
-                        help="print (and with --markdown write) the report of a run saved with --json; run nothing")
+    parser.add_argument("--report-only", metavar="JSON", nargs="+",
+                        help="print (and with --markdown write) the report of runs saved with --json, "
+                        "their sizes in one report; run nothing")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a line for the report's notes (e.g. what else ran on the machine); repeatable")
     args = parser.parse_args(argv)
     if args.report_only:
-        saved = json.loads(Path(args.report_only).read_text())
-        report(saved["results"], saved["machine"], saved["command"], args.markdown)
+        saved = [json.loads(Path(path).read_text()) for path in args.report_only]
+        results = [r for run in saved for r in run["results"]]
+        command = "\n".join(dict.fromkeys(run["command"] for run in saved))
+        report(results, saved[0]["machine"], command, args.markdown, args.note)
         return
     if args.shape and len(args.sizes) != 1:
         parser.error("--shape goes with a single --sizes value")
@@ -481,7 +509,7 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps({"machine": info, "command": command, "results": results}, indent=1))
     if info["source_changed_during_run"]:
         print("WARNING: the nanoseg sources changed during the run", file=sys.stderr)
-    report(results, info, command, args.markdown)
+    report(results, info, command, args.markdown, args.note)
 
 
 if __name__ == "__main__":

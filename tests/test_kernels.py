@@ -104,3 +104,40 @@ def test_box_histograms_use_the_seed_count_from_the_histogram():
     np.testing.assert_array_equal(short, counted)
     expected = plain_background_histogram(image, low, 256, 3, 4)
     np.testing.assert_array_equal(hist - counted[0], expected)
+
+
+def textbook_em(p_stack, p_bg, w_bg, low, max_iter, tol, eps):
+    """The EM of the seed method written plainly: the oracle for the package's loop."""
+    from nanoseg import _model
+
+    tail = np.zeros_like(p_stack)
+    tail[low:] = p_stack[low:]
+    p_np = _model.normalize_pmf(tail, eps)
+    nll_prev, nll, n_iter = np.inf, np.nan, 0
+    for iteration in range(max_iter):
+        weighted_bg = w_bg * p_bg
+        gamma_bg = weighted_bg / (weighted_bg + (1.0 - w_bg) * p_np + eps)
+        p_np = _model.normalize_pmf((1.0 - gamma_bg) * p_stack, eps)
+        w_bg = float(np.clip(np.sum(p_stack * gamma_bg), eps, 1.0 - eps))
+        nll = _model.mixture_nll(p_stack, p_bg, p_np, w_bg, eps)
+        n_iter = iteration + 1
+        if nll_prev - nll < tol:
+            break
+        nll_prev = nll
+    return p_np, w_bg, nll, n_iter
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_em_loop_is_bit_identical_to_the_textbook_form(seed):
+    from nanoseg import _model
+
+    rng = np.random.default_rng(seed)
+    background = rng.gamma(1.0, 1.0, 256) * np.exp(-np.arange(256) / 30)
+    stack = background.copy()
+    stack[180:] += rng.random(76) * 0.01
+    p_stack, p_bg = _model.normalize_pmf(stack, 1e-12), _model.normalize_pmf(background, 1e-12)
+    w, low, tol = rng.random(), 150 + seed, [0.0, 1e-12, 1e-8][seed % 3]
+    p_np, w_bg, nll, n_iter = textbook_em(p_stack, p_bg, w, low, 2000, tol, 1e-12)
+    got = _model.fit_particle_pmf(p_stack, p_bg, w, low, max_iter=2000, tol=tol, eps=1e-12)
+    np.testing.assert_array_equal(got.particle_pmf, p_np)
+    assert (got.background_weight, got.neg_log_likelihood, got.n_iter) == (w_bg, nll, n_iter)

@@ -99,23 +99,37 @@ def fit_particle_pmf(
         When the NP responsibility mass drops to `eps` or below: the data holds
         nothing the background PMF cannot explain.
     """
-    p_stack = np.asarray(stack_pmf, dtype=np.float64)
-    p_bg = np.asarray(background_pmf, dtype=np.float64)
+    p_stack = np.ascontiguousarray(stack_pmf, dtype=np.float64)
+    p_bg = np.ascontiguousarray(background_pmf, dtype=np.float64)
     tail = np.zeros_like(p_stack)
     tail[low_intensity:] = p_stack[low_intensity:]
     p_np = normalize_pmf(tail, eps)
     w_bg = float(initial_weight)
+    # Thousands of updates on 256 bins: the time goes to NumPy's per-call
+    # overhead, not arithmetic. The loop below makes the same operations in
+    # the same order as the textbook form (so the results are identical to
+    # the bit), but into preallocated arrays, and computes the mixture
+    # ``w_bg p_bg + (1 - w_bg) p_np + eps`` once per update: it is both the
+    # likelihood's argument and the next E-step's denominator.
+    weighted_bg, denominator, gamma_bg, work = (np.empty_like(p_stack) for _ in range(4))
 
+    def mixture(w_bg, p_np):
+        np.multiply(w_bg, p_bg, out=weighted_bg)
+        np.multiply(1.0 - w_bg, p_np, out=work)
+        np.add(weighted_bg, work, out=denominator)
+        np.add(denominator, eps, out=denominator)
+
+    mixture(w_bg, p_np)
     nll_prev = np.inf
     nll = np.nan
     converged = False
     n_iter = 0
     for iteration in range(max_iter):
         # E-step: responsibility of the background for each intensity bin.
-        weighted_bg = w_bg * p_bg
-        gamma_bg = weighted_bg / (weighted_bg + (1.0 - w_bg) * p_np + eps)
+        np.divide(weighted_bg, denominator, out=gamma_bg)
         # M-step: the NP PMF is the stack mass the background does not claim.
-        particle_mass = (1.0 - gamma_bg) * p_stack
+        particle_mass = np.subtract(1.0, gamma_bg, out=work)
+        particle_mass *= p_stack
         mass = particle_mass.sum()
         if not mass > eps:
             raise EMCollapseError(
@@ -124,9 +138,17 @@ def fit_particle_pmf(
                 "fully explained by the background histogram; check that the volume "
                 "contains bright particles, or lower percentile_low / halo_pad."
             )
-        p_np = normalize_pmf(particle_mass, eps)
-        w_bg = float(np.clip(np.sum(p_stack * gamma_bg), eps, 1.0 - eps))
-        nll = mixture_nll(p_stack, p_bg, p_np, w_bg, eps)
+        # normalize_pmf(particle_mass, eps), whose first sum is `mass`.
+        p_np = np.divide(particle_mass, mass)
+        np.maximum(p_np, eps, out=p_np)
+        p_np /= p_np.sum()
+        # np.clip of a scalar, without its overhead.
+        w_bg = min(max(float(np.multiply(p_stack, gamma_bg, out=work).sum()), eps), 1.0 - eps)
+        # mixture_nll(p_stack, p_bg, p_np, w_bg, eps)
+        mixture(w_bg, p_np)
+        log_mix = np.log(denominator, out=work)
+        log_mix *= p_stack
+        nll = float(-log_mix.sum())
         n_iter = iteration + 1
         if nll_prev - nll < tol:
             converged = True
