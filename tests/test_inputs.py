@@ -294,3 +294,27 @@ def test_zarr_chunks_are_grouped_into_whole_planes_for_dask(phantom, monkeypatch
     lazy = mixture.transform(z)
     assert lazy.chunks == ((2,) * 10, (48, 48), (112,))
     np.testing.assert_array_equal(lazy.compute(), mixture.transform(phantom))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.95])
+def test_labels_of_the_lazy_posterior_go_through_boolean_tables(phantom, threshold, monkeypatch, small_slabs):
+    """The labeler thresholds nanoseg's lazy posterior through its tables; same labels."""
+    small_slabs(4 * 96 * 112 * 6)
+    mixture = NanoparticleMixture().fit(phantom)
+    expected = NanoparticleLabeler(threshold=threshold, min_size=3).transform(mixture.transform(phantom))
+    lazy = mixture.transform(to_zarr(phantom, (2, 48, 56)))
+    assert callable(lazy._nanoseg_mask)
+    mask = lazy._nanoseg_mask(threshold)
+    assert mask.dtype == bool
+    np.testing.assert_array_equal(mask.compute(), lazy.compute() >= threshold)
+    # No float posterior block is thresholded on the way.
+    calls = []
+    original = labeling_module.mask_from_posterior
+    monkeypatch.setattr(labeling_module, "mask_from_posterior", lambda *a, **k: calls.append(1) or original(*a, **k))
+    labels = NanoparticleLabeler(threshold=threshold, min_size=3).transform(lazy)
+    np.testing.assert_array_equal(labels.compute(), expected)
+    assert calls == []
+    # Any other lazy posterior (here, a copy of the same values) goes the float way.
+    other = NanoparticleLabeler(threshold=threshold, min_size=3).transform(da.from_array(lazy.compute(), chunks=(2, 48, 56)))
+    np.testing.assert_array_equal(other.compute(), expected)
+    assert calls

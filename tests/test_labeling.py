@@ -153,6 +153,8 @@ def test_sparse_closing_equals_dense(shape, radius):
     before = mask.copy()
     np.testing.assert_array_equal(_sparse.close(_sparse.foreground(mask), shape, fp, mask=mask), expected)
     np.testing.assert_array_equal(mask, before)  # the caller's mask is left alone
+    scratch = mask.copy()
+    np.testing.assert_array_equal(_sparse.close(np.flatnonzero(mask), shape, fp, mask=scratch, overwrite=True), expected)
 
 
 @pytest.mark.parametrize("shape, connectivity", [((7, 15, 16), 1), ((7, 15, 16), 2), ((7, 15, 16), 3), ((30, 31), 1), ((30, 31), 2)])

@@ -245,7 +245,7 @@ class LabelSettings:
     name: str = "X"
 
 
-def local_labels(settings, mask, start, stop, lo):
+def local_labels(settings, mask, start, stop, lo, owned=False):
     """Label slab ``start:stop`` from the thresholded `mask` covering slices ``lo:...``.
 
     Sparse masks (at most :data:`SPARSE_MAX_FRACTION` foreground) are closed
@@ -273,7 +273,7 @@ def local_labels(settings, mask, start, stop, lo):
         closed = foreground
         if settings.radius:
             closed = _sparse.close(
-                foreground, work.shape, _kernels.footprint(settings.radius, work.ndim), mask=work
+                foreground, work.shape, _kernels.footprint(settings.radius, work.ndim), mask=work, overwrite=owned
             )
         if not settings.is_2d:
             lo_i, hi_i = np.searchsorted(closed, [core.start * plane_size, core.stop * plane_size])
@@ -357,6 +357,13 @@ class SlabLabeler:
         source = self.volume.to_dask()
         if source.dtype == bool:
             return source
+        # nanoseg's own lazy posterior can be thresholded through its per-slice
+        # tables: a boolean lookup, with no float posterior in between.
+        through_tables = getattr(self.volume.array, "_nanoseg_mask", None)
+        if through_tables is not None:
+            mask = through_tables(self.settings.threshold)
+            if mask.shape == source.shape and mask.chunks == source.chunks:
+                return mask
         return source.map_blocks(
             mask_from_posterior, self.settings.threshold, self.settings.name, dtype=bool
         )
@@ -382,7 +389,9 @@ class SlabLabeler:
         # On a GPU each thread queues its slab on its own stream, so one
         # slab's upload overlaps another's kernels.
         with self.backend.stream():
-            return local_labels(self.settings, self.read_mask(lo, hi), start, stop, lo)
+            # Masks assembled by the plane cache are new arrays, free to be overwritten.
+            owned = self._planes is not None
+            return local_labels(self.settings, self.read_mask(lo, hi), start, stop, lo, owned=owned)
 
     # -- whole volume ---------------------------------------------------------
     def analyse(self, keep=0, verbose=False):
@@ -479,30 +488,41 @@ class SlabLabeler:
         return out
 
     def label_lazy(self, verbose=False):
-        """Labels as a lazy (Z, Y, X) dask array, one task per slab.
+        """Labels as a lazy (Z, Y, X) dask array.
 
         The analysis pass runs now, reading the input once. The sparse labels
         it finds are kept, up to :data:`KEPT_LABEL_BYTES`, so that computing
-        those slabs only scatters them into zeros; slabs past that budget are
-        recomputed from the input and their halo. No label volume is ever
-        held whole.
+        those slabs only scatters them into zeros, one block per input chunk
+        depth (small blocks keep the memory of writing them low); slabs past
+        that budget are recomputed from the input and their halo, one block
+        per slab. No label volume is ever held whole.
         """
         import dask
         import dask.array as da
 
         plan = self.analyse(keep=KEPT_LABEL_BYTES, verbose=verbose)
         plane_shape = tuple(self.volume.shape[1:])
+        plane_size = plane_shape[0] * plane_shape[1]
+        step = max(1, self.volume.chunk_depth)
         blocks = []
         for index, (start, stop) in enumerate(plan.bounds):
             lookup = plan.slab_table(index)
             if plan.slabs[index] is not None:
                 flat, ids = plan.slabs[index]
-                task = dask.delayed(_scatter, pure=True)(flat, lookup[ids], (stop - start, *plane_shape))
-            else:
-                lo, hi = self.halo_bounds(start, stop)
-                task = dask.delayed(_final_slab, pure=True)(
-                    self.settings, self._lazy_mask[lo:hi], start, stop, lo, lookup, plane_shape
-                )
+                values = lookup[ids]
+                for a in range(start, stop, step):
+                    b = min(a + step, stop)
+                    offset = (a - start) * plane_size
+                    lo_i, hi_i = np.searchsorted(flat, [offset, (b - start) * plane_size])
+                    task = dask.delayed(_scatter, pure=True)(
+                        flat[lo_i:hi_i] - offset, values[lo_i:hi_i], (b - a, *plane_shape)
+                    )
+                    blocks.append(da.from_delayed(task, (b - a, *plane_shape), dtype=plan.table.dtype))
+                continue
+            lo, hi = self.halo_bounds(start, stop)
+            task = dask.delayed(_final_slab, pure=True)(
+                self.settings, self._lazy_mask[lo:hi], start, stop, lo, lookup, plane_shape
+            )
             blocks.append(da.from_delayed(task, (stop - start, *plane_shape), dtype=plan.table.dtype))
         return da.concatenate(blocks, axis=0)
 

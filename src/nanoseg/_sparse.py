@@ -99,7 +99,7 @@ def foreground(mask):
     return np.flatnonzero(mask).astype(np.int64, copy=False)
 
 
-def close(flat, shape, footprint, mask=None):
+def close(flat, shape, footprint, mask=None, overwrite=False):
     """Closing of the set `flat` with a symmetric boolean `footprint`.
 
     Parameters
@@ -111,6 +111,9 @@ def close(flat, shape, footprint, mask=None):
     mask : ndarray of bool, optional
         The dense array whose foreground `flat` is. When given (and numba is
         available), the closing runs as a compiled loop on a byte copy of it.
+    overwrite : bool
+        Use `mask` itself as the compiled loop's scratch instead of a copy
+        (when it is a C-contiguous boolean array); its contents are lost.
 
     Returns
     -------
@@ -118,8 +121,11 @@ def close(flat, shape, footprint, mask=None):
     """
     offsets = np.argwhere(footprint) - np.array(footprint.shape) // 2
     if mask is not None and _jit.available():
-        # The kernel marks dilated voxels in place: work on a copy.
-        state = np.array(mask, dtype=np.uint8, order="C")
+        # The kernel marks dilated voxels in place: work on a copy unless allowed not to.
+        if overwrite and mask.dtype == bool and mask.flags.c_contiguous:
+            state = mask.view(np.uint8)
+        else:
+            state = np.array(mask, dtype=np.uint8, order="C")
         return _jit.close_set(state.reshape(tuple(int(n) for n in shape)), np.asarray(flat, dtype=np.int64), offsets)
     hood = _Neighbourhood(offsets, shape)
     dilated = _sorted_unique(hood.shifted(np.asarray(flat, dtype=np.int64)))

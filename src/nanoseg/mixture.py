@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from numbers import Integral, Real
 
@@ -782,7 +783,12 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                 self._mirror(self.particle_pmf_), self._mirror(self.background_pmf_),
                 check_beta_prior(self.beta_prior), self.eps, self.posterior_dtype, self.polarity == "dark",
             )
-            return volume.restore(_one_pass_posterior(volume.to_dask(), tables, binning if maps else None))
+            source, binning = volume.to_dask(), binning if maps else None
+            posterior = volume.restore(_one_pass_posterior(source, tables, binning))
+            # NanoparticleLabeler thresholds this array through the tables
+            # (one byte a voxel) rather than through the float posterior.
+            posterior._nanoseg_mask = functools.partial(_one_pass_mask, source, tables, binning)
+            return posterior
         luts = self.posterior_luts(self._weights(volume, backend, hists))
         if is_lazy(volume.array):
             return volume.restore(_lazy_posterior(volume.to_dask(), luts, backend.name, binning if maps else None))
@@ -891,13 +897,30 @@ class _SliceTables:
     The PMFs are stored in model space (mirrored for dark particles).
     """
 
-    def __init__(self, particle_pmf, background_pmf, beta_prior, eps, dtype, dark):
+    def __init__(self, particle_pmf, background_pmf, beta_prior, eps, dtype, dark, threshold=None):
         self.particle_pmf = particle_pmf
         self.background_pmf = background_pmf
         self.beta_prior = beta_prior
         self.eps = eps
-        self.dtype = np.dtype(dtype)
+        self.posterior_dtype = np.dtype(dtype)
         self.dark = dark
+        self.threshold = threshold
+
+    @property
+    def dtype(self):
+        """The tables' dtype: the posterior's, or bool once thresholded."""
+        return self.posterior_dtype if self.threshold is None else np.dtype(bool)
+
+    def thresholded(self, threshold):
+        """The same tables as ``posterior >= threshold`` masks (bool tables).
+
+        The comparison is the one a thresholded posterior makes (a table
+        entry is a voxel's posterior), so the masks are identical.
+        """
+        return _SliceTables(
+            self.particle_pmf, self.background_pmf, self.beta_prior, self.eps, self.posterior_dtype,
+            self.dark, float(threshold),
+        )
 
     def _mirror(self, array):
         return array[..., ::-1] if self.dark else array
@@ -906,14 +929,16 @@ class _SliceTables:
         weights = _model.map_slice_weights(
             self._mirror(hists), self.particle_pmf, self.background_pmf, self.beta_prior, self.eps
         )
-        return _model.posterior_luts(
-            weights, self._mirror(self.particle_pmf), self._mirror(self.background_pmf), self.eps, dtype=self.dtype
+        luts = _model.posterior_luts(
+            weights, self._mirror(self.particle_pmf), self._mirror(self.background_pmf), self.eps,
+            dtype=self.posterior_dtype,
         )
+        return luts if self.threshold is None else luts >= self.threshold
 
     def __dask_tokenize__(self):
         return (
             "nanoseg-slice-tables", self.particle_pmf.tobytes(), self.background_pmf.tobytes(),
-            tuple(self.beta_prior), self.eps, str(self.dtype), self.dark,
+            tuple(self.beta_prior), self.eps, str(self.posterior_dtype), self.dark, self.threshold,
         )
 
 
@@ -948,3 +973,8 @@ def _one_pass_posterior(source, tables, binning=None):
         _apply_luts_block, "zyx", source, "zyx", luts, "zv",
         dtype=tables.dtype, concatenate=True, device="cpu", **options,
     )
+
+
+def _one_pass_mask(source, tables, binning, threshold):
+    """Lazy ``posterior >= threshold`` of :func:`_one_pass_posterior`, through boolean tables."""
+    return _one_pass_posterior(source, tables.thresholded(threshold), binning)
