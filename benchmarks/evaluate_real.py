@@ -47,7 +47,7 @@ Run from the repository root::
 
     python benchmarks/evaluate_real.py                   # full run, ~30 min on 2 CPUs
     python benchmarks/evaluate_real.py --quick           # small grids and image sets, ~1-2 min
-    python benchmarks/evaluate_real.py --output results.rst --cache /tmp/nanoseg-eval
+    python benchmarks/evaluate_real.py --output results.rst --cache ~/.cache/nanoseg-eval
 
 The data folder defaults to ``../shared/data`` next to the repository; use
 ``--data DIR`` or the environment variable ``NANOSEG_SHARED_DATA``. With
