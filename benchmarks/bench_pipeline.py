@@ -305,15 +305,15 @@ def detail_lines(result):
     if "ns-posterior-mask" in stages:
         last = stages["ns-posterior-mask"]["last"]
         lines.append(
-            f"nanoseg posterior + mask: {last['transform_s']:.2f} s in transform (slice weights, eager),"
-            f" {last['mask_voxels']} voxels >= 0.95"
+            f"nanoseg posterior + mask: {last['transform_s']:.2f} s in transform (building the lazy graph;"
+            f" the slice weights are computed with the lookup), {last['mask_voxels']} voxels >= 0.95"
         )
     if "ns-labels" in stages:
         last = stages["ns-labels"]["last"]
         lines.append(
-            f"nanoseg labels: {last['transform_s']:.2f} s in transform (weights + analysis pass),"
+            f"nanoseg labels: {last['transform_s']:.2f} s in transform (the analysis pass, slice weights included),"
             f" {last['store_s']:.2f} s computing and writing the lazy labels"
-            f" (slabs of {last['label_slab_depth']} slices, {last['labels_dtype']})"
+            f" (output blocks of {last['label_slab_depth']} slice(s), {last['labels_dtype']})"
         )
     for key, s in stages.items():
         if len(s["walls_s"]) > 1:
