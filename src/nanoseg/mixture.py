@@ -291,7 +291,11 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
 
     **Out of core.** zarr and dask inputs are read slab by slab (whole planes,
     aligned to the chunks along Z) and never loaded whole; their posterior is
-    returned as a lazy dask array.
+    returned as a lazy dask array. On the CPU its slice weights are computed
+    inside the graph, from the planes the lookup reads: `transform` reads
+    nothing, and computing the posterior (or labelling it with
+    :class:`NanoparticleLabeler`) reads the input once (chunks deeper than
+    one plane may be read twice where slab halos cut them).
 
     **Output dtype.** The posterior is float32 (or float16, see
     `posterior_dtype`): the lookup tables are computed in float64 and rounded
