@@ -433,7 +433,10 @@ def label_set(flat, shape, offsets):
 
 
 def warm_up():
-    """Compile every kernel now (a second or two), so that no later call waits for it.
+    """Compile every kernel now, so that no later call waits for it.
+
+    Compiling takes several seconds the first time; later processes load the
+    kernels from numba's on-disk cache in well under a second.
 
     Returns False when the compiled kernels are unavailable.
     """
