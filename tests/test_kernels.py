@@ -1,5 +1,8 @@
 """Per-slice kernels agree with plain NumPy/SciPy formulations."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
@@ -141,3 +144,19 @@ def test_em_loop_is_bit_identical_to_the_textbook_form(seed):
     got = _model.fit_particle_pmf(p_stack, p_bg, w, low, max_iter=2000, tol=tol, eps=1e-12)
     np.testing.assert_array_equal(got.particle_pmf, p_np)
     assert (got.background_weight, got.neg_log_likelihood, got.n_iter) == (w_bg, nll, n_iter)
+
+
+def test_kernels_compile_without_a_writable_cache_folder():
+    # A read-only install with no user cache folder leaves numba no place to
+    # cache compiled kernels; they must then compile in memory, not fail.
+    code = (
+        "import numba.core.caching as caching\n"
+        "caching.CacheImpl._locator_classes = []\n"
+        "import numpy as np\n"
+        "from nanoseg import _jit\n"
+        "assert _jit.available()\n"
+        "print(int(_jit.slice_histograms(np.full((2, 4, 4), 7, np.uint8))[:, 7].sum()))\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "32"

@@ -334,12 +334,18 @@ def _compile():
     except ImportError:  # pragma: no cover - numba is a dependency
         return None
 
-    jit = numba.njit(nogil=True, boundscheck=False, cache=True)
+    cached = numba.njit(nogil=True, boundscheck=False, cache=True)
+    uncached = numba.njit(nogil=True, boundscheck=False)
     module = globals()
     with _COMPILE_LOCK:  # functools.cache does not stop two threads arriving at once
         for name in _KERNELS:
             if not isinstance(module[name], numba.core.dispatcher.Dispatcher):
-                module[name] = jit(module[name])
+                try:
+                    module[name] = cached(module[name])
+                except RuntimeError:
+                    # No writable cache folder (a read-only install without a
+                    # user cache): compile in memory, as numba does by default.
+                    module[name] = uncached(module[name])
     return {name[3:]: module[name] for name in _KERNELS}
 
 
