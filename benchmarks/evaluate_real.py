@@ -257,7 +257,12 @@ def shared_steps(quick=False):
     return {
         "background": ["passthrough", BackgroundSubtractor(method="gaussian", radius=50)],
         "smooth": [PosteriorSmoother(sigma=s) for s in (0, 1.5)],
-        "labeler": _grid(NanoparticleLabeler, threshold=[0.5, 0.8, 0.95], min_size=[10, 40, 160], n_jobs=[1]),
+        # Thresholds up to 0.99 for posteriors that run wide of the particles;
+        # sizes up to 640 px, since 160 px (the previous largest) was chosen
+        # by almost every method.
+        "labeler": _grid(
+            NanoparticleLabeler, threshold=[0.5, 0.8, 0.95, 0.99], min_size=[10, 40, 160, 640], n_jobs=[1]
+        ),
         "split": ["passthrough", ParticleSplitter(min_distance=8)],
     }
 
@@ -270,10 +275,15 @@ def intensity_steps(method, quick=False):
         return _grid(
             NanoparticleMixture,
             # From dense to sparse particles; 99.5 is the seed's default.
-            percentile_low=[85.0, 95.0, 99.5],
-            beta_prior=[(1.0, 1.0), (1.0, 20.0)],
+            percentile_low=[85.0, 90.0, 95.0, 99.5],
             # The seed's halo, and a narrow one for images crowded with particles.
             halo_pad=[20, 5],
+            # The seed's smallest haloed seed, and a smaller one so that small
+            # particles do not stay in the background histogram. The Beta
+            # prior is left at its default: on a 2D image of 10^5 pixels or
+            # more, its pull on the particle fraction is negligible ((1, 1)
+            # and (1, 20) give the same posteriors on these images).
+            min_seed_size=[20, 5],
             n_jobs=[1],
         )
     if method == "fixed":
