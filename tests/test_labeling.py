@@ -151,7 +151,7 @@ def test_sparse_closing_equals_dense(shape, radius):
     np.testing.assert_array_equal(_sparse.close(np.flatnonzero(mask), shape, fp), expected)
     # Given the dense mask, the closing may run compiled (label_path decides); same set.
     before = mask.copy()
-    np.testing.assert_array_equal(_sparse.close(_sparse.foreground(mask), shape, fp, mask=mask), expected)
+    np.testing.assert_array_equal(_sparse.close(np.flatnonzero(mask), shape, fp, mask=mask), expected)
     np.testing.assert_array_equal(mask, before)  # the caller's mask is left alone
     scratch = mask.copy()
     np.testing.assert_array_equal(_sparse.close(np.flatnonzero(mask), shape, fp, mask=scratch, overwrite=True), expected)
@@ -173,20 +173,7 @@ def test_sparse_empty_set():
     assert n == 0 and ids.size == 0
     assert _sparse.close(np.zeros(0, dtype=np.int64), (3, 4, 5), footprint(1, 3)).size == 0
     empty = np.zeros((3, 4, 5), dtype=bool)
-    assert _sparse.close(_sparse.foreground(empty), empty.shape, footprint(1, 3), mask=empty).size == 0
-
-
-@pytest.mark.parametrize("shape", [(5, 9, 8), (17, 23), (3, 1, 70)])
-def test_foreground_is_flatnonzero(shape):
-    rng = np.random.default_rng(len(shape))
-    for density in (0.0, 0.01, 0.5, 1.0):
-        mask = rng.random(shape) < density
-        got = _sparse.foreground(mask)
-        assert got.dtype == np.int64
-        np.testing.assert_array_equal(got, np.flatnonzero(mask))
-    # Non-contiguous views too.
-    view = (rng.random((6, 20, 21)) < 0.1)[::2, :, 1::2]
-    np.testing.assert_array_equal(_sparse.foreground(view), np.flatnonzero(view))
+    assert _sparse.close(np.flatnonzero(empty), empty.shape, footprint(1, 3), mask=empty).size == 0
 
 
 def test_plane_cache_computes_each_plane_once_and_drops_it():

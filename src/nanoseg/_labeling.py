@@ -268,7 +268,7 @@ def local_labels(settings, mask, start, stop, lo, owned=False):
     work = mask[0] if settings.is_2d else mask
     core = slice(0, 1) if settings.is_2d else slice(start - lo, stop - lo)
     plane_size = work.shape[-1] * work.shape[-2]
-    foreground = _sparse.foreground(work)
+    foreground = np.flatnonzero(work)
     if foreground.size <= SPARSE_MAX_FRACTION * work.size:
         closed = foreground
         if settings.radius:

@@ -94,11 +94,6 @@ class _Neighbourhood:
         return np.concatenate(parts)
 
 
-def foreground(mask):
-    """Sorted flat indices (int64) of the True voxels of a boolean array."""
-    return np.flatnonzero(mask).astype(np.int64, copy=False)
-
-
 def close(flat, shape, footprint, mask=None, overwrite=False):
     """Closing of the set `flat` with a symmetric boolean `footprint`.
 
