@@ -235,7 +235,7 @@ def split_touching(labels, *, spacing=None, min_distance=2, footprint=None, comp
             nearest = ndi.distance_transform_edt(
                 pieces == 0, sampling=spacing, return_distances=False, return_indices=True
             )
-            pieces[missed] = pieces[tuple(index[missed] for index in nearest)]
+            pieces[missed] = pieces[tuple(coordinate[missed] for coordinate in nearest)]
         target[inside] = pieces[inside].astype(np.uint32) + (next_label - 1)
         next_label += n_markers
     if next_label - 1 > np.iinfo(np.uint32).max:
