@@ -223,6 +223,7 @@ def test_mixture_options_identical(case):
         {"halo_pad": 0, "min_seed_size": 1},
         {"n_jobs": 1},
         {"memory_budget": image[0].size * 8},  # many small slabs
+        {"percentile_low": "otsu", "monotone_posterior": True},
     ]:
         X = 255 - image if params.get("polarity") == "dark" else image
         cpu = NanoparticleMixture(**params).fit(X)
@@ -233,6 +234,20 @@ def test_mixture_options_identical(case):
         np.testing.assert_array_equal(NanoparticleMixture(device="cuda", **params).fit_transform(X), expected)
         if "polarity" not in params:
             np.testing.assert_array_equal(cupy.asnumpy(gpu.transform(device)), expected, err_msg=str(params))
+
+
+@pytest.mark.parametrize("kind", ["numpy", "cupy", "zarr", "dask"])
+def test_mask_identical(case, kind):
+    image, chunks, cpu, posterior, _ = case
+    X = inputs(image, chunks)[kind]
+    gpu = NanoparticleMixture(device="cuda").fit(X)
+    got = gpu.predict(X, threshold=0.9)
+    if kind == "cupy":
+        got = cupy.asnumpy(got)
+    elif kind in ("zarr", "dask"):
+        got = got.compute()
+    assert got.dtype == bool
+    np.testing.assert_array_equal(got, posterior >= 0.9)
 
 
 @pytest.mark.parametrize("kind", ["numpy", "cupy", "zarr", "dask"])

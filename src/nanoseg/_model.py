@@ -55,6 +55,60 @@ def percentile_intensity(pmf, percentile):
     return int(np.searchsorted(np.cumsum(pmf), percentile / 100.0))
 
 
+def otsu_intensity(hist):
+    """Otsu's threshold of a 256-bin histogram: intensities above it are the bright class.
+
+    The level maximises the between-class variance of the split ``v <= t``
+    against ``v > t`` (scikit-image's :func:`~skimage.filters.threshold_otsu`
+    on the counts, bin ``v`` at intensity ``v``).
+    """
+    from skimage.filters import threshold_otsu
+
+    return int(threshold_otsu(hist=np.asarray(hist, dtype=np.float64)))
+
+
+def monotone_particle_pmf(particle_pmf, background_pmf):
+    """The NP PMF closest to `particle_pmf` whose posterior never falls with intensity.
+
+    For any slice weight, the posterior ``pi p_np / (pi p_np + (1 - pi) p_bg)``
+    rises with intensity exactly where the likelihood ratio
+    ``r = p_np / p_bg`` does. The ratio is replaced by its isotonic
+    (non-decreasing) regression weighted by ``p_bg``: the least-squares
+    non-decreasing fit, which pools a run of bins that break the order into
+    their ``p_bg``-weighted mean ratio. Because the weighted mean is kept,
+    ``sum(r_iso * p_bg) = sum(p_np) = 1``: the constrained PMF needs no
+    renormalisation beyond rounding. It is not floored at `eps` either: on
+    bins the background never reached (``p_bg`` at the floor) a floored NP
+    PMF would give a posterior of about half the slice weight, out of order
+    with the neighbouring bins; unfloored, those bins get their pooled ratio
+    like the others. (Every log of the model adds `eps` to the mixture, so
+    no floor is needed to keep it finite.)
+
+    Why: EM with the background PMF held fixed gives the NP component any
+    intensity the background histogram under-represents, including dark
+    ones (e.g. when seeds' halos remove the darkest background pixels), so
+    the unconstrained posterior can be high far below the particles'
+    intensities.
+
+    Parameters
+    ----------
+    particle_pmf, background_pmf : (256,) ndarray
+        PMFs in model space (particles at the high end); `background_pmf`
+        floored above zero, as :func:`normalize_pmf` leaves it.
+
+    Returns
+    -------
+    pmf : (256,) ndarray of float64
+        Positive wherever `background_pmf` is.
+    """
+    from sklearn.isotonic import isotonic_regression
+
+    p_bg = np.asarray(background_pmf, dtype=np.float64)
+    ratio = np.asarray(particle_pmf, dtype=np.float64) / p_bg
+    pmf = np.asarray(isotonic_regression(ratio, sample_weight=p_bg, increasing=True)) * p_bg
+    return pmf / pmf.sum()
+
+
 @dataclass(frozen=True)
 class EMResult:
     """Outcome of :func:`fit_particle_pmf`."""

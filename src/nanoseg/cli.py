@@ -51,6 +51,7 @@ _MIXTURE_OPTIONS = {
     "percentile_high": "fit",
     "halo_pad": "fit",
     "min_seed_size": "fit",
+    "monotone_posterior": "fit",
     "sampling_step": "fit",
     "max_iter": "fit",
     "tol": "fit",
@@ -552,6 +553,15 @@ def _positive_float(text):
     return value
 
 
+def _seed_percentile(text):
+    if text.lower() == "otsu":
+        return "otsu"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a percentile (0-100] or 'otsu', got {text}") from None
+
+
 def _intensity_bound(text):
     if text.lower() == "auto":
         return None
@@ -600,14 +610,18 @@ def _add_mixture_options(parser):
                        help=f"Beta prior on each slice's particle fraction (default: {defaults['beta_prior']})")
     group.add_argument("--sampling-step", type=_positive_int, default=None, metavar="N",
                        help=f"fit on every N-th slice (default: {defaults['sampling_step']})")
-    group.add_argument("--percentile-low", type=float, default=None, metavar="P",
-                       help=f"seed percentile (default: {defaults['percentile_low']})")
+    group.add_argument("--percentile-low", type=_seed_percentile, default=None, metavar="P",
+                       help="seed percentile, or 'otsu' for the stack histogram's Otsu threshold "
+                       f"(default: {defaults['percentile_low']})")
     group.add_argument("--percentile-high", type=float, default=None, metavar="P",
                        help=f"hard background exclusion percentile (default: {defaults['percentile_high']})")
     group.add_argument("--halo-pad", type=int, default=None, metavar="PX",
                        help=f"pixels excluded around seeds (default: {defaults['halo_pad']})")
     group.add_argument("--min-seed-size", type=int, default=None, metavar="PX",
                        help=f"smallest seed component (default: {defaults['min_seed_size']})")
+    group.add_argument("--monotone-posterior", action="store_true", default=None,
+                       help="constrain the posterior to never decrease towards the particles' side of "
+                       "the intensity scale (default: the seed method's unconstrained posterior)")
     group.add_argument("--max-iter", type=_positive_int, default=None, metavar="N",
                        help=f"EM updates at most (default: {defaults['max_iter']})")
     group.add_argument("--tol", type=float, default=None,

@@ -145,19 +145,33 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         Shape parameters ``(a, b)`` of the Beta prior on each slice's NP
         fraction. Larger ``b`` pulls the fraction towards zero, so fewer
         voxels reach a high posterior.
-    percentile_low : float, default=99.5
+    percentile_low : float or "otsu", default=99.5
         Percentile of the stack histogram above which a voxel seeds a
         candidate particle (when building the background histogram) and from
-        which the NP PMF is initialised.
+        which the NP PMF is initialised. "otsu" puts that seed level at the
+        Otsu threshold of the stack histogram instead, so that it follows
+        the data: one percentile cannot suit both a volume where particles
+        are 0.1 % of the voxels and one where they are 30 %.
     percentile_high : float, default=99.8
         Percentile of the stack histogram at or above which a voxel is never
-        counted as background. Must not be below `percentile_low`.
+        counted as background. Must not be below a numeric `percentile_low`;
+        with "otsu", the level used is the higher of the two.
     halo_pad : int, default=20
         Pixels added on every side of a seed component's bounding box before
         excluding it from the background histogram.
     min_seed_size : int, default=20
         Seed components (8-connected, per slice) smaller than this many pixels
         are not excluded with a halo.
+    monotone_posterior : bool, default=False
+        Constrain the fitted NP PMF so that the posterior never decreases
+        towards the particles' side of the intensity scale (brighter for
+        ``polarity="bright"``): after EM, the likelihood ratio
+        ``p_np / p_bg`` is replaced by its isotonic regression weighted by
+        ``p_bg``, which keeps the PMF's mass. EM alone hands the NP component
+        whatever intensities the background histogram under-represents,
+        dark ones included, so its posterior can be high in the background
+        (typically when particles are not rare). False keeps the seed
+        method's unconstrained PMF.
     sampling_step : int, default=1
         Use every `sampling_step`-th slice of each volume to fit.
     max_iter : int, default=10000
@@ -232,8 +246,12 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     stack_pmf_, background_pmf_, particle_pmf_ : ndarray of shape (256,), float64
         The stack, background and fitted NP PMFs. Like the histograms, they
         are indexed by raw intensity (bin), also with ``polarity="dark"``.
+        With ``monotone_posterior=True``, `particle_pmf_` is the constrained
+        PMF (the one every posterior uses).
     low_intensity_, high_intensity_ : int
-        Intensities at `percentile_low` and `percentile_high` of the stack PMF:
+        Intensities at `percentile_low` and `percentile_high` of the stack PMF
+        (with ``percentile_low="otsu"``, its Otsu threshold and the higher of
+        that and the `percentile_high` level):
         voxels brighter than `low_intensity_` seed particles, and voxels at or
         above `high_intensity_` are never background. With ``polarity="dark"``
         both are mirrored (``255 -`` the level found on inverted intensities):
@@ -333,10 +351,11 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
 
     _parameter_constraints = {
         "beta_prior": ["array-like"],
-        "percentile_low": [Interval(Real, 0, 100, closed="right")],
+        "percentile_low": [Interval(Real, 0, 100, closed="right"), StrOptions({"otsu"})],
         "percentile_high": [Interval(Real, 0, 100, closed="right")],
         "halo_pad": [Interval(Integral, 0, None, closed="left")],
         "min_seed_size": [Interval(Integral, 1, None, closed="left")],
+        "monotone_posterior": ["boolean"],
         "sampling_step": [Interval(Integral, 1, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
@@ -359,6 +378,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         percentile_high=99.8,
         halo_pad=20,
         min_seed_size=20,
+        monotone_posterior=False,
         sampling_step=1,
         max_iter=10000,
         tol=1e-10,
@@ -377,6 +397,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self.percentile_high = percentile_high
         self.halo_pad = halo_pad
         self.min_seed_size = min_seed_size
+        self.monotone_posterior = monotone_posterior
         self.sampling_step = sampling_step
         self.max_iter = max_iter
         self.tol = tol
@@ -395,7 +416,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         parse_bytes(self.memory_budget)
         check_beta_prior(self.beta_prior)
         check_intensity_range(self.intensity_range, self.binning)
-        if self.percentile_low > self.percentile_high:
+        if self.percentile_low != "otsu" and self.percentile_low > self.percentile_high:
             raise ValueError(
                 f"percentile_low ({self.percentile_low}) must not exceed percentile_high "
                 f"({self.percentile_high}): seeds start at the low percentile and the hard "
@@ -514,9 +535,14 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         stack_hist = self._mirror(raw_stack_hist)
         self._check_contrast(raw_stack_hist, value_counts, binning)
         stack_pmf = _model.normalize_pmf(stack_hist, self.eps)
-        low = _model.percentile_intensity(stack_pmf, self.percentile_low)
         high = _model.percentile_intensity(stack_pmf, self.percentile_high)
-        self._check_not_saturated(stack_hist, low, binning)
+        if self.percentile_low == "otsu":
+            self._check_not_saturated(stack_hist, None, binning)
+            low = _model.otsu_intensity(stack_hist)
+            high = max(high, low)
+        else:
+            low = _model.percentile_intensity(stack_pmf, self.percentile_low)
+            self._check_not_saturated(stack_hist, low, binning)
 
         # Pass 2: subtract each slice's excluded pixels from its histogram
         # (for 16-bit data, count each mapped slice's histogram first).
@@ -577,11 +603,15 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                 stacklevel=2,
             )
 
+        particle_pmf = result.particle_pmf
+        if self.monotone_posterior:
+            particle_pmf = _model.monotone_particle_pmf(particle_pmf, background_pmf)
+
         self.stack_histogram_ = raw_stack_hist
         self.background_histogram_ = raw_background_hist
         self.stack_pmf_ = self._mirror(stack_pmf)
         self.background_pmf_ = self._mirror(background_pmf)
-        self.particle_pmf_ = self._mirror(result.particle_pmf)
+        self.particle_pmf_ = self._mirror(particle_pmf)
         self.low_intensity_ = self._mirror_level(low)
         self.high_intensity_ = self._mirror_level(high)
         self.background_weight_ = result.background_weight
@@ -656,17 +686,24 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         or all-bright acquisition) the percentile collapses onto them, and the
         model would call nearly the whole volume particles.
         """
+        if low is None:
+            # percentile_low="otsu": the level follows the data, so a large
+            # share above it is no sign of saturation; most voxels piled up
+            # in the extreme occupied bin are.
+            low = int(np.flatnonzero(stack_hist)[-1])
+            expected, level = 0.0, "its extreme value"
+        else:
+            # Twice the expected share, so that a deliberately low
+            # percentile_low is not mistaken for saturation.
+            expected, level = (100.0 - self.percentile_low) / 100.0, f"its {self.percentile_low:g} percentile"
         above = stack_hist[low:].sum() / stack_hist.sum()
-        # Twice the expected share, so that a deliberately low percentile_low
-        # is not mistaken for saturation.
-        expected = (100.0 - self.percentile_low) / 100.0
         if above <= max(_SATURATED_FRACTION, 2 * expected):
             return
         unit = "intensity" if binning.is_identity else "bin"
         side = "at or below" if self.polarity == "dark" else "at or above"
         raise ValueError(
             f"X looks saturated: {100 * above:.1f} % of the sampled voxels are {side} {unit} "
-            f"{self._mirror_level(low)}, its {self.percentile_low:g} percentile, so particles "
+            f"{self._mirror_level(low)}, {level}, so particles "
             "cannot be told from background. Check the acquisition's contrast and the polarity "
             "(polarity='dark' for particles darker than background); for 16-bit data, set "
             "intensity_range to the useful range."
@@ -777,7 +814,12 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
             weights, self.particle_pmf_, self.background_pmf_, self.eps, dtype=np.dtype(self.posterior_dtype)
         )
 
-    def _posterior(self, volume, backend, hists=None):
+    def _posterior(self, volume, backend, hists=None, threshold=None):
+        """The posterior of one volume, or with a `threshold` its mask ``posterior >= threshold``.
+
+        A mask is looked up in boolean tables (each entry is the comparison
+        the float posterior would make), so no float voxel is ever written.
+        """
         binning = self._fitted_binning()
         maps = volume.dtype != np.uint8 or not binning.is_identity
         if is_lazy(volume.array) and hists is None and not backend.is_gpu:
@@ -788,12 +830,16 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                 check_beta_prior(self.beta_prior), self.eps, self.posterior_dtype, self.polarity == "dark",
             )
             source, binning = volume.to_dask(), binning if maps else None
+            if threshold is not None:
+                return volume.restore(_one_pass_mask(source, tables, binning, threshold))
             posterior = volume.restore(_one_pass_posterior(source, tables, binning))
             # NanoparticleLabeler thresholds this array through the tables
             # (one byte a voxel) rather than through the float posterior.
             posterior._nanoseg_mask = functools.partial(_one_pass_mask, source, tables, binning)
             return posterior
         luts = self.posterior_luts(self._weights(volume, backend, hists))
+        if threshold is not None:
+            luts = luts >= threshold
         if is_lazy(volume.array):
             return volume.restore(_lazy_posterior(volume.to_dask(), luts, backend.name, binning if maps else None))
         if volume.kind == "cupy":
@@ -843,6 +889,48 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         volumes, is_list = self._intensity_volumes(X)
         backend = self._resolve_backend(volumes)
         return map_volumes(lambda volume: self._posterior(volume, backend), volumes, is_list)
+
+    def predict(self, X, *, threshold=0.5):
+        """Which voxels have an NP posterior of at least `threshold`.
+
+        Equal to ``predict_proba(X) >= threshold``, but computed through
+        per-slice boolean lookup tables: no float posterior is ever made,
+        which makes it several times faster and 4 times lighter on
+        zarr and dask volumes (one byte a voxel).
+
+        Parameters
+        ----------
+        X : array or list of arrays
+            uint8 or uint16 image, volume or list of them, as in :meth:`fit`.
+        threshold : float, default=0.5
+            Smallest posterior counted as a particle voxel; 0.5 is the
+            more probable class.
+
+        Returns
+        -------
+        mask : bool array or list of them
+            Same shape as `X`; NumPy for NumPy input, a lazy dask array for
+            zarr and dask input, CuPy for CuPy input.
+
+        Examples
+        --------
+        >>> from nanoseg import NanoparticleMixture
+        >>> from nanoseg.datasets import make_phantom
+        >>> image, truth = make_phantom(shape=(4, 64, 64), random_state=0)
+        >>> mixture = NanoparticleMixture().fit(image)
+        >>> mask = mixture.predict(image, threshold=0.9)
+        >>> mask.dtype, bool((mask == (mixture.predict_proba(image) >= 0.9)).all())
+        (dtype('bool'), True)
+        """
+        check_is_fitted(self)
+        self._check_params()
+        if not (isinstance(threshold, Real) and 0.0 <= threshold <= 1.0):
+            raise ValueError(f"threshold must be a number from 0 to 1; got {threshold!r}.")
+        volumes, is_list = self._intensity_volumes(X)
+        backend = self._resolve_backend(volumes)
+        return map_volumes(
+            lambda volume: self._posterior(volume, backend, threshold=float(threshold)), volumes, is_list
+        )
 
     def transform(self, X):
         """Posterior NP probability of each voxel; same as :meth:`predict_proba`.
