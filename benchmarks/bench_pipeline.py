@@ -46,7 +46,7 @@ ROWS = [
     ("ns-fit", "fit", "nanoseg", "NanoparticleMixture().fit(zarr)"),
     ("ref-posterior", "posterior", "reference", "per-slice MAP + LUT, written to zarr float16"),
     ("ns-posterior-zarr", "posterior", "nanoseg", "lazy transform (posterior_dtype float16), written to zarr"),
-    ("ns-posterior-mask", "posterior + mask", "nanoseg", "lazy transform, (p >= 0.95).sum(), nothing stored"),
+    ("ns-posterior-mask", "posterior + mask", "nanoseg", "lazy predict(threshold=0.95) mask, .sum(), nothing stored"),
     ("ref-labels", "labels", "reference", "whole posterior zarr loaded, close, label, filter, write"),
     ("ns-labels", "labels", "nanoseg", "Labeler().transform(mixture.transform(raw zarr)), written to zarr"),
 ]
@@ -305,7 +305,7 @@ def detail_lines(result):
     if "ns-posterior-mask" in stages:
         last = stages["ns-posterior-mask"]["last"]
         lines.append(
-            f"nanoseg posterior + mask: {last['transform_s']:.2f} s in transform (building the lazy graph;"
+            f"nanoseg posterior + mask: {last['transform_s']:.2f} s in predict (building the lazy graph;"
             f" the slice weights are computed with the lookup), {last['mask_voxels']} voxels >= 0.95"
         )
     if "ns-labels" in stages:

@@ -13,7 +13,8 @@ Stages (all read the same uint8 zarr input ``--input`` and work in ``--workdir``
 ``ref-posterior``      reference posterior, written to ``ref_posterior.zarr`` (float16)
 ``ref-labels``         reference labelling of ``ref_posterior.zarr`` -> ``ref_labels.zarr``
 ``ns-fit``             ``NanoparticleMixture().fit(zarr)``, saved with joblib
-``ns-posterior-mask``  lazy posterior, ``(posterior >= 0.95).sum()`` computed, nothing stored
+``ns-posterior-mask``  lazy posterior mask ``mixture.predict(zarr, threshold=0.95)`` (the same voxels as
+                      ``posterior >= 0.95``), its ``.sum()`` computed, nothing stored
 ``ns-posterior-zarr``  lazy float16 posterior (``posterior_dtype="float16"``) written to ``ns_posterior.zarr``
 ``ns-labels``          ``NanoparticleLabeler().transform(mixture.transform(zarr))`` -> ``ns_labels.zarr``
 ``compare``            label and posterior agreement between the two implementations
@@ -142,9 +143,11 @@ def ns_fit(volume, workdir, info):
 def ns_posterior_mask(volume, workdir, info):
     mixture = load_mixture(workdir)
     t0 = time.perf_counter()
-    posterior = mixture.transform(volume)
+    # predict looks voxels up in boolean tables (posterior >= threshold per
+    # intensity): no float posterior is made.
+    mask = mixture.predict(volume, threshold=THRESHOLD)
     info["transform_s"] = time.perf_counter() - t0
-    info["mask_voxels"] = int((posterior >= THRESHOLD).sum().compute())
+    info["mask_voxels"] = int(mask.sum().compute())
 
 
 def ns_posterior_zarr(volume, workdir, info):

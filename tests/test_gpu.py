@@ -224,6 +224,8 @@ def test_mixture_options_identical(case):
         {"n_jobs": 1},
         {"memory_budget": image[0].size * 8},  # many small slabs
         {"percentile_low": "otsu", "monotone_posterior": True},
+        {"halo": "dilation", "halo_pad": 5},
+        {"halo": "dilation", "min_seed_size": 1},
     ]:
         X = 255 - image if params.get("polarity") == "dark" else image
         cpu = NanoparticleMixture(**params).fit(X)

@@ -189,18 +189,94 @@ def test_new_options_survive_saving(tmp_path):
     np.testing.assert_array_equal(loaded.predict_proba(image), mixture.predict_proba(image))
 
 
-def test_cli_takes_otsu_and_monotone(tmp_path):
+def test_cli_takes_otsu_monotone_and_dilation(tmp_path):
     import tifffile
 
     image, _ = make_phantom(shape=(4, 64, 64), random_state=7)
     tifffile.imwrite(tmp_path / "image.tif", image, photometric="minisblack")
     code = main([
         "fit", str(tmp_path / "image.tif"), str(tmp_path / "model.npz"),
-        "--percentile-low", "otsu", "--monotone-posterior", "--max-iter", "100000", "--spacing", "50", "10", "10", "-q",
+        "--percentile-low", "otsu", "--monotone-posterior", "--halo", "dilation", "--max-iter", "100000", "--spacing", "50", "10", "10", "-q",
     ])
     assert code == 0
     loaded = persistence.load(tmp_path / "model.npz")
-    expected = NanoparticleMixture(percentile_low="otsu", monotone_posterior=True, max_iter=100000).fit(image)
+    expected = NanoparticleMixture(
+        percentile_low="otsu", monotone_posterior=True, halo="dilation", max_iter=100000
+    ).fit(image)
+    assert loaded.get_params()["halo"] == "dilation"
     assert loaded.low_intensity_ == expected.low_intensity_
     np.testing.assert_array_equal(loaded.particle_pmf_, expected.particle_pmf_)
     assert json.dumps(loaded.get_params()["percentile_low"]) == '"otsu"'
+
+
+# -- halos around the seeds themselves ---------------------------------------------
+
+
+def _chebyshev_band(seed_points, shape, pad):
+    """Pixels within `pad` rows and columns of any of `seed_points`, by brute force."""
+    rows, cols = np.indices(shape)
+    band = np.zeros(shape, bool)
+    for r, c in seed_points:
+        band |= (np.abs(rows - r) <= pad) & (np.abs(cols - c) <= pad)
+    return band
+
+
+def test_dilation_halo_excludes_the_band_around_a_diagonal_seed():
+    rng = np.random.default_rng(8)
+    image = rng.integers(40, 60, (1, 90, 90)).astype(np.uint8)
+    line = [(k, k) for k in range(10, 70)]
+    for r, c in line:
+        image[0, r, c] = 200
+    settings = {"percentile_low": 99.0, "percentile_high": 99.9, "halo_pad": 3, "min_seed_size": 5}
+    dilation = NanoparticleMixture(halo="dilation", **settings).fit(image)
+    box = NanoparticleMixture(**settings).fit(image)
+    band = _chebyshev_band(line, image.shape[1:], 3)
+    expected = np.bincount(image[0][~band], minlength=256)
+    np.testing.assert_array_equal(dilation.background_histogram_, expected)
+    # The box halo takes the whole square the diagonal spans (rows and
+    # columns 7 to 72).
+    square = np.zeros(image.shape[1:], bool)
+    square[7:73, 7:73] = True
+    np.testing.assert_array_equal(box.background_histogram_, np.bincount(image[0][~square], minlength=256))
+
+
+def test_dilation_halo_of_a_lone_compact_seed_is_its_box():
+    rng = np.random.default_rng(9)
+    image = rng.integers(40, 60, (2, 64, 64)).astype(np.uint8)
+    image[:, 20:26, 30:36] = 220  # a square seed: its grown box is its dilation
+    settings = {"percentile_low": 99.0, "percentile_high": 99.9, "halo_pad": 4, "min_seed_size": 5}
+    box = NanoparticleMixture(**settings).fit(image)
+    dilation = NanoparticleMixture(halo="dilation", **settings).fit(image)
+    np.testing.assert_array_equal(box.background_histogram_, dilation.background_histogram_)
+
+
+def test_dilation_halo_keeps_background_between_touching_particles():
+    # A lattice of bright lines joins every particle into one component whose
+    # bounding box is the whole image: the box halo leaves no background.
+    rng = np.random.default_rng(10)
+    image = rng.normal(60, 4, (2, 96, 96))
+    image[:, ::12, :] = 200
+    image[:, :, ::12] = 200
+    image = image.clip(0, 255).astype(np.uint8)
+    settings = {"percentile_low": "otsu", "halo_pad": 2, "min_seed_size": 5}
+    with pytest.raises(ValueError, match="No background voxels"):
+        NanoparticleMixture(**settings).fit(image)
+    mixture = NanoparticleMixture(halo="dilation", **settings).fit(image)
+    band = _chebyshev_band([(r, c) for r in range(96) for c in range(96) if r % 12 == 0 or c % 12 == 0], (96, 96), 2)
+    assert mixture.background_histogram_.sum() == 2 * int((~band).sum())
+    assert (mixture.predict_proba(image)[image == 200] > 0.99).all()
+
+
+def test_dilation_halo_for_dark_particles_is_mirrored():
+    image, _ = make_phantom(shape=(3, 80, 80), random_state=12)
+    settings = {"halo": "dilation", "halo_pad": 4, "min_seed_size": 3, "max_iter": 100_000}
+    bright = NanoparticleMixture(**settings).fit(image)
+    dark = NanoparticleMixture(polarity="dark", **settings).fit(255 - image)
+    np.testing.assert_array_equal(dark.background_histogram_, bright.background_histogram_[::-1])
+    np.testing.assert_array_equal(dark.predict_proba(255 - image), bright.predict_proba(image))
+
+
+def test_halo_shape_is_validated():
+    image, _ = make_phantom(shape=(2, 48, 48), random_state=0)
+    with pytest.raises(ValueError, match="halo"):
+        NanoparticleMixture(halo="circle").fit(image)

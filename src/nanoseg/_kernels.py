@@ -214,7 +214,9 @@ def drop_bright(hists, high, dark=False):
     return out
 
 
-def slab_background_histograms(backend, slab, low, high, *, min_seed_size, halo_pad, hists=None, dark=False):
+def slab_background_histograms(
+    backend, slab, low, high, *, min_seed_size, halo_pad, hists=None, dark=False, halo="box"
+):
     """:func:`background_histogram` of every slice of a (n, Y, X) slab: (n, 256) int64.
 
     On the CPU, slice by slice. Elsewhere the whole slab at once: seeds are
@@ -222,7 +224,16 @@ def slab_background_histograms(backend, slab, low, high, *, min_seed_size, halo_
     slices), their bounding boxes come from two sorts of the seed voxels, and
     the grown boxes are painted with a summed-area table. Only the union of
     the boxes matters, so the seeds' numbering does not.
+
+    With ``halo="dilation"`` the excluded pixels are those within `halo_pad`
+    pixels (in rows and in columns: a square) of a pixel of a kept seed
+    component, rather than within its grown bounding box; see
+    :func:`dilated_seed_exclusion`.
     """
+    if halo == "dilation":
+        hists = slice_histograms(backend, slab) if hists is None else backend.to_device(hists)
+        excluded = dilated_seed_exclusion(backend, slab, low, high, min_seed_size, halo_pad, dark)
+        return hists - masked_slice_histograms(backend, slab, excluded)
     if not backend.is_gpu:
         hists = slice_histograms(backend, slab) if hists is None else hists
         return np.stack(
@@ -244,6 +255,44 @@ def slab_background_histograms(backend, slab, low, high, *, min_seed_size, halo_
         boxes = component_boxes(backend, labels, min_seed_size)
         excluded |= paint_boxes(backend, boxes, slab.shape, halo_pad)
     return hists - masked_slice_histograms(backend, slab, excluded)
+
+
+def dilated_seed_exclusion(backend, slab, low, high, min_seed_size, halo_pad, dark=False):
+    """Pixels excluded from the background with square halos around the seeds themselves.
+
+    Seed pixels form 8-connected components within each slice; those of at
+    least `min_seed_size` pixels are grown by `halo_pad` pixels in every
+    direction of the plane (a maximum filter of side ``2 halo_pad + 1``), so
+    that a pixel is excluded when it lies within `halo_pad` rows and columns
+    of a seed pixel. A single seed pixel excludes the same square as its
+    bounding box would; a long or branched component excludes only its
+    neighbourhood, not the whole box around it, so particles packed across
+    an image leave the background between them. Pixels at or above `high`
+    (model space) are excluded too.
+
+    Returns
+    -------
+    excluded : (n, Y, X) bool array of the backend
+    """
+    xp = backend.xp
+    seeds, excluded = seed_and_bright_masks(backend, slab, low, high, dark)
+    if min_seed_size > 1:
+        in_plane = np.zeros((3, 3, 3), dtype=bool)
+        in_plane[1] = True  # 8-connected within a slice, never across slices
+        labels, count = backend.ndi.label(seeds, structure=xp.asarray(in_plane))
+        if int(count) == 0:
+            return excluded
+        sizes = xp.bincount(labels.reshape(-1))
+        big = sizes >= min_seed_size
+        big[0] = False
+        seeds = big[labels]
+    if halo_pad > 0:
+        side = 2 * halo_pad + 1
+        # On uint8 0/1 values: a maximum filter is separable and fast for
+        # square footprints, where a binary dilation is not.
+        grown = backend.ndi.maximum_filter(seeds.view(np.uint8), size=(1, side, side), mode="constant", cval=0)
+        seeds = grown.view(bool)
+    return excluded | seeds
 
 
 def component_boxes(backend, labels, min_size):

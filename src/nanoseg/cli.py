@@ -50,6 +50,7 @@ _MIXTURE_OPTIONS = {
     "percentile_low": "fit",
     "percentile_high": "fit",
     "halo_pad": "fit",
+    "halo": "fit",
     "min_seed_size": "fit",
     "monotone_posterior": "fit",
     "sampling_step": "fit",
@@ -617,6 +618,9 @@ def _add_mixture_options(parser):
                        help=f"hard background exclusion percentile (default: {defaults['percentile_high']})")
     group.add_argument("--halo-pad", type=int, default=None, metavar="PX",
                        help=f"pixels excluded around seeds (default: {defaults['halo_pad']})")
+    group.add_argument("--halo", choices=("box", "dilation"), default=None,
+                       help="exclude each seed's grown bounding box, or the pixels near the seed "
+                       f"itself (default: {defaults['halo']})")
     group.add_argument("--min-seed-size", type=int, default=None, metavar="PX",
                        help=f"smallest seed component (default: {defaults['min_seed_size']})")
     group.add_argument("--monotone-posterior", action="store_true", default=None,
