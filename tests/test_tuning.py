@@ -414,7 +414,10 @@ def test_default_space_and_pipeline():
     for key in _translate(space, tuning_pipeline(per_volume=False), per_volume=False):
         assert key in tuning_pipeline(per_volume=False).get_params()
     # Every percentile_low may be combined with every percentile_high.
-    assert min(space["mixture__percentile_high"]) >= max(space["mixture__percentile_low"])
+    numeric = [p for p in space["mixture__percentile_low"] if p != "otsu"]
+    assert min(space["mixture__percentile_high"]) >= max(numeric)
+    # The count the documentation gives.
+    assert int(np.prod([len(values) for values in space.values()])) == 5184
 
 
 @pytest.mark.parametrize(

@@ -560,14 +560,21 @@ def default_search_space():
 
     Notes
     -----
-    The space, 1,296 settings in all, covers:
+    The space, 5,184 settings in all, covers:
 
     - ``background``: off, or a white top-hat of radius 10 voxels (in plane)
       that removes background structures larger than the particles;
     - ``mixture__percentile_low``: the intensity percentile from which
       voxels seed particles, 99.5 (the published default, for sparse
       particles), 97 or 90 (for images where particles cover a few percent
-      up to a tenth of the area); ``percentile_high`` is kept at or above it;
+      up to a tenth of the area), or ``"otsu"`` (each volume's Otsu
+      threshold, for crops whose particle cover varies);
+      ``percentile_high`` is kept at or above the percentiles;
+    - ``mixture__monotone_posterior``: the published, unconstrained
+      posterior, or one that never decreases with intensity;
+    - ``mixture__halo``: the published bounding-box halos, or halos around
+      the seed pixels (``"dilation"``), which leave background between
+      touching particles;
     - ``mixture__beta_prior``: no preference on each slice's particle fraction
       ``(1, 1)``, the default ``(1, 20)``, or a strong pull towards few
       particles ``(1, 1000)``;
@@ -595,8 +602,12 @@ def default_search_space():
 
     return {
         "background": [BackgroundSubtractor(method="passthrough"), BackgroundSubtractor(method="tophat", radius=10)],
-        "mixture__percentile_low": [99.5, 97.0, 90.0],
+        "mixture__percentile_low": [99.5, 97.0, 90.0, "otsu"],
         "mixture__percentile_high": [99.8],
+        # Both off in the published method; on real images with dense or
+        # touching particles they kept the background model from failing.
+        "mixture__monotone_posterior": [False, True],
+        "mixture__halo": ["box", "dilation"],
         "mixture__beta_prior": [(1.0, 1.0), (1.0, 20.0), (1.0, 1000.0)],
         "smooth__sigma": [0.0, (0.5, 1.5, 1.5), (1.0, 3.0, 3.0)],
         "labeler__threshold": [0.5, 0.9, 0.99],
