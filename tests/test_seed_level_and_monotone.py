@@ -110,15 +110,6 @@ def test_monotone_posterior_never_decreases_where_background_was_seen():
     assert mixture.particle_pmf_.sum() == pytest.approx(1.0)
 
 
-def test_monotone_posterior_of_dark_particles_is_the_mirror_image():
-    image, _ = _dark_rims()
-    settings = {"percentile_low": 95.0, "percentile_high": 99.0, "halo_pad": 3, "min_seed_size": 4, "monotone_posterior": True}
-    bright = NanoparticleMixture(**settings).fit(image)
-    dark = NanoparticleMixture(polarity="dark", **settings).fit(255 - image)
-    np.testing.assert_array_equal(dark.particle_pmf_, bright.particle_pmf_[::-1])
-    np.testing.assert_array_equal(dark.predict_proba(255 - image), bright.predict_proba(image))
-
-
 def test_monotone_posterior_off_is_the_seed_method():
     image, _ = make_phantom(shape=(4, 64, 64), random_state=1)
     default = NanoparticleMixture().fit(image)
@@ -267,12 +258,20 @@ def test_dilation_halo_keeps_background_between_touching_particles():
     assert (mixture.predict_proba(image)[image == 200] > 0.99).all()
 
 
-def test_dilation_halo_for_dark_particles_is_mirrored():
-    image, _ = make_phantom(shape=(3, 80, 80), random_state=12)
-    settings = {"halo": "dilation", "halo_pad": 4, "min_seed_size": 3, "max_iter": 100_000}
+@pytest.mark.parametrize("option", ["monotone_posterior", "dilation_halo"])
+def test_dark_particles_give_the_mirror_image(option):
+    if option == "monotone_posterior":
+        image, _ = _dark_rims()
+        settings = {"percentile_low": 95.0, "percentile_high": 99.0, "halo_pad": 3, "min_seed_size": 4,
+                    "monotone_posterior": True}
+        fitted = "particle_pmf_"
+    else:
+        image, _ = make_phantom(shape=(3, 80, 80), random_state=12)
+        settings = {"halo": "dilation", "halo_pad": 4, "min_seed_size": 3, "max_iter": 100_000}
+        fitted = "background_histogram_"
     bright = NanoparticleMixture(**settings).fit(image)
     dark = NanoparticleMixture(polarity="dark", **settings).fit(255 - image)
-    np.testing.assert_array_equal(dark.background_histogram_, bright.background_histogram_[::-1])
+    np.testing.assert_array_equal(getattr(dark, fitted), getattr(bright, fitted)[::-1])
     np.testing.assert_array_equal(dark.predict_proba(255 - image), bright.predict_proba(image))
 
 
