@@ -9,6 +9,7 @@ from numbers import Integral, Real
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils import metadata_routing
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 from tqdm import tqdm
@@ -358,6 +359,10 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     >>> bool((mixture16.predict_proba(wide) == posterior).all())
     True
     """
+
+    # predict's `threshold` is an argument, not metadata to route: without
+    # this, scikit-learn would add a set_predict_request method for it.
+    __metadata_request__predict = {"threshold": metadata_routing.UNUSED}
 
     _parameter_constraints = {
         "beta_prior": ["array-like"],
