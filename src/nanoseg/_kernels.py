@@ -230,11 +230,7 @@ def slab_background_histograms(
     component, rather than within its grown bounding box; see
     :func:`dilated_seed_exclusion`.
     """
-    if halo == "dilation":
-        hists = slice_histograms(backend, slab) if hists is None else backend.to_device(hists)
-        excluded = dilated_seed_exclusion(backend, slab, low, high, min_seed_size, halo_pad, dark)
-        return hists - masked_slice_histograms(backend, slab, excluded)
-    if not backend.is_gpu:
+    if halo == "box" and not backend.is_gpu:
         hists = slice_histograms(backend, slab) if hists is None else hists
         return np.stack(
             [
@@ -245,16 +241,25 @@ def slab_background_histograms(
                 for image, hist in zip(slab, hists)
             ]
         ).reshape(-1, N_BINS)
-    xp = backend.xp
     hists = slice_histograms(backend, slab) if hists is None else backend.to_device(hists)
-    seeds, excluded = seed_and_bright_masks(backend, slab, low, high, dark)
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = True  # 8-connected within a slice, never across slices
-    labels, count = backend.ndi.label(seeds, structure=xp.asarray(in_plane))
-    if int(count):
-        boxes = component_boxes(backend, labels, min_seed_size)
-        excluded |= paint_boxes(backend, boxes, slab.shape, halo_pad)
+    if halo == "dilation":
+        excluded = dilated_seed_exclusion(backend, slab, low, high, min_seed_size, halo_pad, dark)
+    else:
+        seeds, excluded = seed_and_bright_masks(backend, slab, low, high, dark)
+        labels, count = _label_in_plane(backend, seeds)
+        if count:
+            boxes = component_boxes(backend, labels, min_seed_size)
+            excluded |= paint_boxes(backend, boxes, slab.shape, halo_pad)
     return hists - masked_slice_histograms(backend, slab, excluded)
+
+
+def _label_in_plane(backend, seeds):
+    """Seed components of a (n, Y, X) slab, 8-connected within a slice and
+    never across slices: the labels and their number."""
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = True
+    labels, count = backend.ndi.label(seeds, structure=backend.xp.asarray(in_plane))
+    return labels, int(count)
 
 
 def dilated_seed_exclusion(backend, slab, low, high, min_seed_size, halo_pad, dark=False):
@@ -274,15 +279,12 @@ def dilated_seed_exclusion(backend, slab, low, high, min_seed_size, halo_pad, da
     -------
     excluded : (n, Y, X) bool array of the backend
     """
-    xp = backend.xp
     seeds, excluded = seed_and_bright_masks(backend, slab, low, high, dark)
     if min_seed_size > 1:
-        in_plane = np.zeros((3, 3, 3), dtype=bool)
-        in_plane[1] = True  # 8-connected within a slice, never across slices
-        labels, count = backend.ndi.label(seeds, structure=xp.asarray(in_plane))
-        if int(count) == 0:
+        labels, count = _label_in_plane(backend, seeds)
+        if count == 0:
             return excluded
-        sizes = xp.bincount(labels.reshape(-1))
+        sizes = backend.xp.bincount(labels.reshape(-1))
         big = sizes >= min_seed_size
         big[0] = False
         seeds = big[labels]
