@@ -1,5 +1,5 @@
-"""The mixture's data-driven seed level (percentile_low="otsu") and its
-monotone posterior (monotone_posterior=True)."""
+"""The mixture's data-driven seed level (percentile_low="otsu"), its monotone
+posterior (monotone_posterior=True) and its dilation halos (halo="dilation")."""
 
 import json
 
@@ -37,17 +37,13 @@ def test_monotone_pmf_weights_the_pool_by_the_background():
 def test_monotone_pmf_keeps_an_already_monotone_pmf():
     v = np.arange(256)
     p_bg = _model.normalize_pmf(np.exp(-0.5 * ((v - 100) / 12.0) ** 2), 1e-12)
-    p_np = _model.normalize_pmf(np.exp(-0.5 * ((v - 210) / 10.0) ** 2), 1e-12)
-    # Two Gaussians with the particles' narrower: the ratio rises over the
-    # whole range only above the crossing point of the log-ratio's parabola,
-    # so build a PMF with a rising ratio directly.
+    # A particle PMF whose ratio to the background rises over the whole range.
     ratio = np.exp((v - 128) / 16.0)
     rising = _model.normalize_pmf(ratio * p_bg, 1e-12)
     out = _model.monotone_particle_pmf(rising, p_bg)
     # Equal up to the floor's rounding on bins of about 1e-12.
     np.testing.assert_allclose(out, rising, rtol=1e-9, atol=1e-11)
     assert out.sum() == pytest.approx(1.0)
-    assert p_np.sum() == pytest.approx(1.0)
 
 
 def test_otsu_intensity_matches_scikit_image_on_the_voxels():
@@ -229,6 +225,23 @@ def test_dilation_halo_excludes_the_band_around_a_diagonal_seed():
     square = np.zeros(image.shape[1:], bool)
     square[7:73, 7:73] = True
     np.testing.assert_array_equal(box.background_histogram_, np.bincount(image[0][~square], minlength=256))
+
+
+@pytest.mark.parametrize("halo_pad", [0, 3])
+def test_dilation_halo_without_size_filter_or_padding(halo_pad):
+    # min_seed_size=1 keeps every seed pixel without labelling them, and
+    # halo_pad=0 excludes the seeds alone; the Otsu level puts the seeds
+    # exactly on the line.
+    rng = np.random.default_rng(13)
+    image = rng.integers(40, 60, (1, 60, 60)).astype(np.uint8)
+    line = [(k, 59 - k) for k in range(5, 50)]
+    for r, c in line:
+        image[0, r, c] = 200
+    mixture = NanoparticleMixture(
+        percentile_low="otsu", halo="dilation", halo_pad=halo_pad, min_seed_size=1
+    ).fit(image)
+    band = _chebyshev_band(line, image.shape[1:], halo_pad)
+    np.testing.assert_array_equal(mixture.background_histogram_, np.bincount(image[0][~band], minlength=256))
 
 
 def test_dilation_halo_of_a_lone_compact_seed_is_its_box():

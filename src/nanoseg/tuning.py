@@ -604,8 +604,10 @@ def default_search_space():
         "background": [BackgroundSubtractor(method="passthrough"), BackgroundSubtractor(method="tophat", radius=10)],
         "mixture__percentile_low": [99.5, 97.0, 90.0, "otsu"],
         "mixture__percentile_high": [99.8],
-        # Both off in the published method; on real images with dense or
-        # touching particles they kept the background model from failing.
+        # Both off in the published method. On real images with dense or
+        # touching particles, the monotone posterior kept dark background
+        # from looking like particles, and dilation halos left background to
+        # learn from where bounding boxes covered whole images.
         "mixture__monotone_posterior": [False, True],
         "mixture__halo": ["box", "dilation"],
         "mixture__beta_prior": [(1.0, 1.0), (1.0, 20.0), (1.0, 1000.0)],
