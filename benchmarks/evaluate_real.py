@@ -17,16 +17,20 @@ Protocol, the same for every method:
    are chosen on 32 images drawn at random from its tuning half
    (``--emps-tuning``), to keep a full run near half an hour on two CPUs; its
    whole held-out half is scored.
-2. Every method is one pipeline -- background subtraction, intensity step,
-   posterior smoothing, labelling, splitting of touching particles -- and
-   differs only in its intensity step: nanoseg's per-image
-   :class:`~nanoseg.NanoparticleMixture`, or one
-   :class:`~nanoseg.baselines.GlobalThreshold` method. Each intensity step is
-   fitted on each image on its own (:class:`~nanoseg.tuning.PerVolume`); the
-   other settings are shared by all images of a dataset and searched.
+2. nanoseg is one pipeline -- background subtraction, the per-image
+   :class:`~nanoseg.NanoparticleMixture`, posterior smoothing, labelling,
+   splitting of touching particles. Every baseline, one
+   :class:`~nanoseg.baselines.GlobalThreshold` method, runs twice: as a
+   global threshold followed by labelling (its own settings and the
+   minimum particle size searched, see :func:`threshold_steps`), and inside
+   nanoseg's pipeline in place of the mixture (``<method>+steps``: the
+   same background, smoothing, labelling and splitting options as nanoseg).
+   Each intensity step is fitted on each image on its own
+   (:class:`~nanoseg.tuning.PerVolume`); the other settings are shared by
+   all images of a dataset and searched.
 3. Each method's grid (its own intensity settings, see
-   :func:`intensity_steps`, times the same background, smoothing, labelling
-   and splitting options for all methods, see :func:`shared_steps`) is
+   :func:`intensity_steps`, times its other steps' options, see
+   :func:`shared_steps` and :func:`threshold_steps`) is
    searched exhaustively on the tuning images; the setting with the best
    pooled object F1 (IoU > 0.5, as :data:`nanoseg.metrics.object_f1_scorer`)
    wins. No cross-validation is needed: nothing is learned from other
@@ -87,7 +91,13 @@ SEED = 0
 # keep a full run near half an hour on 2 CPUs; the held-out half is scored whole.
 EMPS_TUNING = 32
 STEPS = ("background", "intensity", "smooth", "labeler", "split")
-METHODS = ("nanoseg", "fixed", "otsu", "li", "multiotsu", "tile_maxima")
+BASELINES = ("fixed", "otsu", "li", "multiotsu", "tile_maxima")
+# Each baseline runs twice: as the issue of record describes it (its global
+# threshold, then labelling with a searched minimum size), and inside
+# nanoseg's whole pipeline ("+steps": background subtraction, smoothing,
+# labelling and splitting searched exactly as for nanoseg).
+STEPS_SUFFIX = "+steps"
+METHODS = ("nanoseg", *BASELINES, *(name + STEPS_SUFFIX for name in BASELINES))
 
 
 # ---------------------------------------------------------------------------
@@ -264,6 +274,20 @@ def shared_steps(quick=False):
     }
 
 
+def threshold_steps(quick=False):
+    """A global threshold's own pipeline: labelling, with the minimum size searched.
+
+    The intensity step gives a 0/1 map, so the labeller's threshold does not
+    matter and no other step is applied.
+    """
+    return {
+        "background": ["passthrough"],
+        "smooth": ["passthrough"],
+        "labeler": _grid(NanoparticleLabeler, threshold=[0.5], min_size=[20] if quick else [10, 40, 160, 640], n_jobs=[1]),
+        "split": ["passthrough"],
+    }
+
+
 def intensity_steps(method, quick=False):
     """The method's own intensity settings."""
     if method == "nanoseg":
@@ -307,7 +331,16 @@ def intensity_steps(method, quick=False):
 
 
 def search_space(method, quick=False):
-    steps = shared_steps(quick)
+    """The method's grid: its intensity settings times its other steps' options.
+
+    nanoseg and the ``+steps`` baselines search :func:`shared_steps`; a plain
+    baseline searches :func:`threshold_steps`.
+    """
+    if method.endswith(STEPS_SUFFIX):
+        method = method[: -len(STEPS_SUFFIX)]
+        steps = shared_steps(quick)
+    else:
+        steps = shared_steps(quick) if method == "nanoseg" else threshold_steps(quick)
     steps["intensity"] = [PerVolume(est, on_error="empty") for est in intensity_steps(method, quick)]
     return [(name, steps[name]) for name in STEPS]
 
@@ -527,6 +560,12 @@ def _scores(predicted, labels):
 _COST = {"nanoseg": 8, "fixed": 10, "tile_maxima": 4, "multiotsu": 2, "otsu": 1, "li": 1}
 
 
+def _cost(method):
+    if method.endswith(STEPS_SUFFIX):
+        return _COST[method[: -len(STEPS_SUFFIX)]]
+    return _COST[method] / 16 if method in BASELINES else _COST[method]
+
+
 def tuning_counts(datasets, methods, quick, n_jobs, memory, log):
     """Counts of every candidate of every method on every tuning image.
 
@@ -542,7 +581,7 @@ def tuning_counts(datasets, methods, quick, n_jobs, memory, log):
                 key = (method, dataset.ids[index])
                 if key not in jobs:
                     jobs[key] = (dataset.images[index], dataset.labels[index])
-    order = sorted(jobs, key=lambda key: -_COST[key[0]] * jobs[key][0].size)
+    order = sorted(jobs, key=lambda key: -_cost(key[0]) * jobs[key][0].size)
     log(f"searching: {len(order)} (method, image) pairs on {n_jobs} processes")
     start = time.perf_counter()
     results = Parallel(n_jobs=n_jobs, verbose=5 if len(order) > 20 else 0)(
@@ -614,6 +653,27 @@ def _rst_table(header, rows):
     return [rule, line(header), rule, *(line(row) for row in rows), rule]
 
 
+def _verdict(rows):
+    """One sentence per comparison: nanoseg's held-out F1 against the best baseline's."""
+    f1 = {row["method"]: row["f1"] for row in rows}
+    if "nanoseg" not in f1:
+        return []
+    sentences = []
+    for label, names in (
+        ("global thresholds", BASELINES),
+        ("global thresholds inside nanoseg's pipeline", [b + STEPS_SUFFIX for b in BASELINES]),
+    ):
+        present = [name for name in names if name in f1]
+        if not present:
+            continue
+        best = max(present, key=f1.get)
+        outcome = "ahead of" if f1["nanoseg"] > f1[best] else "not ahead of"
+        sentences.append(
+            f"Against {label}: nanoseg {f1['nanoseg']:.3f} is {outcome} the best, {best} {f1[best]:.3f}."
+        )
+    return [" ".join(sentences)] if sentences else []
+
+
 def report(results, datasets):
     """The results as RST: one table per dataset, then the chosen settings."""
     lines = []
@@ -640,6 +700,7 @@ def report(results, datasets):
         ]
         header = ["method", "object F1", "precision", "recall", "Dice", "PQ", "tuning F1", "candidates"]
         lines += [title, "~" * len(title), "", *_rst_table(header, table), ""]
+        lines += [*_verdict(rows), ""]
         lines += ["Chosen settings:", ""]
         lines += [f"- {row['method']}: ``{row['setting']}``" for row in rows]
         lines.append("")
