@@ -45,8 +45,6 @@ import evaluate_real as ev
 from nanoseg import NanoparticleLabeler, NanoparticleMixture
 from nanoseg.baselines import GlobalThreshold
 from nanoseg.metrics import match_objects
-from nanoseg.preprocessing import BackgroundSubtractor, PosteriorSmoother
-from nanoseg.splitting import ParticleSplitter
 from nanoseg.tuning import PerVolume
 
 # Mixture settings for images crowded with particles (see the evaluation page).
@@ -68,8 +66,7 @@ def dense_mixture(setting):
 def unused_tuning_images(root):
     """The EMPS tuning-half images `evaluate_real.py` does not tune on."""
     ids, images, labels, articles = ev.load_emps(root)
-    bright_small = set((root / "emps-train" / "bright_small.txt").read_text().split())
-    tuning, _ = ev.split_groups(articles, [i in bright_small for i in ids])
+    _, tuning, _ = ev.split_emps(root, ids, articles)
     drawn = set(ev._draw(tuning, ev.EMPS_TUNING))
     unused = [i for i in tuning if i not in drawn]
     return [images[i] for i in unused], [labels[i] for i in unused]
@@ -81,14 +78,15 @@ def unused_tuning_images(root):
 
 
 def pipeline_space(method):
-    steps = {
-        "background": ["passthrough", BackgroundSubtractor(method="gaussian", radius=50)],
-        "smooth": [PosteriorSmoother(sigma=s) for s in (0, 1.5)],
-        "labeler": ev._grid(
-            NanoparticleLabeler, threshold=[0.5, 0.8, 0.95, 0.99, 0.999], min_size=[10, 40, 160, 640], n_jobs=[1]
-        ),
-        "split": ["passthrough", ParticleSplitter(min_distance=8)],
-    }
+    """The evaluation's shared steps, with a posterior threshold of 0.999 added."""
+    steps = ev.shared_steps()
+    labelers = steps["labeler"]
+    steps["labeler"] = ev._grid(
+        NanoparticleLabeler,
+        threshold=sorted({option.threshold for option in labelers} | {0.999}),
+        min_size=sorted({option.min_size for option in labelers}),
+        n_jobs=[1],
+    )
     if method == "nanoseg":
         estimators = [dense_mixture(setting) for setting in DENSE_SETTINGS]
     else:
@@ -114,10 +112,7 @@ def counts_by_cut(image, truth):
     """(len(LEVELS), 3) object tp, fp, fn of ``image > level`` for every level."""
     out = np.zeros((LEVELS.size, 3))
     for k, level in enumerate(LEVELS):
-        components = label(image > level, connectivity=2)
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        components[sizes[components] < MIN_SIZE] = 0
+        components = ev._drop_small(label(image > level, connectivity=2), MIN_SIZE)
         matched = match_objects(components, truth)
         out[k] = matched["tp"], matched["fp"], matched["fn"]
     return out

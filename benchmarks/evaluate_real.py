@@ -63,6 +63,7 @@ changed; clear it after changing nanoseg itself.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import os
@@ -199,6 +200,14 @@ def _draw(indices, n, seed=SEED):
     return sorted(indices[k] for k in drawn)
 
 
+def split_emps(root, ids, articles):
+    """Which EMPS images are bright_small, and the tuning and held-out halves."""
+    bright_small = set((root / "emps-train" / "bright_small.txt").read_text().split())
+    marked = [i in bright_small for i in ids]
+    tuning, held_out = split_groups(articles, marked)
+    return marked, tuning, held_out
+
+
 def load_datasets(root, emps_tuning=None, quick=False):
     """The three evaluation sets, split into tuning and held-out images.
 
@@ -207,9 +216,7 @@ def load_datasets(root, emps_tuning=None, quick=False):
     half's); `quick` also caps the other sides, for a smoke test.
     """
     ids, images, labels, articles = load_emps(root)
-    bright_small = set((root / "emps-train" / "bright_small.txt").read_text().split())
-    marked = [i in bright_small for i in ids]
-    tuning, held_out = split_groups(articles, marked)
+    marked, tuning, held_out = split_emps(root, ids, articles)
     keys = [f"emps/{i}" for i in ids]
     emps_all = Dataset(
         "EMPS all",
@@ -336,13 +343,16 @@ def search_space(method, quick=False):
     nanoseg and the ``+steps`` baselines search :func:`shared_steps`; a plain
     baseline searches :func:`threshold_steps`.
     """
-    if method.endswith(STEPS_SUFFIX):
-        method = method[: -len(STEPS_SUFFIX)]
-        steps = shared_steps(quick)
-    else:
-        steps = shared_steps(quick) if method == "nanoseg" else threshold_steps(quick)
-    steps["intensity"] = [PerVolume(est, on_error="empty") for est in intensity_steps(method, quick)]
+    base = method.removesuffix(STEPS_SUFFIX)
+    steps = threshold_steps(quick) if method in BASELINES else shared_steps(quick)
+    steps["intensity"] = [PerVolume(est, on_error="empty") for est in intensity_steps(base, quick)]
     return [(name, steps[name]) for name in STEPS]
+
+
+@functools.lru_cache
+def _n_other_options(method):
+    """How many settings of the steps other than the intensity step `method` searches."""
+    return int(np.prod([len(options) for name, options in search_space(method) if name != "intensity"]))
 
 
 def n_candidates(space):
@@ -557,13 +567,13 @@ def _scores(predicted, labels):
 
 
 # Rough relative cost of a method's grid per image, to start the long jobs first.
+# Measured with the shared steps' options; a plain baseline searches fewer.
 _COST = {"nanoseg": 8, "fixed": 10, "tile_maxima": 4, "multiotsu": 2, "otsu": 1, "li": 1}
 
 
 def _cost(method):
-    if method.endswith(STEPS_SUFFIX):
-        return _COST[method[: -len(STEPS_SUFFIX)]]
-    return _COST[method] / 16 if method in BASELINES else _COST[method]
+    base = method.removesuffix(STEPS_SUFFIX)
+    return _COST[base] * _n_other_options(method) / _n_other_options("nanoseg")
 
 
 def tuning_counts(datasets, methods, quick, n_jobs, memory, log):
