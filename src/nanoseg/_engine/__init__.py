@@ -1,0 +1,1 @@
+"""Orchestration: how estimators walk volumes slab by slab, in memory or as lazy dask graphs."""

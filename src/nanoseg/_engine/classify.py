@@ -1,0 +1,287 @@
+"""Per-voxel classification of volumes, slab by slab, gated and exact.
+
+A :class:`SlabClassifier` holds everything a slab needs (picklable, so dask
+workers in other processes can use it): the intensity normalisation of the
+volume, the feature specification, the fitted scikit-learn classifier, the
+gate and, optionally, the fitted intensity model whose posterior is a
+feature.
+
+Each slab is read with a halo of :func:`nanoseg._ops.filters.support` planes
+on each side, so that the features of its own planes are those of the whole
+volume. Inside a slab only voxels the gate lets through are classified (the
+rest get probability 0), and features are computed only in crops around
+them: the gate's voxels are grouped by coarse tiles, tiles within the
+features' reach of each other are merged, and each group's crop is grown by
+that reach. The result equals classifying the whole volume at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from .._backend import CPU
+from .._ops.filters import compute_features, support
+from .._parallel import ordered_map
+
+#: Tile edge (voxels) used to group the gate's voxels into crops, per axis.
+TILE = (4, 32, 32)
+
+#: Posterior clip before the logit: keeps the feature finite and bounded.
+LOGIT_CLIP = 1e-4
+
+
+def histogram(volume, n_jobs=1):
+    """Counts of every intensity value of a uint8/uint16 volume, read slab by slab."""
+    n_values = 256 if volume.dtype == np.uint8 else 65536
+    depth = volume.slab_depth(8)
+
+    def count(indices):
+        slab = volume.read(int(indices[0]), int(indices[-1]) + 1)
+        return np.bincount(slab.ravel(), minlength=n_values)
+
+    total = np.zeros(n_values, dtype=np.int64)
+    for counts in ordered_map(count, volume.slabs(depth), n_jobs):
+        total += counts
+    return total
+
+
+def _weighted_median(values, weights):
+    cumulative = np.cumsum(weights)
+    return float(values[np.searchsorted(cumulative, cumulative[-1] / 2.0)])
+
+
+def robust_location_scale(counts, name="X"):
+    """Median and scaled median absolute deviation of a histogram of intensities.
+
+    The median and MAD follow the background in volumes where particles are a
+    minority of the voxels, so intensities in units of ``(I - median) / scale``
+    compare across acquisitions of different brightness and contrast. Falls
+    back to the standard deviation when more than half of the voxels share
+    one value.
+
+    Raises
+    ------
+    ValueError
+        For a constant volume.
+    """
+    values = np.arange(counts.size, dtype=np.float64)
+    median = _weighted_median(values, counts)
+    deviation = np.abs(values - median)
+    order = np.argsort(deviation, kind="stable")
+    mad = _weighted_median(deviation[order], counts[order])
+    scale = 1.4826 * mad
+    if scale == 0:
+        mean = np.average(values, weights=counts)
+        scale = float(np.sqrt(np.average((values - mean) ** 2, weights=counts)))
+    if scale == 0:
+        raise ValueError(
+            f"{name} is constant (every voxel is {int(median)}): there is nothing to classify. "
+            "Check that the right array was passed."
+        )
+    return median, scale
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """Maps raw intensities to ``(I - location) / scale`` (float32) through a table."""
+
+    location: float
+    scale: float
+    n_values: int = 256
+
+    def table(self):
+        values = np.arange(self.n_values, dtype=np.float64)
+        return ((values - self.location) / self.scale).astype(np.float32)
+
+    def level(self, normalised):
+        """The raw intensity matching a normalised level."""
+        return self.location + normalised * self.scale
+
+
+@dataclass
+class SlabClassifier:
+    """Classifies the voxels of slabs of one volume (see the module docstring).
+
+    Attributes
+    ----------
+    spec : FeatureSpec
+    estimator : classifier
+        Fitted scikit-learn classifier over ``spec``'s features (plus the
+        posterior logit when `prior` is set).
+    normaliser : Normaliser
+    output_classes : sequence of int
+        Columns of ``estimator.predict_proba`` summed into the output.
+    gate_level : float or None
+        Normalised intensity at (or, for dark particles, below) which a voxel
+        may be a particle; None classifies every voxel.
+    particle_sign : {1, -1}
+        1 for particles brighter than the background, -1 for darker.
+    gate_margin : tuple of int
+        Voxels per axis by which the gate is grown.
+    prior : NanoparticleMixture or None
+        Fitted on this volume; its posterior logit is the last feature.
+    backend : Backend
+    """
+
+    spec: object
+    estimator: object
+    normaliser: Normaliser
+    output_classes: tuple
+    gate_level: float | None = None
+    particle_sign: int = 1
+    gate_margin: tuple = (0, 0, 0)
+    prior: object = None
+    backend: object = CPU
+    _table: np.ndarray = field(default=None, init=False, repr=False)
+
+    @property
+    def halo(self):
+        """Planes read on each side of a slab, and rows/columns of reach in the plane."""
+        reach = support(self.spec)
+        return tuple(r + m for r, m in zip(reach, self.gate_margin))
+
+    def normalise(self, raw):
+        if self._table is None:
+            self._table = self.normaliser.table()
+        table = self._table
+        if self.backend.is_gpu:
+            table = self.backend.to_device(table)
+            raw = self.backend.to_device(raw)
+        return table[raw]
+
+    def gate(self, raw):
+        """Boolean mask of the voxels to classify (the grown gate), on the host."""
+        shape = raw.shape
+        if self.gate_level is None:
+            return np.ones(shape, dtype=bool)
+        level = self.normaliser.level(self.gate_level)
+        raw = np.asarray(raw)
+        if self.particle_sign > 0:
+            mask = raw >= np.ceil(level)
+        else:
+            mask = raw <= np.floor(level)
+        if any(self.gate_margin):
+            size = tuple(2 * m + 1 for m in self.gate_margin)
+            mask = ndi.maximum_filter(mask.view(np.uint8), size=size, mode="constant").view(bool)
+        return mask
+
+    def posterior_logit(self, raw):
+        if self.prior is None:
+            return None
+        posterior = np.asarray(self.prior.predict_proba(np.asarray(raw)), dtype=np.float32)
+        posterior = np.clip(posterior, LOGIT_CLIP, 1 - LOGIT_CLIP)
+        logit = np.log(posterior) - np.log1p(-posterior)
+        return self.backend.to_device(logit) if self.backend.is_gpu else logit
+
+    def features(self, raw):
+        """Features of every voxel of `raw` (no gate), as a (n_features, Z, Y, X) host array."""
+        image = self.normalise(raw)
+        feats = compute_features(self.backend, image, self.spec, self.posterior_logit(raw))
+        feats = self.backend.to_host(feats) if self.backend.is_gpu else feats
+        return feats.reshape(feats.shape[0], *raw.shape)
+
+    def classify(self, raw, start=0, stop=None):
+        """Probability (float32) for planes ``start:stop`` of the slab `raw` read with its halo."""
+        stop = raw.shape[0] if stop is None else stop
+        wanted = self.gate(raw)
+        wanted[:start] = False
+        wanted[stop:] = False
+        if not wanted.any():
+            return np.zeros((stop - start, *raw.shape[1:]), dtype=np.float32)
+        image = self.normalise(raw)
+        logit = self.posterior_logit(raw)
+        full = np.zeros(raw.shape, dtype=np.float32)
+        for crop, inside in _crops(wanted, support(self.spec)):
+            extra = None if logit is None else logit[crop]
+            where = self.backend.to_device(inside) if self.backend.is_gpu else inside
+            feats = compute_features(self.backend, image[crop], self.spec, extra, where)
+            if self.backend.is_gpu:
+                feats = self.backend.to_host(feats)
+            proba = self.estimator.predict_proba(feats.T)
+            full[crop][inside] = proba[:, list(self.output_classes)].sum(axis=1)
+        return full[start:stop]
+
+
+def _crops(wanted, reach):
+    """Crops that cover the `wanted` voxels with `reach` voxels around them.
+
+    Yields ``(crop, inside)``: a tuple of slices, and the boolean mask (crop
+    shaped) of the wanted voxels classified in it. Every wanted voxel is in
+    exactly one crop, which holds its whole neighbourhood (or the slab's edge).
+    """
+    tiles = tuple(min(t, s) for t, s in zip(TILE, wanted.shape))
+    grid = tuple(-(-s // t) for s, t in zip(wanted.shape, tiles))
+    padded = np.zeros(tuple(g * t for g, t in zip(grid, tiles)), dtype=bool)
+    padded[tuple(slice(0, s) for s in wanted.shape)] = wanted
+    occupied = padded.reshape(grid[0], tiles[0], grid[1], tiles[1], grid[2], tiles[2]).any(axis=(1, 3, 5))
+    grow = tuple(-(-r // t) for r, t in zip(reach, tiles))
+    grown = ndi.maximum_filter(occupied.view(np.uint8), size=tuple(2 * g + 1 for g in grow), mode="constant")
+    groups, _ = ndi.label(grown, structure=np.ones((3, 3, 3), dtype=bool))
+    for index, box in enumerate(ndi.find_objects(groups), start=1):
+        if box is None:
+            continue
+        crop = tuple(
+            slice(b.start * t, min(b.stop * t, s)) for b, t, s in zip(box, tiles, wanted.shape)
+        )
+        # Wanted voxels whose tile belongs to this group.
+        mine = np.repeat(np.repeat(np.repeat(groups[box] == index, tiles[0], 0), tiles[1], 1), tiles[2], 2)
+        mine = mine[tuple(slice(0, c.stop - c.start) for c in crop)]
+        inside = wanted[crop] & mine
+        if inside.any():
+            yield crop, inside
+
+
+def classify_in_memory(volume, slab, depth, n_jobs=1, progress=None):
+    """Probability of every voxel of an in-memory volume, `depth` planes at a time."""
+    n_planes = volume.shape[0]
+    halo = slab.halo[0]
+    out = np.zeros(volume.shape, dtype=np.float32)
+
+    def one(start):
+        stop = min(start + depth, n_planes)
+        lo, hi = max(0, start - halo), min(n_planes, stop + halo)
+        raw = volume.read(lo, hi)
+        return start, slab.classify(raw, start - lo, stop - lo)
+
+    for start, values in ordered_map(one, range(0, n_planes, depth), n_jobs):
+        out[start : start + values.shape[0]] = values
+        if progress is not None:
+            progress.update(values.shape[0])
+    return out
+
+
+def _classify_block(block, slab, halo, block_info=None):
+    location = block_info[None]["chunk-location"][0]
+    n_chunks = block_info[None]["num-chunks"][0]
+    before = 0 if location == 0 else halo
+    after = 0 if location == n_chunks - 1 else halo
+    values = slab.classify(block, before, block.shape[0] - after)
+    out = np.zeros(block.shape, dtype=np.float32)
+    out[before : block.shape[0] - after] = values
+    return out
+
+
+def classify_lazy(volume, slab, depth):
+    """Lazy dask array of the probabilities, computed slab by slab with halos."""
+    import dask.array as da
+
+    array = volume.to_dask().rechunk({0: depth, 1: -1, 2: -1})
+    halo = slab.halo[0]
+    if halo == 0 or array.numblocks[0] == 1:
+        return array.map_blocks(
+            _classify_block, slab, 0, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32)
+        )
+    return da.map_overlap(
+        _classify_block,
+        array,
+        slab,
+        halo,
+        depth={0: halo, 1: 0, 2: 0},
+        boundary="none",
+        trim=True,
+        dtype=np.float32,
+        meta=np.empty((0, 0, 0), np.float32),
+    )
