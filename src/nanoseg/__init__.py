@@ -1,6 +1,6 @@
 """nanoseg: find nanoparticles in volume electron microscopy.
 
-The two estimators compose in a scikit-learn pipeline::
+The estimators compose in scikit-learn pipelines::
 
     from sklearn.pipeline import Pipeline
     from nanoseg import NanoparticleMixture, NanoparticleLabeler
@@ -11,6 +11,7 @@ The two estimators compose in a scikit-learn pipeline::
 
 from ._backend import GPUUnavailableError
 from ._model import EMCollapseError
+from .classifier import NanoparticleClassifier
 from .labeler import NanoparticleLabeler
 from .mixture import NanoparticleMixture
 from .tuning import tune
@@ -20,6 +21,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "EMCollapseError",
     "GPUUnavailableError",
+    "NanoparticleClassifier",
     "NanoparticleLabeler",
     "NanoparticleMixture",
     "__version__",

@@ -18,6 +18,7 @@ that reach. The result equals classifying the whole volume at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -272,13 +273,11 @@ def classify_lazy(volume, slab, depth):
     halo = slab.halo[0]
     if halo == 0 or array.numblocks[0] == 1:
         return array.map_blocks(
-            _classify_block, slab, 0, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32)
+            partial(_classify_block, slab=slab, halo=0), dtype=np.float32, meta=np.empty((0, 0, 0), np.float32)
         )
     return da.map_overlap(
-        _classify_block,
+        partial(_classify_block, slab=slab, halo=halo),
         array,
-        slab,
-        halo,
         depth={0: halo, 1: 0, 2: 0},
         boundary="none",
         trim=True,
