@@ -13,7 +13,13 @@ reads it without ever unpickling:
   attributes;
 * every NumPy value (fitted arrays, NumPy scalars) is an ``.npy`` entry of
   its own, written and read with ``allow_pickle=False``; the JSON document
-  names each entry with its dtype and shape.
+  names each entry with its dtype and shape;
+* the scikit-learn classifier of a :class:`~nanoseg.NanoparticleClassifier`
+  (decision trees, random forests, extra trees, histogram gradient boosting,
+  logistic regression) is stored the same way: its trees as columns of node
+  arrays, its coefficients as arrays. They are rebuilt without unpickling,
+  after checks that every tree is a tree and every index in range. Other
+  classifiers are refused at save time.
 
 :func:`load` opens the archive with ``numpy.load(..., allow_pickle=False)``
 and parses the document with :func:`json.loads`. The classes a file may name
@@ -46,7 +52,9 @@ from importlib import import_module
 from pathlib import Path
 
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from . import _sklearn_arrays
 
 __all__ = ["FORMAT_VERSION", "ModelVersionWarning", "load", "register_estimator", "save"]
 
@@ -77,6 +85,10 @@ _REGISTRY = {
     "PrefitMixture": "nanoseg.tuning:PrefitMixture",
     "Pipeline": "sklearn.pipeline:Pipeline",
     "FrozenEstimator": "sklearn.frozen:FrozenEstimator",
+    "NanoparticleClassifier": "nanoseg.classifier:NanoparticleClassifier",
+    # scikit-learn classifiers, for NanoparticleClassifier: their fitted
+    # state is converted to plain arrays by _sklearn_arrays, never pickled.
+    **_sklearn_arrays.CLASSES,
 }
 
 # Expected fitted attributes of some registered classes: numpy dtype kinds
@@ -87,6 +99,10 @@ _PMF = ("f", (256,))
 _INTEGER = ("iu", ())
 _REAL = ("f", ())
 _FLAG = ("b", ())
+_INTEGERS = ("iu", (None,))  # None: a dimension of any length
+_OPTIONAL_REAL = ("f?", ())  # "?": None is allowed too
+_NAMES = ("str", (None,))  # a list of str
+_CLASSIFIER = ("classifier", ())  # a fitted classifier of the registry
 _FITTED_ATTRIBUTES = {
     "NanoparticleMixture": {
         "stack_histogram_": _HISTOGRAM,
@@ -108,6 +124,18 @@ _FITTED_ATTRIBUTES = {
         "binning_shift_": _INTEGER,
     },
     "GlobalThreshold": {"threshold_": _INTEGER, "histogram_": _HISTOGRAM},
+    "NanoparticleClassifier": {
+        "estimator_": _CLASSIFIER,
+        "classes_": _INTEGERS,
+        "feature_names_": _NAMES,
+        "n_features_": _INTEGER,
+        "n_dims_": _INTEGER,
+        "particle_sign_": _INTEGER,
+        "gate_level_": _OPTIONAL_REAL,
+        "gate_recall_": _REAL,
+        "gate_fraction_": _REAL,
+        "n_samples_per_class_": _INTEGERS,
+    },
 }
 
 # dtype kinds an array may have: booleans and numbers. Object, string, void
@@ -214,6 +242,9 @@ def _registered_name(cls, where):
                     return name
             except AttributeError:
                 continue
+    if issubclass(cls, ClassifierMixin):
+        # A classifier, most likely NanoparticleClassifier(classifier=...).
+        raise _sklearn_arrays.unsupported(cls, where)
     raise TypeError(
         f"{where} is a {cls.__module__}.{cls.__qualname__}, which nanoseg model files cannot "
         "hold: only nanoseg estimators and scikit-learn Pipelines of them can be saved. "
@@ -263,13 +294,14 @@ class _Writer:
     def estimator(self, estimator, where):
         name = _registered_name(type(estimator), where)
         params = estimator.get_params(deep=False)
+        if name in _sklearn_arrays.CLASSES:
+            state = _sklearn_arrays.to_plain(name, estimator, where)
+        else:
+            state = _fitted_state(estimator)
         return {
             "class": name,
             "params": {key: self.value(value, f"{where}.{key}") for key, value in params.items()},
-            "fitted": {
-                key: self.value(value, f"{where}.{key}", fitted=True)
-                for key, value in _fitted_state(estimator).items()
-            },
+            "fitted": {key: self.value(value, f"{where}.{key}", fitted=True) for key, value in state.items()},
         }
 
     def value(self, value, where, fitted=False):
@@ -490,6 +522,10 @@ class _Reader:
                 raise self.damaged(where, f"{key!r} is not a possible fitted attribute of {name}")
             state[key] = self.value(value, f"{where}.{key}")
         self.check_fitted(name, state, where)
+        if name in _sklearn_arrays.CLASSES:
+            state = _sklearn_arrays.from_plain(
+                name, estimator, state, lambda key, problem: self.damaged(f"{where}.{key}", problem)
+            )
         for key, value in state.items():
             setattr(estimator, key, value)
         return estimator
@@ -503,21 +539,13 @@ class _Reader:
             raise self.damaged(where, f"the fitted {name} lacks the attribute(s) {missing}")
         for key, (kinds, shape) in expected.items():
             value = state[key]
-            if shape == ():
-                ok = type(value) in (bool, int, float) or isinstance(value, np.generic)
-            else:
-                ok = isinstance(value, np.ndarray) and value.shape == shape
-            if not ok or np.asarray(value).dtype.kind not in kinds:
+            if not _fits(value, kinds, shape):
                 described = (
                     f"an array of shape {value.shape} and dtype {value.dtype}"
                     if isinstance(value, np.ndarray)
                     else f"{type(value).__name__} {value!r}"
                 )
-                wanted = "a scalar" if shape == () else f"an array of shape {shape}"
-                raise self.damaged(
-                    f"{where}.{key}",
-                    f"expected {wanted} of dtype kind {' or '.join(kinds)}, found {described}",
-                )
+                raise self.damaged(f"{where}.{key}", f"expected {_wanted(kinds, shape)}, found {described}")
 
     def value(self, node, where):
         if node is None or type(node) in (bool, int, float, str):
@@ -596,6 +624,35 @@ class _Reader:
             else:
                 raise ValueError(f"unsupported .npy format version {version}")
         return shape, dtype, info.file_size
+
+
+def _fits(value, kinds, shape):
+    """Whether a fitted value matches its schema entry in _FITTED_ATTRIBUTES."""
+    if kinds == "classifier":
+        return isinstance(value, ClassifierMixin)
+    if kinds == "str":
+        return type(value) is list and all(type(item) is str for item in value)
+    if value is None:
+        return "?" in kinds
+    if shape == ():
+        ok = type(value) in (bool, int, float) or isinstance(value, np.generic)
+    else:
+        ok = (
+            isinstance(value, np.ndarray)
+            and value.ndim == len(shape)
+            and all(size in (None, length) for size, length in zip(shape, value.shape))
+        )
+    return ok and np.asarray(value).dtype.kind in kinds.replace("?", "")
+
+
+def _wanted(kinds, shape):
+    if kinds == "classifier":
+        return "a fitted classifier"
+    if kinds == "str":
+        return "a list of strings"
+    what = "a scalar" if shape == () else f"an array of shape {tuple('any' if s is None else s for s in shape)}"
+    optional = " (or None)" if "?" in kinds else ""
+    return f"{what} of dtype kind {' or '.join(kinds.replace('?', ''))}{optional}"
 
 
 def _build(cls, params, name, where):
