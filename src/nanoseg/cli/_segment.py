@@ -1,0 +1,215 @@
+"""The whole chain: ``nanoseg segment``, and ``nanoseg demo`` on a synthetic phantom."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from ._common import (
+    EXIT_OK,
+    InputError,
+    RunError,
+    _check_report_dir,
+    _check_table_path,
+    _count_labels,
+    _fit_summary,
+    _has_module,
+    _is_classifier,
+    _jsonable,
+    _lazy,
+    _load_model,
+    _make_labeler,
+    _make_mixture,
+    _model_key,
+    _posterior,
+    _progress,
+    _provenance,
+    _read,
+    _require,
+    _spacing_text,
+    _to_stderr,
+)
+
+
+def _run_segment(
+    image_path,
+    output,
+    *,
+    spacing=None,
+    model=None,
+    mixture_options=None,
+    labeler_options=None,
+    table=None,
+    report=None,
+    chunks=None,
+    overwrite=False,
+    progress=True,
+    args=None,
+):
+    """Fit (or load), predict, label and measure; return what was done.
+
+    Every output path is checked before anything is computed. `model` may
+    hold a fitted NanoparticleMixture or NanoparticleClassifier; without it
+    a mixture is fitted to the image.
+    """
+    from ..io import check_output_path, write_ome_zarr
+
+    args = args if args is not None else SimpleNamespace(
+        quiet=not progress, **(mixture_options or {}), **(labeler_options or {})
+    )
+    inputs = [image_path, model]
+    check_output_path(output, inputs=inputs, overwrite=overwrite)
+    if table is not None:
+        _check_table_path(table, inputs, overwrite)
+    if report is not None:
+        _check_report_dir(report, inputs, overwrite)
+    if table is not None or report is not None:
+        measure = importlib.import_module("nanoseg.measure")
+    if table is not None and Path(table).resolve() == Path(output).resolve():
+        raise InputError("the table and the label image must be written to different paths.")
+    estimator = _load_model(model, args) if model is not None else _make_mixture(args)
+    if report is not None and _is_classifier(estimator):
+        raise InputError(
+            "--report shows the fitted intensity mixture, which a NanoparticleClassifier model does not "
+            "have; drop --report (the --table still describes every particle)."
+        )
+    labeler = _make_labeler(args, estimator)
+    image, spacing = _read(image_path, spacing=spacing)
+    image = _lazy(image)
+
+    start = time.perf_counter()
+    with _to_stderr():
+        if model is None:
+            estimator.fit(image)
+        posterior = _posterior(estimator, image)
+        labels = labeler.transform(posterior)
+    written = write_ome_zarr(
+        output, labels, spacing=spacing, kind="labels", chunks=chunks, overwrite=overwrite,
+        progress=progress,
+        attributes=_provenance(
+            "segment", source=os.fspath(image_path),
+            **{_model_key(estimator): _jsonable(estimator.get_params())},
+            labeler=_jsonable(labeler.get_params()),
+        ),
+    )
+    particles = None
+    if table is not None or report is not None:
+        with _to_stderr():
+            particles = measure.particle_table(
+                written, spacing=spacing, posterior=posterior, intensity=image, progress=progress
+            )
+        if table is not None:
+            measure.write_table(particles, table, overwrite=overwrite)
+    if report is not None:
+        from sklearn.base import clone
+
+        plotting = importlib.import_module("nanoseg.plotting")
+        # The sensitivity plot labels the posterior once per threshold: a
+        # central block of slices keeps it cheap on large volumes.
+        middle, half = image.shape[0] // 2, 16
+        block = slice(max(0, middle - half), middle + half)
+        with _to_stderr():
+            plotting.write_report(
+                report, mixture=estimator, image=image, labels=written, table=particles,
+                posterior=posterior[block], labeler=clone(labeler).set_params(verbose=False),
+                overwrite=overwrite,
+            )
+    return SimpleNamespace(
+        mixture=estimator, labeler=labeler, labels=written, spacing=spacing, table=particles,
+        n_particles=_count_labels(written), seconds=time.perf_counter() - start,
+    )
+
+
+def segment(args):
+    """``nanoseg segment``: fit or load a model, predict, label and measure."""
+    client = _connect(args.scheduler) if args.scheduler else contextlib.nullcontext()
+    with client:
+        result = _run_segment(
+            args.image, args.output, spacing=args.spacing, model=args.model, table=args.table,
+            report=args.report, chunks=args.chunks, overwrite=args.overwrite,
+            progress=_progress(args), args=args,
+        )
+    if args.model is None:
+        print(_fit_summary(result.mixture))
+    print(
+        f"Found {result.n_particles} particles in {result.seconds:.2f} s; wrote {args.output} "
+        f"(spacing {_spacing_text(result.spacing)})."
+    )
+    if args.table is not None:
+        print(f"Wrote the particle table to {args.table}.")
+    if args.report is not None:
+        print(f"Wrote the report to {Path(args.report) / 'index.html'}.")
+    return EXIT_OK
+
+
+def _connect(address):
+    distributed = _require("distributed", "--scheduler", "distributed")
+    try:
+        # The connection timeout is dask's "distributed.comm.timeouts.connect".
+        return distributed.Client(address)
+    except (OSError, TimeoutError) as exc:
+        raise RunError(f"could not connect to the dask scheduler at {address}: {exc}") from None
+
+
+def demo(args):
+    """``nanoseg demo``: segment a synthetic phantom and compare with its truth."""
+    from ..datasets import make_phantom
+    from ..io import write_ome_zarr
+    from ..metrics import match_objects, voxel_scores
+
+    shape = tuple(args.shape)
+    # Keep the default phantom's particle density (about 40 per 0.9 Mvoxel):
+    # the method assumes particles fill a fixed small fraction of the voxels.
+    n_particles = max(1, round(40 * np.prod(shape) / (24 * 192 * 192)))
+    spacing = (50.0, 10.0, 10.0)
+    image, mask, truth = make_phantom(
+        shape, n_particles=n_particles, spacing=spacing, random_state=args.seed, return_labels=True
+    )
+    print(
+        f"Phantom: {image.shape[0]} x {image.shape[1]} x {image.shape[2]} voxels (Z, Y, X), "
+        f"{int(truth.max())} particles, {100 * mask.mean():.2f} % particle voxels."
+    )
+    with contextlib.ExitStack() as stack:
+        if args.directory is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nanoseg-demo-")))
+        else:
+            folder = Path(args.directory)
+            folder.mkdir(parents=True, exist_ok=True)
+        progress = args.verbose
+        # The demo's own files are replaced on every run.
+        write_ome_zarr(folder / "phantom.zarr", image, spacing=spacing, overwrite=True, progress=progress)
+        write_ome_zarr(folder / "truth.zarr", truth, spacing=spacing, kind="labels", overwrite=True, progress=progress)
+        table = folder / "particles.csv" if _has_module("nanoseg.measure") else None
+        result = _run_segment(
+            folder / "phantom.zarr", folder / "labels.zarr", table=table, overwrite=True, progress=progress
+        )
+        labels = np.asarray(result.labels[...])
+        mixture = result.mixture
+        print(
+            f"EM: {mixture.n_iter_} iterations, converged={mixture.converged_}, "
+            f"background weight {mixture.background_weight_:.5f}, "
+            f"seed intensities >{mixture.low_intensity_}, hard exclusion >={mixture.high_intensity_}."
+        )
+        print(f"Found {result.n_particles} particles in {result.seconds:.2f} s.")
+        hit = np.unique(truth[(labels > 0) & mask])
+        print(f"Ground-truth particles overlapped by a detection: {hit.size} of {int(truth.max())}.")
+        print(f"Voxel Dice against the ground truth: {voxel_scores(labels, mask)['dice']:.3f}.")
+        print(f"Object F1 against the ground truth (IoU > 0.5): {match_objects(labels, truth)['f1']:.3f}.")
+        if result.table is not None and len(result.table):
+            true_sizes = np.bincount(truth.ravel())[1:]
+            true_diameter = np.median(np.cbrt(6 * true_sizes * np.prod(spacing) / math.pi))
+            print(
+                f"Median equivalent diameter: {result.table['equivalent_diameter'].median():.1f} nm "
+                f"(ground truth {true_diameter:.1f} nm)."
+            )
+        if args.directory is not None:
+            print(f"Files in {folder}: phantom.zarr, truth.zarr, labels.zarr" + (", particles.csv." if table else "."))
+    return EXIT_OK
