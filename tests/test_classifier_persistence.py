@@ -412,7 +412,7 @@ def test_feature_out_of_range_is_refused(fitted, path):
     feature = stored(path, f"{FOREST}['feature']").copy()
     feature[0] = 10_000
     rewrite(path, arrays={f"{FOREST}['feature']": feature})
-    assert_damaged(path, "split feature is outside [0, 19)")
+    assert_damaged(path, f"split feature is outside [0, {fitted.n_features_})")
 
 
 def test_nan_threshold_is_refused(fitted, path):

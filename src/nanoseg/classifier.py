@@ -14,6 +14,7 @@ from . import _annotations
 from ._backend import DEVICES
 from ._base import VolumeEstimatorMixin, map_volumes
 from ._engine.classify import (
+    SLAB_BYTES_PER_VOXEL,
     Normaliser,
     SlabClassifier,
     classify_in_memory,
@@ -21,7 +22,7 @@ from ._engine.classify import (
     histogram,
     robust_location_scale,
 )
-from ._ops.filters import FEATURES, FeatureSpec, bytes_per_voxel, check_features, support, voxel_sigmas
+from ._ops.filters import FEATURES, FeatureSpec, check_features, support, voxel_sigmas
 from ._parallel import effective_n_jobs, slab_budget
 from ._volume import as_volumes, is_lazy, is_volume_list, parse_bytes
 
@@ -67,7 +68,8 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
     features : sequence of str, default=("intensity", "gaussian", "dog", "gradient", "hessian", "contrast")
         Feature families: ``"intensity"`` (the normalised intensity itself),
         and, at every scale, ``"gaussian"`` (smoothed intensity), ``"dog"``
-        (difference of Gaussians at sigma and 2 sigma: blob contrast),
+        (difference of Gaussians between consecutive scales, or at sigma and
+        2 sigma for a single scale: blob contrast),
         ``"gradient"`` (gradient magnitude), ``"hessian"`` (eigenvalues of
         the Hessian: 3 in a volume, 2 in an image) and ``"contrast"`` (local
         standard deviation).
@@ -324,11 +326,11 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
 
     def _depth(self, volume, spec):
         budget = slab_budget(self.memory_budget, self.n_jobs)
-        depth = volume.slab_depth(bytes_per_voxel(spec) + 8, budget)
+        depth = volume.slab_depth(SLAB_BYTES_PER_VOXEL, budget)
         # Halo planes are read and filtered again by the next slab: keep them
         # a minority of each slab where the volume allows.
         halo = support(spec)[0] + max(self._margin(volume.is_2d))
-        return min(volume.shape[0], max(depth, 4 * halo))
+        return min(volume.shape[0], max(depth, 2 * halo))
 
     # -- fit -----------------------------------------------------------------
     def fit(self, X, y):
@@ -468,7 +470,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         slab = self._slab_classifier(volume, self.estimator_)
         depth = self._depth(volume, slab.spec)
         if self.verbose:
-            print(volume.describe_plan(depth, bytes_per_voxel(slab.spec) + 8, "classification"))
+            print(volume.describe_plan(depth, SLAB_BYTES_PER_VOXEL, "classification"))
         if is_lazy(volume.array):
             return volume.restore(classify_lazy(volume, slab, depth))
         from tqdm import tqdm

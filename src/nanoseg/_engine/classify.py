@@ -27,8 +27,16 @@ from .._backend import CPU
 from .._ops.filters import compute_features, support
 from .._parallel import ordered_map
 
-#: Tile edge (voxels) used to group the gate's voxels into crops, per axis.
-TILE = (4, 32, 32)
+#: Tile edge (voxels, in the plane) by which the gate's voxels are grouped into crops.
+TILE = 32
+
+#: Most voxels of one crop (with its reach): bounds the dense filter arrays.
+CROP_VOXELS = 2**21
+
+#: Working bytes per voxel of a slab (with its halo): the raw intensities, the
+#: gate and its growth, the probabilities and the prior's posterior logit.
+#: Crops add at most ``CROP_VOXELS`` times the features' bytes per voxel.
+SLAB_BYTES_PER_VOXEL = 16
 
 #: Posterior clip before the logit: keeps the feature finite and bounded.
 LOGIT_CLIP = 1e-4
@@ -192,13 +200,12 @@ class SlabClassifier:
         wanted[stop:] = False
         if not wanted.any():
             return np.zeros((stop - start, *raw.shape[1:]), dtype=np.float32)
-        image = self.normalise(raw)
         logit = self.posterior_logit(raw)
         full = np.zeros(raw.shape, dtype=np.float32)
-        for crop, inside in _crops(wanted, support(self.spec)):
+        for crop, inside in _crops(wanted, support(self.spec), CROP_VOXELS):
             extra = None if logit is None else logit[crop]
             where = self.backend.to_device(inside) if self.backend.is_gpu else inside
-            feats = compute_features(self.backend, image[crop], self.spec, extra, where)
+            feats = compute_features(self.backend, self.normalise(raw[crop]), self.spec, extra, where)
             if self.backend.is_gpu:
                 feats = self.backend.to_host(feats)
             proba = self.estimator.predict_proba(feats.T)
@@ -206,32 +213,49 @@ class SlabClassifier:
         return full[start:stop]
 
 
-def _crops(wanted, reach):
+def _crops(wanted, reach, max_voxels=CROP_VOXELS):
     """Crops that cover the `wanted` voxels with `reach` voxels around them.
 
-    Yields ``(crop, inside)``: a tuple of slices, and the boolean mask (crop
-    shaped) of the wanted voxels classified in it. Every wanted voxel is in
-    exactly one crop, which holds its whole neighbourhood (or the slab's edge).
+    The plane is cut into blocks of whole tiles, small enough that a block
+    grown by the reach holds at most about `max_voxels` voxels over the
+    slab's depth. In each block with wanted voxels, the crop is the box of
+    its occupied tiles (and of the planes that hold wanted voxels), grown by
+    `reach` and clipped to the slab. Yields ``(crop, inside)``: a tuple of
+    slices and the crop-shaped mask of the wanted voxels of that block, so
+    every wanted voxel is classified exactly once, in a crop that holds its
+    whole neighbourhood (or the slab's edge).
     """
-    tiles = tuple(min(t, s) for t, s in zip(TILE, wanted.shape))
-    grid = tuple(-(-s // t) for s, t in zip(wanted.shape, tiles))
-    padded = np.zeros(tuple(g * t for g, t in zip(grid, tiles)), dtype=bool)
-    padded[tuple(slice(0, s) for s in wanted.shape)] = wanted
-    occupied = padded.reshape(grid[0], tiles[0], grid[1], tiles[1], grid[2], tiles[2]).any(axis=(1, 3, 5))
-    grow = tuple(-(-r // t) for r, t in zip(reach, tiles))
-    grown = ndi.maximum_filter(occupied.view(np.uint8), size=tuple(2 * g + 1 for g in grow), mode="constant")
-    groups, _ = ndi.label(grown, structure=np.ones((3, 3, 3), dtype=bool))
-    for index, box in enumerate(ndi.find_objects(groups), start=1):
-        if box is None:
-            continue
-        crop = tuple(
-            slice(b.start * t, min(b.stop * t, s)) for b, t, s in zip(box, tiles, wanted.shape)
-        )
-        # Wanted voxels whose tile belongs to this group.
-        mine = np.repeat(np.repeat(np.repeat(groups[box] == index, tiles[0], 0), tiles[1], 1), tiles[2], 2)
-        mine = mine[tuple(slice(0, c.stop - c.start) for c in crop)]
-        inside = wanted[crop] & mine
-        if inside.any():
+    n_planes, n_rows, n_cols = wanted.shape
+    rz, ry, rx = reach
+    ty, tx = min(TILE, n_rows), min(TILE, n_cols)
+    gy, gx = -(-n_rows // ty), -(-n_cols // tx)
+    padded = np.zeros((n_planes, gy * ty, gx * tx), dtype=bool)
+    padded[:, :n_rows, :n_cols] = wanted
+    occupied = padded.reshape(n_planes, gy, ty, gx, tx).any(axis=(0, 2, 4))
+    depth = min(n_planes, n_planes + 2 * rz)
+    side = 1
+    while side < max(gy, gx) and depth * ((side + 1) * ty + 2 * ry) * ((side + 1) * tx + 2 * rx) <= max_voxels:
+        side += 1
+    for by in range(0, gy, side):
+        for bx in range(0, gx, side):
+            block = occupied[by : by + side, bx : bx + side]
+            if not block.any():
+                continue
+            rows, cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
+            y0, y1 = (by + rows[0]) * ty, min((by + rows[-1] + 1) * ty, n_rows)
+            x0, x1 = (bx + cols[0]) * tx, min((bx + cols[-1] + 1) * tx, n_cols)
+            planes = np.flatnonzero(wanted[:, y0:y1, x0:x1].any(axis=(1, 2)))
+            if planes.size == 0:
+                continue
+            z0, z1 = int(planes[0]), int(planes[-1]) + 1
+            crop = (
+                slice(max(0, z0 - rz), min(n_planes, z1 + rz)),
+                slice(max(0, y0 - ry), min(n_rows, y1 + ry)),
+                slice(max(0, x0 - rx), min(n_cols, x1 + rx)),
+            )
+            inside = np.zeros(tuple(c.stop - c.start for c in crop), dtype=bool)
+            region = tuple(slice(a - c.start, b - c.start) for (a, b), c in zip(((z0, z1), (y0, y1), (x0, x1)), crop))
+            inside[region] = wanted[z0:z1, y0:y1, x0:x1]
             yield crop, inside
 
 

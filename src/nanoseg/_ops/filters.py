@@ -26,8 +26,25 @@ FEATURES = ("intensity", "gaussian", "dog", "gradient", "hessian", "contrast")
 #: Filters' truncation, in standard deviations (scipy.ndimage's default is 4).
 TRUNCATE = 3.0
 
-#: Ratio of the wide to the narrow Gaussian of a difference of Gaussians.
+#: Ratio of the wide to the narrow Gaussian of a difference of Gaussians
+#: at the largest scale (smaller scales use the next scale as the wide one).
 DOG_RATIO = 2.0
+
+
+def _tag(scale):
+    return "x".join(f"{s:.3g}" for s in scale)
+
+
+def _dog_pairs(sigmas):
+    """(narrow, wide) scales of the differences of Gaussians.
+
+    Between consecutive scales, so that no wider Gaussian than the largest
+    scale is needed (it would set the features' reach); a single scale is
+    paired with one `DOG_RATIO` times wider.
+    """
+    if len(sigmas) == 1:
+        return [(sigmas[0], tuple(DOG_RATIO * s for s in sigmas[0]))]
+    return list(zip(sigmas[:-1], sigmas[1:]))
 
 
 @dataclass(frozen=True)
@@ -59,8 +76,11 @@ class FeatureSpec:
             if family == "intensity":
                 names.append("intensity")
                 continue
+            if family == "dog":
+                names.extend(f"dog@{_tag(narrow)}-{_tag(wide)}" for narrow, wide in _dog_pairs(self.sigmas))
+                continue
             for scale in self.sigmas:
-                tag = "x".join(f"{s:.3g}" for s in scale)
+                tag = _tag(scale)
                 if family == "hessian":
                     names.extend(f"hessian_{i}@{tag}" for i in range(n_eigen))
                 else:
@@ -109,7 +129,7 @@ def support(spec):
     """Voxels per axis (z, y, x) on each side that the features at a voxel read."""
     scales = list(spec.sigmas)
     if "dog" in spec.features:
-        scales += [tuple(DOG_RATIO * s for s in scale) for scale in spec.sigmas]
+        scales += [wide for _, wide in _dog_pairs(spec.sigmas)]
     # Finite differences of the smoothed image read one more voxel.
     extra = 1 if ("hessian" in spec.features or "gradient" in spec.features) else 0
     reach = [0, 0, 0]
@@ -249,6 +269,10 @@ def compute_features(backend, image, spec, extra=None, where=None):
         if family == "intensity":
             columns.append(stencil.at(image))
             continue
+        if family == "dog":
+            for narrow, wide in _dog_pairs(spec.sigmas):
+                columns.append(stencil.at(gaussian(narrow)) - stencil.at(gaussian(wide)))
+            continue
         for sigma in spec.sigmas:
             # Scale-normalised derivatives (times sigma, sigma**2) make the
             # responses comparable across scales.
@@ -256,9 +280,6 @@ def compute_features(backend, image, spec, extra=None, where=None):
             g = gaussian(sigma)
             if family == "gaussian":
                 columns.append(stencil.at(g))
-            elif family == "dog":
-                wide = gaussian(tuple(DOG_RATIO * s for s in sigma))
-                columns.append(stencil.at(g) - stencil.at(wide))
             elif family == "gradient":
                 squared = sum(_first(stencil, g, axis) ** 2 for axis in axes)
                 columns.append(xp.sqrt(squared) * scale)
@@ -305,8 +326,8 @@ def bytes_per_voxel(spec):
     at the gated voxels, a small share where the gate works.
     """
     n_dense = 1 + len(spec.sigmas)
-    if "dog" in spec.features:
-        n_dense += len(spec.sigmas)
+    if "dog" in spec.features and len(spec.sigmas) == 1:
+        n_dense += 1
     if "contrast" in spec.features:
         n_dense += len(spec.sigmas)
     return 4 * n_dense + 4
