@@ -412,7 +412,8 @@ def test_feature_out_of_range_is_refused(fitted, path):
     feature = stored(path, f"{FOREST}['feature']").copy()
     feature[0] = 10_000
     rewrite(path, arrays={f"{FOREST}['feature']": feature})
-    assert_damaged(path, f"split feature is outside [0, {fitted.n_features_})")
+    n_features = next(iter(fitted.values()))[0].n_features_
+    assert_damaged(path, f"split feature is outside [0, {n_features})")
 
 
 def test_nan_threshold_is_refused(fitted, path):
