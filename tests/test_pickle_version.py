@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import nanoseg
+import nanoseg._version
 from nanoseg import NanoparticleLabeler, NanoparticleMixture
 from nanoseg.datasets import make_phantom
 from nanoseg.persistence import ModelVersionWarning
@@ -30,7 +31,7 @@ def test_same_version_round_trip_is_silent_and_identical(fitted):
 @pytest.mark.parametrize("estimator", [NanoparticleLabeler(), None])
 def test_other_version_warns_with_both_versions(fitted, monkeypatch, estimator):
     estimator = fitted[0] if estimator is None else estimator
-    monkeypatch.setattr(nanoseg, "__version__", "0.0.1")
+    monkeypatch.setattr(nanoseg._version, "__version__", "0.0.1")
     data = pickle.dumps(estimator)
     monkeypatch.undo()
     with pytest.warns(ModelVersionWarning, match=r"0\.0\.1.*" + nanoseg.__version__.replace(".", r"\.")):

@@ -174,10 +174,10 @@ class ModelVersionWarning(UserWarning):
 
 
 def _nanoseg_version():
-    # Imported at call time: nanoseg/__init__.py may import this module.
-    import nanoseg
+    # Read at call time, so that tests can stand in another version.
+    from . import _version
 
-    return nanoseg.__version__
+    return _version.__version__
 
 
 def register_estimator(name, target):

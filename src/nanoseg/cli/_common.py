@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -6,7 +6,8 @@ import argparse
 import math
 import textwrap
 
-from .. import __version__
+from .._version import __version__
+from ._defaults import estimator_defaults
 
 
 def _description(text, example):
@@ -77,9 +78,7 @@ def _add_performance(parser):
 
 
 def _add_mixture_options(parser):
-    from ..mixture import NanoparticleMixture
-
-    defaults = NanoparticleMixture().get_params()
+    defaults = estimator_defaults("nanoseg.mixture", "NanoparticleMixture")
     group = parser.add_argument_group("intensity mixture (see NanoparticleMixture)")
     group.add_argument("--beta-prior", type=_positive_float, nargs=2, metavar=("A", "B"), default=None,
                        help=f"Beta prior on each slice's particle fraction (default: {defaults['beta_prior']})")
@@ -115,9 +114,7 @@ def _add_mixture_options(parser):
 
 
 def _add_labeler_options(parser):
-    from ..labeler import NanoparticleLabeler
-
-    defaults = NanoparticleLabeler().get_params()
+    defaults = estimator_defaults("nanoseg.labeler", "NanoparticleLabeler")
     group = parser.add_argument_group("labelling (see NanoparticleLabeler)")
     group.add_argument("--threshold", type=float, default=None, metavar="T",
                        help=f"posterior at or above which a voxel is a particle (default: {defaults['threshold']})")
@@ -143,9 +140,8 @@ def _gate_quantile(text):
 
 def _add_classifier_options(parser):
     from .._ops.filters import FEATURES
-    from ..classifier import NanoparticleClassifier
 
-    defaults = NanoparticleClassifier().get_params()
+    defaults = estimator_defaults("nanoseg.classifier", "NanoparticleClassifier")
     group = parser.add_argument_group("classifier (see NanoparticleClassifier)")
     group.add_argument("--features", nargs="+", choices=FEATURES, default=None, metavar="NAME",
                        help=f"feature families, among {', '.join(FEATURES)} (default: all)")

@@ -1,0 +1,47 @@
+"""`import nanoseg` and `nanoseg --help` stay light: heavy libraries load on first use."""
+
+import subprocess
+import sys
+
+import pytest
+
+import nanoseg
+from nanoseg.cli._defaults import estimator_defaults
+
+
+def _modules_after(code):
+    script = f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_import_does_not_load_scikit_learn_scipy_or_dask():
+    loaded = _modules_after("import nanoseg")
+    assert not {"sklearn", "scipy", "dask", "zarr"} & loaded
+
+
+def test_help_does_not_load_scikit_learn():
+    loaded = _modules_after(
+        "from nanoseg.cli import build_parser\n"
+        "try:\n    build_parser().parse_args(['segment', '--help'])\nexcept SystemExit:\n    pass"
+    )
+    assert "sklearn" not in loaded
+
+
+def test_public_names_resolve_on_first_use():
+    for name in nanoseg.__all__:
+        assert getattr(nanoseg, name) is not None
+    assert set(nanoseg.__all__) <= set(dir(nanoseg))
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
+        nanoseg.NoSuchThing  # noqa: B018
+
+
+@pytest.mark.parametrize("name", ["NanoparticleMixture", "NanoparticleLabeler", "NanoparticleClassifier"])
+def test_help_defaults_are_the_estimators_defaults(name):
+    estimator = getattr(nanoseg, name)()
+    module = type(estimator).__module__
+    defaults = estimator_defaults(module, name)
+    params = estimator.get_params(deep=False)
+    assert defaults and set(defaults) <= set(params)
+    for key, value in defaults.items():
+        assert params[key] == value, key
