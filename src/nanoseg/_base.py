@@ -21,6 +21,34 @@ class VolumeEstimatorMixin:
         tags.transformer_tags.preserves_dtype = []
         return tags
 
+    def set_output(self, *, transform=None):
+        """Choose the output container of `transform`, as scikit-learn's output API does.
+
+        Images and volumes are arrays, not tables: only ``"default"`` (the
+        array type of the input, see the estimator's Notes) and None (no
+        change) are accepted, so that ``Pipeline.set_output`` works.
+
+        Parameters
+        ----------
+        transform : {"default"} or None, default=None
+
+        Returns
+        -------
+        self : estimator
+
+        Raises
+        ------
+        ValueError
+            For ``"pandas"``, ``"polars"`` or any other container.
+        """
+        if transform not in (None, "default"):
+            raise ValueError(
+                f"{type(self).__name__} outputs images and volumes, which have no table form: "
+                f"set_output(transform={transform!r}) is not supported; use 'default'. To tabulate "
+                "particles, use nanoseg.measure.particle_table on the labels."
+            )
+        return self
+
     def _resolve_backend(self, volumes):
         """The backend for the `device` hyper-parameter and these volumes (CuPy ones stay on the GPU)."""
         return resolve_backend(self.device, on_device=any(volume.kind == "cupy" for volume in volumes))

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import struct
+import warnings
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -105,7 +106,31 @@ def check_spacing(spacing, name="spacing"):
             f"{name} must be three positive numbers, the voxel size along z, y and x in "
             f"nanometres (e.g. (50, 10, 10)); got {spacing!r}."
         )
+    warn_unlikely_spacing(values, name)
     return values
+
+
+#: Voxel sizes outside this range (nm) are almost surely in another unit.
+PLAUSIBLE_SPACING_NM = (1.0, 10_000.0)
+
+
+def warn_unlikely_spacing(values, name="spacing"):
+    """Warn when a voxel size in nanometres is below 1 nm or above 10 um (a unit slip)."""
+    low, high = PLAUSIBLE_SPACING_NM
+    if any(v < low for v in values):
+        warnings.warn(
+            f"{name} {tuple(values)} has a voxel size below 1 nm: nanoseg reads voxel sizes in "
+            "nanometres, so this is probably micrometres (multiply by 1000).",
+            UserWarning,
+            stacklevel=3,
+        )
+    elif any(v > high for v in values):
+        warnings.warn(
+            f"{name} {tuple(values)} has a voxel size above 10 um: nanoseg reads voxel sizes in "
+            "nanometres; check the unit (picometres or angstroms need converting).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _format_spacing(spacing):

@@ -54,12 +54,26 @@ def check_beta_prior(beta_prior):
     return values
 
 
+def _refuse_colour(volume):
+    """Raise for an (Y, X, 3) or (Y, X, 4) array: an RGB(A) image, not a 3-slice volume."""
+    shape = volume.shape
+    if not volume.is_2d and shape[-1] in (3, 4) and min(shape[0], shape[1]) > shape[-1]:
+        raise ValueError(
+            f"{volume.name} has shape {tuple(shape)}: it looks like an RGB{'A' if shape[-1] == 4 else ''} "
+            "image (Y, X, channels), not a volume of planes. nanoseg needs one intensity channel: "
+            f"convert it, e.g. skimage.util.img_as_ubyte(skimage.color.rgb2gray({volume.name}"
+            f"{'[..., :3]' if shape[-1] == 4 else ''})), or take one channel, {volume.name}[..., 0]. "
+            "A real volume of 3 or 4 columns is refused too: transpose it to (Z, Y, X)."
+        )
+
+
 def check_intensity_volume(volume, *, allow_uint16=False):
     """Raise a clear error unless `volume` holds 8-bit intensities (or 16-bit ones, if allowed).
 
     Steps that work on 8-bit intensities only keep the default; the mixture,
     which maps 16-bit data to its 256 bins itself, passes ``allow_uint16=True``.
     """
+    _refuse_colour(volume)
     if volume.dtype == np.uint8 or (allow_uint16 and volume.dtype == np.uint16):
         return
     if volume.in_memory:
