@@ -18,6 +18,7 @@ from skimage.segmentation import find_boundaries
 from sklearn.exceptions import NotFittedError
 
 from nanoseg import (
+    NanoparticleClassifier,
     NanoparticleLabeler,
     NanoparticleMixture,
     plotting,
@@ -25,8 +26,11 @@ from nanoseg import (
 from nanoseg.datasets import make_crops, make_phantom
 from nanoseg.measure import particle_table
 from nanoseg.plotting import (
+    plot_feature_importances,
+    plot_features,
     plot_mixture,
     plot_overlay,
+    plot_probability,
     plot_size_distribution,
     plot_slice_weights,
     plot_threshold_sensitivity,
@@ -275,6 +279,198 @@ def test_overlay_2d_and_errors(fitted):
         plot_overlay(image, labels[..., :95])
     with pytest.raises(TypeError, match="integer labels or a boolean mask"):
         plot_overlay(image, labels.astype(float))
+
+
+# ---------------------------------------------------------------------------
+# the pixel classifier: plot_features, plot_feature_importances
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def learned():
+    """A classifier fitted on a small phantom volume, and its outputs."""
+    image, _, truth = make_phantom((12, 96, 96), n_particles=15, random_state=1, return_labels=True)
+    classifier = NanoparticleClassifier(max_samples=4000, n_jobs=1, random_state=0).fit(image, truth)
+    probability = classifier.predict_proba(image)
+    labels = NanoparticleLabeler(threshold=0.5, radius=0).transform(probability)
+    assert labels.max() > 3
+    return {"image": image, "classifier": classifier, "probability": probability, "labels": labels}
+
+
+def test_plot_features_shows_one_scale_per_family(learned):
+    classifier, image = learned["classifier"], learned["image"]
+    names = classifier.feature_names_
+    axes = plot_features(classifier, image)
+    titles = [ax.get_title() for ax in axes]
+    # One column per family, the middle one; the largest Hessian eigenvalue.
+    expected = ["intensity"]
+    for prefix in ("gaussian@", "dog@", "gradient@", "hessian_0@", "contrast@"):
+        columns = [n for n in names if n.startswith(prefix)]
+        assert columns
+        expected.append(columns[len(columns) // 2])
+    assert titles == expected
+    assert titles[1] == names[2]  # gaussian at the second of three scales
+    assert axes[0].figure._suptitle.get_text() == "Features of plane z = 6"
+    features = classifier.features_of(image)
+    for ax, title in zip(axes, titles):
+        (shown,) = ax.images
+        assert shown.get_array().shape == image.shape[1:]
+        np.testing.assert_array_equal(shown.get_array(), features[names.index(title), 6])
+        low, high = np.percentile(features[names.index(title), 6], [1, 99])
+        assert shown.get_clim() == pytest.approx((low, high))
+
+
+def test_plot_features_by_name_and_family_on_given_axes(learned):
+    classifier, image = learned["classifier"], learned["image"]
+    names = classifier.feature_names_
+    grid = plt.subplots(2, 6)[1]
+    axes = plot_features(classifier, image, ["intensity", "hessian", names[1]], plane=2, axes=grid)
+    hessian = [n for n in names if n.startswith("hessian_")]
+    assert len(hessian) == 9  # 3 eigenvalues at 3 scales
+    assert [ax.get_title() for ax in axes] == ["intensity", *hessian, names[1]]
+    assert list(axes) == list(grid.ravel()[:11])
+    assert not grid.ravel()[11].images
+    features = classifier.features_of(image)
+    np.testing.assert_array_equal(axes[-1].images[0].get_array(), features[1, 2])
+    # One Hessian eigenvalue at every scale.
+    axes = plot_features(classifier, image, "hessian_2")
+    assert [ax.get_title() for ax in axes] == [n for n in names if n.startswith("hessian_2@")]
+
+
+def test_plot_features_of_an_image_and_with_a_prior():
+    image, mask = make_phantom((64, 64), n_particles=8, random_state=0)
+    classifier = NanoparticleClassifier(
+        features=("intensity", "gaussian"), sigmas=(1.0, 2.0), max_samples=2000, n_jobs=1, random_state=0
+    ).fit(image, mask)
+    assert len(classifier.feature_names_) == 3
+    axes = plot_features(classifier, image, plane=5)  # plane is ignored for images
+    assert [ax.get_title() for ax in axes] == ["intensity", classifier.feature_names_[2]]  # the 2 px scale
+    assert axes[0].images[0].get_array().shape == (64, 64)
+    assert axes[0].figure._suptitle.get_text() == "Features of the image"
+    volume, truth = make_phantom((8, 64, 64), n_particles=10, random_state=2)
+    with_prior = NanoparticleClassifier(
+        features=("gaussian",), sigmas=(2.0,), prior=NanoparticleMixture(max_iter=100_000),
+        max_samples=2000, n_jobs=1, random_state=0,
+    ).fit(volume, truth)
+    assert with_prior.feature_names_[-1] == "posterior_logit"
+    axes = plot_features(with_prior, volume)
+    assert [ax.get_title() for ax in axes] == with_prior.feature_names_
+    features = with_prior.features_of(volume)
+    np.testing.assert_array_equal(axes[1].images[0].get_array(), features[1, 4])
+
+
+def test_plot_features_errors(learned):
+    classifier, image = learned["classifier"], learned["image"]
+    with pytest.raises(ValueError, match="no feature 'laplace'.*intensity, gaussian"):
+        plot_features(classifier, image, ["intensity", "laplace"])
+    with pytest.raises(ValueError, match="plane must be an integer from 0 to 11"):
+        plot_features(classifier, image, plane=12)
+    with pytest.raises(ValueError, match="axes holds 2 Axes but 6 panels are drawn"):
+        plot_features(classifier, image, axes=plt.subplots(1, 2)[1])
+    with pytest.raises(NotFittedError):
+        plot_features(NanoparticleClassifier(), image)
+    with pytest.raises(TypeError, match="Expected a fitted NanoparticleClassifier; NanoparticleMixture has no"):
+        plot_features(NanoparticleMixture(), image)
+
+
+def test_plot_feature_importances_sorts_the_forests_importances(learned):
+    classifier = learned["classifier"]
+    importances = classifier.estimator_.feature_importances_
+    order = np.argsort(-importances, kind="stable")
+    n = classifier.n_features_
+    assert n == len(classifier.feature_names_) > 5
+    ax = plot_feature_importances(classifier, ax=new_axes())
+    assert len(ax.patches) == n
+    np.testing.assert_allclose([bar.get_width() for bar in ax.patches], importances[order])
+    labels = [label.get_text() for label in ax.get_yticklabels()]
+    assert labels == [classifier.feature_names_[i] for i in order]
+    assert ax.yaxis_inverted()  # the most important at the top
+    assert ax.get_title() == f"Feature importances ({n} features)"
+    top = plot_feature_importances(classifier, max_features=5)
+    assert len(top.patches) == 5
+    assert [label.get_text() for label in top.get_yticklabels()] == labels[:5]
+    assert top.get_title() == f"Feature importances (5 of {n} features)"
+
+
+def test_plot_feature_importances_errors(learned):
+    from sklearn.linear_model import LogisticRegression
+
+    image, mask = make_phantom((48, 48), n_particles=5, random_state=0)
+    linear = NanoparticleClassifier(classifier=LogisticRegression(), max_samples=1000, n_jobs=1).fit(image, mask)
+    with pytest.raises(TypeError, match="LogisticRegression has no feature_importances_.*permutation_importance"):
+        plot_feature_importances(linear)
+    with pytest.raises(ValueError, match="max_features must be a positive integer"):
+        plot_feature_importances(learned["classifier"], max_features=0)
+    with pytest.raises(NotFittedError):
+        plot_feature_importances(NanoparticleClassifier())
+
+
+# ---------------------------------------------------------------------------
+# plot_probability
+# ---------------------------------------------------------------------------
+
+
+def test_plot_probability_shows_image_probability_and_outlines(learned):
+    image, probability, labels = learned["image"], learned["probability"], learned["labels"]
+    busiest = int(np.argmax([np.count_nonzero(p) for p in labels]))
+    axes = plot_probability(image, probability, labels)
+    assert len(axes) == 3
+    figure = axes[0].figure
+    assert len(figure.axes) == 4  # and the colour bar
+    assert [ax.get_title() for ax in axes[:2]] == [f"plane z = {busiest}", "particle probability"]
+    n = np.unique(labels[busiest][labels[busiest] > 0]).size
+    assert axes[2].get_title() == f"{n} particles"
+    grey, shown, outlined = (ax.images[0].get_array() for ax in axes)
+    assert grey.shape == image.shape[1:]
+    np.testing.assert_allclose(grey, image[busiest] / 255.0)
+    np.testing.assert_array_equal(shown, probability[busiest])
+    assert axes[1].images[0].get_clim() == (0.0, 1.0)
+    assert outlined.shape == (*image.shape[1:], 3)
+    outline = find_boundaries(labels[busiest].astype(np.int64), mode="outer")
+    assert outline.any()
+    np.testing.assert_allclose(outlined[outline], np.tile([1.0, 1.0, 0.0], (outline.sum(), 1)))
+    # Elsewhere, including inside the particles, the image itself.
+    inside = ~outline
+    np.testing.assert_allclose(outlined[inside][:, 0], image[busiest][inside] / 255.0)
+
+
+def test_plot_probability_without_labels_picks_the_most_probable_plane(learned):
+    image, probability = learned["image"], learned["probability"]
+    counts = [np.count_nonzero(p >= 0.9) for p in probability]
+    axes = plot_probability(image, probability, threshold=0.9, axes=plt.subplots(1, 2)[1])
+    assert len(axes) == 2
+    assert axes[0].get_title() == f"plane z = {int(np.argmax(counts))}"
+    axes = plot_probability(image, probability, plane=3)
+    np.testing.assert_array_equal(axes[1].images[0].get_array(), probability[3])
+
+
+def test_plot_probability_reads_zarr_and_dask_and_images(learned):
+    image, probability, labels = learned["image"], learned["probability"], learned["labels"]
+    stored = zarr.create_array(store={}, shape=probability.shape, chunks=(2, 96, 96), dtype=probability.dtype)
+    stored[...] = probability
+    reference = [ax.images[0].get_array() for ax in plot_probability(image, probability, labels)]
+    lazy = plot_probability(da.from_array(image, chunks=3), stored, da.from_array(labels, chunks=4))
+    for ax, expected in zip(lazy, reference):
+        np.testing.assert_array_equal(ax.images[0].get_array(), expected)
+    flat = plot_probability(image[4], probability[4], labels[4] > 0)
+    assert flat[0].get_title() == "image"
+    assert flat[2].images[0].get_array().shape == (96, 96, 3)
+
+
+def test_plot_probability_errors(learned):
+    image, probability, labels = learned["image"], learned["probability"], learned["labels"]
+    with pytest.raises(ValueError, match=r"image has shape \(12, 96, 96\) but probability has shape \(12, 96, 95\)"):
+        plot_probability(image, probability[..., :95])
+    with pytest.raises(ValueError, match=r"but labels has shape \(11, 96, 96\)"):
+        plot_probability(image, probability, labels[:11])
+    with pytest.raises(TypeError, match="probability must be a float"):
+        plot_probability(image, labels)
+    with pytest.raises(TypeError, match="integer labels or a boolean mask"):
+        plot_probability(image, probability, probability)
+    with pytest.raises(ValueError, match="plane must be an integer from 0 to 11"):
+        plot_probability(image, probability, plane=-1)
+    with pytest.raises(ValueError, match="axes holds 2 Axes but 3 panels are drawn"):
+        plot_probability(image, probability, labels, axes=plt.subplots(1, 2)[1])
 
 
 # ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.utils import metadata_routing
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
@@ -185,6 +186,10 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
     >>> probability.shape, probability.dtype
     ((96, 96), dtype('float32'))
     """
+
+    # predict's threshold is a plain argument, not metadata to route (and no
+    # generated set_predict_request, whose docstring breaks the docs build).
+    __metadata_request__predict = {"threshold": metadata_routing.UNUSED}  # noqa: RUF012
 
     _parameter_constraints = {
         "features": ["array-like", StrOptions(set(FEATURES))],
@@ -527,8 +532,9 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
 
         Returns
         -------
-        features : ndarray, float32, shape (n_features, *X.shape)
-            In the order of ``feature_names_`` (the gate is not applied).
+        features : ndarray, float32
+            Shaped ``(n_features, *X.shape)``,
+            in the order of ``feature_names_`` (the gate is not applied).
         """
         volumes, is_list = self._check_input(X)
         if is_list or is_lazy(volumes[0].array):

@@ -1,18 +1,23 @@
 """Quality-control figures for a fitted pipeline, and an HTML report.
 
 Every function draws on the Axes given as `ax` (or on a new figure when it
-is None) and returns that Axes, so figures can be composed freely.
-matplotlib is an optional dependency: install it with
+is None) and returns that Axes, so figures can be composed freely; the two
+that draw several panels, :func:`plot_features` and
+:func:`plot_probability`, take a sequence of Axes as `axes` and return
+them as an array. matplotlib is an optional dependency: install it with
 ``pip install "nanoseg[plot]"``.
 
-=============================  ==================================================
-:func:`plot_mixture`           stack, background and particle intensity PMFs
-:func:`plot_slice_weights`     per-slice particle fraction along Z (drift)
+==================================  =================================================
+:func:`plot_mixture`                stack, background and particle intensity PMFs
+:func:`plot_slice_weights`          per-slice particle fraction along Z (drift)
 :func:`plot_threshold_sensitivity`  particle count and volume vs threshold
-:func:`plot_size_distribution` histogram of a particle-table column
-:func:`plot_overlay`           one plane with the particles outlined
-:func:`write_report`           all of the above as PNGs plus ``index.html``
-=============================  ==================================================
+:func:`plot_size_distribution`      histogram of a particle-table column
+:func:`plot_overlay`                one plane with the particles outlined
+:func:`plot_features`               a classifier's feature maps of one plane
+:func:`plot_probability`            image, probability map and particles side by side
+:func:`plot_feature_importances`    which features a classifier's forest relies on
+:func:`write_report`                the mixture's figures as PNGs plus ``index.html``
+==================================  =================================================
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ from sklearn.utils.validation import check_is_fitted
 from ._volume import as_volume, is_dask_array, is_volume_list
 
 __all__ = [
+    "plot_feature_importances",
+    "plot_features",
     "plot_mixture",
     "plot_overlay",
+    "plot_probability",
     "plot_size_distribution",
     "plot_slice_weights",
     "plot_threshold_sensitivity",
@@ -357,10 +365,19 @@ def plot_size_distribution(table, ax=None, *, column="equivalent_diameter", bins
 # ---------------------------------------------------------------------------
 
 
-def _busiest_plane(volume):
-    """Index of the plane with the most labelled voxels (the middle one if none)."""
+def _busiest_plane(volume, threshold=None):
+    """Index of the plane with the most labelled voxels (the middle one if none).
+
+    With `threshold`, voxels count when they are at least `threshold` (for a
+    probability map) instead of when they are nonzero.
+    """
+
+    def count(block):
+        block = block.reshape(len(block), -1)
+        return np.count_nonzero(block if threshold is None else block >= threshold, axis=1)
+
     counts = np.concatenate([
-        np.count_nonzero(volume.read(int(g[0]), int(g[-1]) + 1).reshape(len(g), -1), axis=1)
+        count(np.asarray(volume.read(int(g[0]), int(g[-1]) + 1)))
         for g in volume.slabs(volume.slab_depth(volume.dtype.itemsize))
     ])
     return int(np.argmax(counts)) if counts.any() else volume.shape[0] // 2
@@ -443,6 +460,367 @@ def plot_overlay(image, labels, *, plane=None, ax=None, alpha=0.3):
     ax.set_xlabel("x (column)")
     ax.set_ylabel("y (row)")
     return ax
+
+
+def _check_plane(plane, volume, default):
+    """The plane (z index) to show: 0 for an image, `default()` when None."""
+    if volume.is_2d:
+        return 0
+    if plane is None:
+        return int(default())
+    n_planes = volume.shape[0]
+    if isinstance(plane, bool) or not isinstance(plane, numbers.Integral) or not 0 <= plane < n_planes:
+        raise ValueError(f"plane must be an integer from 0 to {n_planes - 1}; got {plane!r}.")
+    return int(plane)
+
+
+def _panels(axes, n_panels, ncols, title=None):
+    """`n_panels` Axes: the first of `axes`, or a new figure's grid of them."""
+    _require_matplotlib()
+    if axes is not None:
+        flat = list(np.ravel(np.asarray(axes, dtype=object)))
+        if len(flat) < n_panels:
+            raise ValueError(f"axes holds {len(flat)} Axes but {n_panels} panels are drawn; pass at least {n_panels}.")
+        out = np.empty(n_panels, dtype=object)
+        out[:] = flat[:n_panels]
+        return out
+    import matplotlib.pyplot as plt
+
+    ncols = max(1, min(int(ncols), n_panels))
+    nrows = -(-n_panels // ncols)
+    figure, grid = plt.subplots(
+        nrows, ncols, figsize=(3.4 * ncols, 3.2 * nrows), squeeze=False, layout="constrained"
+    )
+    for unused in grid.ravel()[n_panels:]:
+        unused.set_axis_off()
+    if title:
+        figure.suptitle(title)
+    return grid.ravel()[:n_panels]
+
+
+def _where(volume, plane):
+    return "image" if volume.is_2d else f"plane z = {plane}"
+
+
+# ---------------------------------------------------------------------------
+# the pixel classifier
+# ---------------------------------------------------------------------------
+
+
+def _check_classifier(classifier):
+    if not hasattr(classifier, "features_of"):
+        raise TypeError(
+            f"Expected a fitted NanoparticleClassifier; {type(classifier).__name__} has no features_of."
+        )
+    check_is_fitted(classifier, "estimator_")
+
+
+def _family(name):
+    """Feature family of a column name: ``gaussian@0x2x2`` -> ``gaussian``, ``hessian_1@0x1x1`` -> ``hessian``."""
+    key = name.split("@")[0]
+    return "hessian" if key.startswith("hessian_") else key
+
+
+def _default_features(names):
+    """One column per family: its middle scale (the first Hessian eigenvalue)."""
+    chosen = []
+    for family in dict.fromkeys(_family(name) for name in names):
+        columns = [n for n in names if _family(n) == family]
+        if family == "hessian":
+            first = columns[0].split("@")[0]
+            columns = [n for n in columns if n.split("@")[0] == first]
+        chosen.append(columns[len(columns) // 2])
+    return chosen
+
+
+def _select_features(selection, names):
+    if isinstance(selection, str):
+        selection = [selection]
+    chosen = []
+    for entry in selection:
+        if entry in names:
+            matches = [entry]
+        else:
+            matches = [n for n in names if entry in (_family(n), n.split("@")[0])]
+        if not matches:
+            raise ValueError(
+                f"The classifier has no feature {entry!r}; give names from its feature_names_ "
+                f"({', '.join(names)}) or a family such as 'dog'."
+            )
+        chosen.extend(matches)
+    chosen = list(dict.fromkeys(chosen))
+    if not chosen:
+        raise ValueError("names selects no feature; give at least one name from feature_names_.")
+    return chosen
+
+
+def plot_features(classifier, image, names=None, *, plane=None, axes=None, ncols=3):
+    """Show some of the feature maps a fitted classifier computes, for one plane.
+
+    Each panel is one column of :meth:`~nanoseg.NanoparticleClassifier.features_of`
+    -- the smoothed intensity, a difference of Gaussians, a Hessian
+    eigenvalue at one scale... -- titled with its name from
+    ``feature_names_``. Each map has its own colour scale, from its 1st to
+    its 99th percentile.
+
+    Parameters
+    ----------
+    classifier : NanoparticleClassifier
+        A fitted classifier.
+    image : (Z, Y, X) or (Y, X) array
+        One uint8 or uint16 image or volume in memory, as taken by
+        :meth:`~nanoseg.NanoparticleClassifier.features_of`. The features
+        of the whole input are computed (a float32 array of ``n_features_``
+        times its size): for a large volume pass a sub-volume of some tens
+        of planes, keeping in mind that it is normalised on its own.
+    names : str or sequence of str, optional
+        Features to show: names from ``feature_names_``, or families, which
+        stand for all their columns (``"dog"``: every difference of
+        Gaussians; ``"hessian"``: every Hessian eigenvalue at every scale,
+        ``"hessian_0"``: the largest one at every scale). By default one column per family, at the middle scale
+        (the largest Hessian eigenvalue), and the posterior of the `prior`
+        when there is one.
+    plane : int, optional
+        Plane (z index) of a volume to show; the middle one by default.
+        Ignored for 2D input.
+    axes : sequence of matplotlib.axes.Axes, optional
+        Where to draw, one Axes per feature shown (a grid from
+        :func:`matplotlib.pyplot.subplots` is fine); a new figure when None.
+    ncols : int, optional
+        Columns of the grid of a new figure.
+
+    Returns
+    -------
+    axes : ndarray of matplotlib.axes.Axes
+        One per feature, in the order of `names`, each showing one image.
+
+    Raises
+    ------
+    ValueError
+        If a name is not one of the classifier's features, `plane` is out of
+        range or `axes` holds too few Axes.
+    TypeError
+        If `classifier` is not a :class:`~nanoseg.NanoparticleClassifier`.
+
+    See Also
+    --------
+    nanoseg.NanoparticleClassifier.features_of : The features themselves.
+    plot_feature_importances : Which features the classifier relies on.
+    plot_probability : What the classifier makes of them.
+
+    Examples
+    --------
+    >>> from nanoseg import NanoparticleClassifier
+    >>> from nanoseg.datasets import make_phantom
+    >>> from nanoseg.plotting import plot_features
+    >>> image, mask = make_phantom((96, 96), n_particles=12, random_state=0)
+    >>> model = NanoparticleClassifier(random_state=0, n_jobs=1).fit(image, mask)
+    >>> axes = plot_features(model, image, ["intensity", "gaussian"])
+    >>> [ax.get_title() for ax in axes]
+    ['intensity', 'gaussian@...', 'gaussian@...', 'gaussian@...']
+    """
+    _require_matplotlib()
+    _check_classifier(classifier)
+    feature_names = list(classifier.feature_names_)
+    shown = _default_features(feature_names) if names is None else _select_features(names, feature_names)
+    volume = as_volume(image, name="image")
+    plane = _check_plane(plane, volume, lambda: volume.shape[0] // 2)
+    features = np.asarray(classifier.features_of(image))
+    if not volume.is_2d:
+        features = features[:, plane]
+    title = "Features of the image" if volume.is_2d else f"Features of plane z = {plane}"
+    axes = _panels(axes, len(shown), ncols, title=title)
+    for ax, name in zip(axes, shown):
+        values = features[feature_names.index(name)]
+        finite = values[np.isfinite(values)]
+        low, high = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
+        ax.imshow(values, cmap="magma", vmin=low, vmax=high, interpolation="nearest")
+        ax.set_title(name, fontsize="medium")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return axes
+
+
+def plot_feature_importances(classifier, ax=None, *, max_features=None):
+    """Plot which features a fitted classifier's trees rely on most.
+
+    Draws the ``feature_importances_`` of the classifier's fitted estimator
+    (the default random forest, gradient boosting...: the mean decrease in
+    impurity that each feature brings, summing to 1) as horizontal bars,
+    largest at the top.
+
+    Parameters
+    ----------
+    classifier : NanoparticleClassifier
+        A fitted classifier whose ``estimator_`` has
+        ``feature_importances_``.
+    ax : matplotlib.axes.Axes, optional
+        Where to draw; a new figure when None.
+    max_features : int, optional
+        Show only this many features, the most important ones; all of them
+        by default.
+
+    Returns
+    -------
+    ax : matplotlib.axes.Axes
+        One bar per feature shown, in decreasing order of importance; the
+        tick labels are the names from ``feature_names_``.
+
+    Raises
+    ------
+    TypeError
+        If the estimator has no ``feature_importances_`` (a logistic
+        regression, for example): use
+        :func:`sklearn.inspection.permutation_importance` on rows of
+        :meth:`~nanoseg.NanoparticleClassifier.features_of` instead.
+
+    See Also
+    --------
+    plot_features : What the features look like.
+
+    Notes
+    -----
+    Impurity-based importances are computed on the training voxels and
+    favour features with many distinct values; correlated features (the
+    same filter at neighbouring scales) share their importance. Read them
+    as a rough guide to which scales and filters matter.
+
+    Examples
+    --------
+    >>> from nanoseg import NanoparticleClassifier
+    >>> from nanoseg.datasets import make_phantom
+    >>> from nanoseg.plotting import plot_feature_importances
+    >>> image, mask = make_phantom((96, 96), n_particles=12, random_state=0)
+    >>> model = NanoparticleClassifier(random_state=0, n_jobs=1).fit(image, mask)
+    >>> ax = plot_feature_importances(model, max_features=5)
+    >>> len(ax.patches)
+    5
+    """
+    _check_classifier(classifier)
+    if max_features is not None and (
+        isinstance(max_features, bool) or not isinstance(max_features, numbers.Integral) or max_features < 1
+    ):
+        raise ValueError(f"max_features must be a positive integer; got {max_features!r}.")
+    estimator = classifier.estimator_
+    if not hasattr(estimator, "feature_importances_"):
+        raise TypeError(
+            f"{type(estimator).__name__} has no feature_importances_; use "
+            "sklearn.inspection.permutation_importance on the rows of features_of instead."
+        )
+    importances = np.asarray(estimator.feature_importances_, dtype=np.float64)
+    names = list(classifier.feature_names_)
+    order = np.argsort(-importances, kind="stable")[:max_features]
+    ax = _new_axes(ax)
+    positions = np.arange(order.size)
+    ax.barh(positions, importances[order], color="C0")
+    ax.set_yticks(positions, [names[i] for i in order], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("importance (mean decrease in impurity)")
+    shown = f"{order.size} of {importances.size}" if order.size < importances.size else f"{importances.size}"
+    ax.set_title(f"Feature importances ({shown} features)")
+    return ax
+
+
+def plot_probability(image, probability, labels=None, *, plane=None, axes=None, threshold=0.5):
+    """Show one plane of the image, its particle probability and the particles found.
+
+    The first panel is the image in grey, the second the probability map
+    (colour scale from 0 to 1, with a colour bar) and, with `labels`, the
+    third is the image with every particle outlined in yellow, so that
+    particles the labeler missed or merged stand out.
+
+    Parameters
+    ----------
+    image : (Z, Y, X) or (Y, X) array
+        The image (NumPy, zarr or dask); only the plane shown is read.
+    probability : array of float
+        A probability map of the same shape, such as
+        :meth:`NanoparticleClassifier.predict_proba <nanoseg.NanoparticleClassifier.predict_proba>`
+        or the mixture's posterior.
+    labels : array of int or bool, optional
+        Particle labels (or a mask) of the same shape, for instance from
+        :class:`~nanoseg.NanoparticleLabeler`.
+    plane : int, optional
+        Plane (z index) to show. By default the plane with the most particle
+        voxels in `labels` or, without labels, the most voxels of
+        probability at least `threshold` (found in one pass over that
+        array). Ignored for 2D input.
+    axes : sequence of matplotlib.axes.Axes, optional
+        Where to draw: two Axes, three with `labels`; a new figure when None.
+    threshold : float, optional
+        Only used to choose the plane when neither `plane` nor `labels` is
+        given.
+
+    Returns
+    -------
+    axes : ndarray of matplotlib.axes.Axes
+        The image, the probability map and, with `labels`, the outlined
+        particles. Each shows one image; the colour bar is an extra Axes of
+        the figure.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ or `plane` is out of range.
+    TypeError
+        If `probability` is not a float (or boolean) array, or `labels` not
+        integer labels or a mask.
+
+    See Also
+    --------
+    plot_overlay : One plane with the particles coloured and outlined.
+    plot_threshold_sensitivity : How the particles change with the threshold.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nanoseg.plotting import plot_probability
+    >>> image = np.zeros((3, 8, 8), dtype=np.uint8)
+    >>> probability = np.zeros((3, 8, 8), dtype=np.float32)
+    >>> probability[1, 2:5, 2:5] = 0.9
+    >>> labels = (probability > 0.5).astype(np.uint32)
+    >>> [ax.get_title() for ax in plot_probability(image, probability, labels)]
+    ['plane z = 1', 'particle probability', '1 particle']
+    """
+    from skimage.segmentation import mark_boundaries
+
+    _require_matplotlib()
+    image_volume = as_volume(image, name="image")
+    probability_volume = as_volume(probability, name="probability")
+    arrays = {"probability": probability} if labels is None else {"probability": probability, "labels": labels}
+    for name, array in arrays.items():
+        if tuple(array.shape) != tuple(image.shape):
+            raise ValueError(
+                f"image has shape {tuple(image.shape)} but {name} has shape {tuple(array.shape)}; "
+                f"pass the {name} computed from this image."
+            )
+    if probability_volume.dtype.kind not in "fb":
+        raise TypeError(f"probability must be a float (or boolean) array; got dtype {probability_volume.dtype}.")
+    label_volume = None if labels is None else as_volume(labels, name="labels")
+    if label_volume is not None and label_volume.dtype.kind not in "biu":
+        raise TypeError(f"labels must be integer labels or a boolean mask; got dtype {label_volume.dtype}.")
+    if label_volume is not None:
+        plane = _check_plane(plane, image_volume, lambda: _busiest_plane(label_volume))
+    else:
+        plane = _check_plane(plane, image_volume, lambda: _busiest_plane(probability_volume, threshold))
+    axes = _panels(axes, 2 if labels is None else 3, 3)
+    grey = _grey(np.asarray(image_volume.read(plane, plane + 1)[0]))
+    axes[0].imshow(grey, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    axes[0].set_title(_where(image_volume, plane))
+    values = np.asarray(probability_volume.read(plane, plane + 1)[0], dtype=np.float32)
+    shown = axes[1].imshow(values, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+    axes[1].set_title("particle probability")
+    axes[1].figure.colorbar(shown, ax=axes[1], shrink=0.8)
+    if label_volume is not None:
+        ids = np.asarray(label_volume.read(plane, plane + 1)[0]).astype(np.int64)
+        outlined = mark_boundaries(np.dstack([grey] * 3), ids, color=(1.0, 1.0, 0.0), mode="outer")
+        axes[2].imshow(outlined, interpolation="nearest")
+        n_particles = np.unique(ids[ids > 0]).size
+        axes[2].set_title(f"{n_particles} particle{'s' if n_particles != 1 else ''}")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return axes
 
 
 # ---------------------------------------------------------------------------
