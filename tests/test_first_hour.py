@@ -54,3 +54,25 @@ def test_plausible_spacing_is_silent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert check_spacing((50, 10, 10)) == (50.0, 10.0, 10.0)
+
+
+def test_pooled_fit_over_crops_of_different_brightness_warns():
+    from nanoseg.mixture import DegenerateFitWarning
+
+    crops = []
+    for seed, offset in enumerate((0, 0, 0, 110)):
+        image, _ = make_phantom((96, 96), n_particles=6, random_state=seed)
+        crops.append(np.clip(image.astype(int) + offset, 0, 255).astype(np.uint8))
+    # The bright crop's background fills the top percentiles: seed = exclusion level.
+    with pytest.warns(DegenerateFitWarning, match="PerVolume"):
+        mixture = NanoparticleMixture(n_jobs=1).fit(crops)
+    assert mixture.low_intensity_ == mixture.high_intensity_
+
+
+def test_a_sound_fit_does_not_warn():
+    import warnings
+
+    volume, _ = make_phantom((8, 96, 96), n_particles=20, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NanoparticleMixture(n_jobs=1, tol=1e-6).fit(volume)

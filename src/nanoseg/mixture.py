@@ -23,7 +23,7 @@ from ._intensity import Binning, check_intensity_dtype, choose_binning
 from ._parallel import device_n_jobs, ordered_map, slab_budget
 from ._volume import as_volumes, check_finite, check_targets, is_lazy, parse_bytes
 
-__all__ = ["NanoparticleMixture"]
+__all__ = ["DegenerateFitWarning", "NanoparticleMixture"]
 
 # Working bytes per voxel for the histogram passes (the uint8 slab plus the
 # background kernel's boolean masks) and for the in-memory posterior
@@ -52,6 +52,10 @@ def check_beta_prior(beta_prior):
             f"of the Beta prior on each slice's particle fraction; got {beta_prior!r}."
         )
     return values
+
+
+class DegenerateFitWarning(UserWarning):
+    """The fitted particle component is empty or collapsed: the model will find no particles."""
 
 
 def _refuse_colour(volume):
@@ -635,6 +639,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                 stacklevel=2,
             )
 
+        self._warn_if_degenerate(low, high, result.background_weight, is_list)
         particle_pmf = result.particle_pmf
         if self.monotone_posterior:
             particle_pmf = _model.monotone_particle_pmf(particle_pmf, background_pmf)
@@ -656,6 +661,32 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self.binning_high_ = int(binning.high)
         self.binning_shift_ = int(binning.shift)
         return volumes, is_list, slice_hists
+
+    def _warn_if_degenerate(self, low, high, background_weight, is_list):
+        """Warn when the particle component is empty or collapsed to a single intensity."""
+        if low >= high:
+            cause = (
+                f"the seed level and the background exclusion level are the same "
+                f"{'intensity' if self._keeps_8bit_values() else 'bin'} ({self._mirror_level(low)}): "
+                "the brightest voxels are too few or all alike to seed particles"
+            )
+        elif 1.0 - background_weight < 1e-6:
+            cause = f"the particle component's weight is {1.0 - background_weight:.1e}, i.e. empty"
+        else:
+            return
+        remedy = (
+            "Crops pooled in one fit must share one intensity scale; when their brightness "
+            "differs, fit one model per crop (nanoseg.tuning.PerVolume, as nanoseg.tune does). "
+            if is_list
+            else ""
+        )
+        warnings.warn(
+            f"Degenerate fit: {cause}, so the posterior will find (almost) no particles. {remedy}"
+            "Try percentile_low='otsu' or a lower percentile_low, and check that the image holds "
+            "particles.",
+            DegenerateFitWarning,
+            stacklevel=3,
+        )
 
     # -- binning ------------------------------------------------------------
     def _keeps_8bit_values(self):
