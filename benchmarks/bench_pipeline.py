@@ -258,7 +258,9 @@ def agreement_lines(result):
         return [f"labels differ: {a['reason']}"]
     lines = [
         (f"labels identical (voxel for voxel): {'yes' if a['identical'] else 'no'}"
-        f" ({a['voxels_differing']} voxels differ)"),
+        f" ({a['voxels_differing']} voxels differ"
+        + (f", {a['voxels_differing_off_faces']} of them off the volume's faces)"
+           if "voxels_differing_off_faces" in a else ")")),
         (f"labels identical up to renumbering: {'yes' if a['same_partition'] else 'no'}"
         f" ({a['n_labels_ref']} particles in the reference, {a['n_labels_nanoseg']} in nanoseg;"
         f" foreground only in the reference: {a['foreground_only_ref']}, only in nanoseg:"
