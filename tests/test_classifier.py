@@ -39,7 +39,7 @@ def fitted(volume_and_truth):
 def _planes_per_slab(model, volume):
     from nanoseg._volume import as_volume
 
-    return model._depth(as_volume(volume), model._spec(volume.ndim == 2))
+    return model._chunks(as_volume(volume), model._spec(volume.ndim == 2))[0][0]
 
 
 def _copy_fitted(model, **params):
@@ -188,6 +188,19 @@ def test_small_slabs_in_memory_give_the_whole_array_result(fitted, volume_and_tr
     assert _planes_per_slab(fitted, volume) < volume.shape[0]
     assert np.array_equal(fitted.predict_proba(volume), whole)
     assert np.array_equal(_copy_fitted(fitted, n_jobs=2).predict_proba(volume), whole)
+
+
+def test_blocks_within_the_plane_give_the_whole_array_result(fitted, volume_and_truth, monkeypatch):
+    import nanoseg.classifier as classifier_module
+
+    volume, _ = volume_and_truth
+    whole = fitted.predict_proba(volume)
+    monkeypatch.setattr(classifier_module, "BLOCK_SIDE", 40)
+    model = _copy_fitted(fitted, memory_budget=2**16, n_jobs=2)
+    chunks = model._chunks(__import__("nanoseg._volume", fromlist=["as_volume"]).as_volume(volume), model._spec(False))
+    assert len(chunks[0]) > 1 and len(chunks[1]) > 1 and len(chunks[2]) > 1
+    assert np.array_equal(model.predict_proba(volume), whole)
+    assert np.array_equal(model.predict_proba(_as_zarr(volume, (7, 30, 50))).compute(), whole)
 
 
 def test_prior_posterior_feature_is_exact_on_slabs(volume_and_truth):

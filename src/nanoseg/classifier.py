@@ -15,7 +15,10 @@ from . import _annotations
 from ._backend import DEVICES
 from ._base import VolumeEstimatorMixin, map_volumes
 from ._engine.classify import (
-    SLAB_BYTES_PER_VOXEL,
+    BLOCK_BYTES_PER_VOXEL,
+    BLOCK_SIDE,
+    PriorTables,
+    axis_chunks,
     Normaliser,
     SlabClassifier,
     classify_in_memory,
@@ -25,6 +28,7 @@ from ._engine.classify import (
 )
 from ._ops.filters import FEATURES, FeatureSpec, check_features, support, voxel_sigmas
 from ._parallel import effective_n_jobs, slab_budget
+from . import _volume
 from ._volume import as_volumes, is_lazy, is_volume_list, parse_bytes
 
 __all__ = ["NanoparticleClassifier"]
@@ -45,13 +49,6 @@ def default_classifier(n_jobs=None, random_state=None):
     return RandomForestClassifier(
         n_estimators=50, max_depth=12, min_samples_leaf=2, n_jobs=n_jobs, random_state=random_state
     )
-
-
-class _NoPosterior:
-    """Stands in for an intensity model that could not be fitted: posterior 0 everywhere."""
-
-    def predict_proba(self, X):
-        return np.zeros(np.shape(X), dtype=np.float32)
 
 
 class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
@@ -296,6 +293,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         return Normaliser(location, scale, n_values)
 
     def _fit_prior(self, volume):
+        """The prior fitted to `volume`, as per-slice posterior tables (None without prior)."""
         if self.prior is None:
             return None
         model = clone(self.prior)
@@ -303,6 +301,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
             model.set_params(n_jobs=1 if not is_lazy(volume.array) else self.n_jobs)
         try:
             model.fit(volume.array)
+            luts = model.posterior_luts(model.slice_weights(volume.array)).astype(np.float32)
         except (ValueError, ArithmeticError) as error:
             warnings.warn(
                 f"The intensity model (prior) could not be fitted to {volume.name} ({error}); its "
@@ -310,10 +309,9 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
                 UserWarning,
                 stacklevel=3,
             )
-            return _NoPosterior()
-        if "n_jobs" in model.get_params(deep=False):
-            model.set_params(n_jobs=1)
-        return model
+            return PriorTables(np.zeros((volume.shape[0], 256), dtype=np.float32))
+        binning = model._fitted_binning()
+        return PriorTables(luts, None if binning.is_identity and volume.dtype == np.uint8 else binning)
 
     def _slab_classifier(self, volume, estimator=None, is_2d=None):
         is_2d = volume.is_2d if is_2d is None else is_2d
@@ -329,13 +327,24 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
             backend=self._resolve_backend([volume]),
         )
 
-    def _depth(self, volume, spec):
-        budget = slab_budget(self.memory_budget, self.n_jobs)
-        depth = volume.slab_depth(SLAB_BYTES_PER_VOXEL, budget)
-        # Halo planes are read and filtered again by the next slab: keep them
-        # a minority of each slab where the volume allows.
-        halo = support(spec)[0] + max(self._margin(volume.is_2d))
-        return min(volume.shape[0], max(depth, 2 * halo))
+    def _chunks(self, volume, spec):
+        """Blocks (dask-style chunk sizes per axis) in which `volume` is classified.
+
+        Squares of ``BLOCK_SIDE`` rows and columns, as deep as the memory
+        budget allows with their halos, and at least twice the halo deep so
+        that halo planes stay a minority of the work.
+        """
+        halo = tuple(r + m for r, m in zip(support(spec), self._margin(volume.is_2d)))
+        n_planes, n_rows, n_cols = volume.shape
+        rows, cols = min(BLOCK_SIDE, n_rows), min(BLOCK_SIDE, n_cols)
+        budget = slab_budget(self.memory_budget, self.n_jobs) or _volume.SLAB_BYTES
+        plane = (rows + 2 * halo[1]) * (cols + 2 * halo[2]) * BLOCK_BYTES_PER_VOXEL
+        depth = max(1, int(budget // plane) - 2 * halo[0], 2 * halo[0])
+        return (
+            axis_chunks(n_planes, depth, halo[0]),
+            axis_chunks(n_rows, rows, halo[1]),
+            axis_chunks(n_cols, cols, halo[2]),
+        )
 
     # -- fit -----------------------------------------------------------------
     def fit(self, X, y):
@@ -402,7 +411,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
             slab = self._slab_classifier(volume, is_2d=is_2d)
             slabs.append(slab)
             images.append(raw)
-            rows.append(_features_at(slab, raw, pick, self._depth(volume, slab.spec)))
+            rows.append(_features_at(slab, raw, pick, self._chunks(volume, slab.spec)[0][0]))
         features = np.concatenate(rows, axis=0)
         target = np.concatenate(targets)
 
@@ -473,15 +482,20 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
 
     def _proba_one(self, volume):
         slab = self._slab_classifier(volume, self.estimator_)
-        depth = self._depth(volume, slab.spec)
+        chunks = self._chunks(volume, slab.spec)
         if self.verbose:
-            print(volume.describe_plan(depth, SLAB_BYTES_PER_VOXEL, "classification"))
+            print(
+                f"[nanoseg] classification: {volume.name} {' x '.join(map(str, volume.shape))} "
+                f"({volume.kind}) in blocks of up to {max(chunks[0])} x {max(chunks[1])} x {max(chunks[2])} "
+                f"voxels, each read with a halo of {' x '.join(map(str, slab.halo))}"
+            )
         if is_lazy(volume.array):
-            return volume.restore(classify_lazy(volume, slab, depth))
+            return volume.restore(classify_lazy(volume, slab, chunks))
         from tqdm import tqdm
 
-        with tqdm(total=volume.shape[0], desc="Classifying", unit="slice", disable=not self.verbose) as bar:
-            out = classify_in_memory(volume, slab, depth, effective_n_jobs(self.n_jobs), bar)
+        n_voxels = int(np.prod(volume.shape))
+        with tqdm(total=n_voxels, desc="Classifying", unit="voxel", unit_scale=True, disable=not self.verbose) as bar:
+            out = classify_in_memory(volume, slab, chunks, effective_n_jobs(self.n_jobs), bar)
         out = volume.restore(out)
         if volume.kind == "cupy":
             return slab.backend.to_device(out)
@@ -566,7 +580,7 @@ def _features_at(slab, raw, flat_indices, depth):
         if mine.size == 0:
             continue
         lo, hi = max(0, start - halo), min(n_planes, stop + halo)
-        feats = slab.features(raw3[lo:hi])
+        feats = slab.features(raw3[lo:hi], lo)
         rows.append(feats.reshape(feats.shape[0], -1)[:, mine - lo * plane].T)
     n = slab.spec.n_features + (slab.prior is not None)
     return np.concatenate(rows, axis=0) if rows else np.zeros((0, n), np.float32)

@@ -639,7 +639,7 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                 stacklevel=2,
             )
 
-        self._warn_if_degenerate(low, high, result.background_weight, is_list)
+        self._warn_if_degenerate(result.particle_pmf, low, high, result.background_weight, is_list)
         particle_pmf = result.particle_pmf
         if self.monotone_posterior:
             particle_pmf = _model.monotone_particle_pmf(particle_pmf, background_pmf)
@@ -662,13 +662,16 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self.binning_shift_ = int(binning.shift)
         return volumes, is_list, slice_hists
 
-    def _warn_if_degenerate(self, low, high, background_weight, is_list):
-        """Warn when the particle component is empty or collapsed to a single intensity."""
-        if low >= high:
+    def _warn_if_degenerate(self, particle_pmf, low, high, background_weight, is_list):
+        """Warn when the particle component is empty, or collapsed to a single intensity
+        because the seed level met the background's exclusion level."""
+        peak = int(np.argmax(particle_pmf))
+        if low >= high and particle_pmf[peak] > 0.99:
+            level = self._mirror_level(peak)
             cause = (
-                f"the seed level and the background exclusion level are the same "
-                f"{'intensity' if self._keeps_8bit_values() else 'bin'} ({self._mirror_level(low)}): "
-                "the brightest voxels are too few or all alike to seed particles"
+                f"the seed level met the background's exclusion level and the particle intensity "
+                f"distribution collapsed onto one {'intensity' if self._keeps_8bit_values() else 'bin'} "
+                f"({level}): the brightest voxels are too few or all alike to describe particles"
             )
         elif 1.0 - background_weight < 1e-6:
             cause = f"the particle component's weight is {1.0 - background_weight:.1e}, i.e. empty"

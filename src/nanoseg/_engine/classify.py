@@ -1,18 +1,17 @@
-"""Per-voxel classification of volumes, slab by slab, gated and exact.
+"""Per-voxel classification of volumes, block by block, gated and exact.
 
-A :class:`SlabClassifier` holds everything a slab needs (picklable, so dask
+A :class:`SlabClassifier` holds everything a block needs (picklable, so dask
 workers in other processes can use it): the intensity normalisation of the
 volume, the feature specification, the fitted scikit-learn classifier, the
-gate and, optionally, the fitted intensity model whose posterior is a
-feature.
+gate and, optionally, the intensity model's per-slice posterior tables.
 
-Each slab is read with a halo of :func:`nanoseg._ops.filters.support` planes
-on each side, so that the features of its own planes are those of the whole
-volume. Inside a slab only voxels the gate lets through are classified (the
-rest get probability 0), and features are computed only in crops around
-them: the gate's voxels are grouped by coarse tiles, tiles within the
-features' reach of each other are merged, and each group's crop is grown by
-that reach. The result equals classifying the whole volume at once.
+Volumes are cut into blocks of a few dozen planes by a few hundred rows and
+columns, each read with a halo of the features' reach (plus the gate's
+margin) on every side, so that the features of its own voxels are those of
+the whole volume and memory depends on the block size only, not on the
+plane size. Inside a block only voxels the gate lets through are classified
+(the rest get probability 0), and features are computed only in crops
+around them. The result equals classifying the whole volume at once.
 """
 
 from __future__ import annotations
@@ -33,10 +32,13 @@ TILE = 32
 #: Most voxels of one crop (with its reach): bounds the dense filter arrays.
 CROP_VOXELS = 2**21
 
-#: Working bytes per voxel of a slab (with its halo): the raw intensities, the
-#: gate and its growth, the probabilities and the prior's posterior logit.
-#: Crops add at most ``CROP_VOXELS`` times the features' bytes per voxel.
-SLAB_BYTES_PER_VOXEL = 16
+#: Working bytes per voxel of a block (with its halo): the raw intensities,
+#: the gate and its growth, the probabilities and the prior's posterior
+#: logit. Crops add at most ``CROP_VOXELS`` times the features' bytes per voxel.
+BLOCK_BYTES_PER_VOXEL = 16
+
+#: Rows and columns of a block (with the volume's planes cut into such squares).
+BLOCK_SIDE = 512
 
 #: Posterior clip before the logit: keeps the feature finite and bounded.
 LOGIT_CLIP = 1e-4
@@ -110,9 +112,33 @@ class Normaliser:
         return self.location + normalised * self.scale
 
 
+@dataclass(frozen=True)
+class PriorTables:
+    """The intensity model's posterior as per-slice lookup tables.
+
+    Attributes
+    ----------
+    luts : ndarray, float32, shape (Z, 256)
+        ``luts[z, v]``: posterior of a voxel of bin ``v`` in plane ``z``.
+    binning : object or None
+        Maps raw 16-bit intensities to bins (None when values are bins).
+    """
+
+    luts: np.ndarray
+    binning: object = None
+
+    def logit(self, raw, z0):
+        """Clipped posterior logit of the planes ``z0 : z0 + len(raw)``."""
+        bins = raw if self.binning is None else self.binning.table(raw.dtype)[raw]
+        luts = self.luts[z0 : z0 + raw.shape[0]]
+        posterior = np.take_along_axis(luts, bins.reshape(raw.shape[0], -1).astype(np.intp), axis=1)
+        posterior = np.clip(posterior.reshape(raw.shape), LOGIT_CLIP, 1 - LOGIT_CLIP)
+        return (np.log(posterior) - np.log1p(-posterior)).astype(np.float32)
+
+
 @dataclass
 class SlabClassifier:
-    """Classifies the voxels of slabs of one volume (see the module docstring).
+    """Classifies the voxels of blocks of one volume (see the module docstring).
 
     Attributes
     ----------
@@ -130,8 +156,8 @@ class SlabClassifier:
         1 for particles brighter than the background, -1 for darker.
     gate_margin : tuple of int
         Voxels per axis by which the gate is grown.
-    prior : NanoparticleMixture or None
-        Fitted on this volume; its posterior logit is the last feature.
+    prior : PriorTables or None
+        The intensity model's posterior, whose logit is the last feature.
     backend : Backend
     """
 
@@ -142,13 +168,13 @@ class SlabClassifier:
     gate_level: float | None = None
     particle_sign: int = 1
     gate_margin: tuple = (0, 0, 0)
-    prior: object = None
+    prior: PriorTables | None = None
     backend: object = CPU
     _table: np.ndarray = field(default=None, init=False, repr=False)
 
     @property
     def halo(self):
-        """Planes read on each side of a slab, and rows/columns of reach in the plane."""
+        """Voxels per axis (z, y, x) read around a block: the features' reach plus the gate's margin."""
         reach = support(self.spec)
         return tuple(r + m for r, m in zip(reach, self.gate_margin))
 
@@ -177,30 +203,40 @@ class SlabClassifier:
             mask = ndi.maximum_filter(mask.view(np.uint8), size=size, mode="constant").view(bool)
         return mask
 
-    def posterior_logit(self, raw):
+    def posterior_logit(self, raw, z0=0):
         if self.prior is None:
             return None
-        posterior = np.asarray(self.prior.predict_proba(np.asarray(raw)), dtype=np.float32)
-        posterior = np.clip(posterior, LOGIT_CLIP, 1 - LOGIT_CLIP)
-        logit = np.log(posterior) - np.log1p(-posterior)
+        logit = self.prior.logit(np.asarray(raw), z0)
         return self.backend.to_device(logit) if self.backend.is_gpu else logit
 
-    def features(self, raw):
-        """Features of every voxel of `raw` (no gate), as a (n_features, Z, Y, X) host array."""
+    def features(self, raw, z0=0):
+        """Features of every voxel of `raw` (planes from `z0`; no gate), as a (n_features, Z, Y, X) host array."""
         image = self.normalise(raw)
-        feats = compute_features(self.backend, image, self.spec, self.posterior_logit(raw))
+        feats = compute_features(self.backend, image, self.spec, self.posterior_logit(raw, z0))
         feats = self.backend.to_host(feats) if self.backend.is_gpu else feats
         return feats.reshape(feats.shape[0], *raw.shape)
 
-    def classify(self, raw, start=0, stop=None):
-        """Probability (float32) for planes ``start:stop`` of the slab `raw` read with its halo."""
-        stop = raw.shape[0] if stop is None else stop
+    def classify(self, raw, interior=None, z0=0):
+        """Probability (float32) of the `interior` voxels of the block `raw`, read with its halo.
+
+        Parameters
+        ----------
+        raw : ndarray, shape (Z, Y, X)
+            The block's intensities, halo included.
+        interior : tuple of slices, optional
+            The block's own voxels (the whole block by default).
+        z0 : int
+            Volume plane of the block's first plane (for the per-slice prior).
+        """
+        interior = tuple(slice(0, n) for n in raw.shape) if interior is None else interior
         wanted = self.gate(raw)
-        wanted[:start] = False
-        wanted[stop:] = False
+        keep = np.zeros(raw.shape, dtype=bool)
+        keep[interior] = True
+        wanted &= keep
+        out_shape = tuple(s.stop - s.start for s in interior)
         if not wanted.any():
-            return np.zeros((stop - start, *raw.shape[1:]), dtype=np.float32)
-        logit = self.posterior_logit(raw)
+            return np.zeros(out_shape, dtype=np.float32)
+        logit = self.posterior_logit(raw, z0)
         full = np.zeros(raw.shape, dtype=np.float32)
         for crop, inside in _crops(wanted, support(self.spec), CROP_VOXELS):
             extra = None if logit is None else logit[crop]
@@ -210,7 +246,7 @@ class SlabClassifier:
                 feats = self.backend.to_host(feats)
             proba = self.estimator.predict_proba(feats.T)
             full[crop][inside] = proba[:, list(self.output_classes)].sum(axis=1)
-        return full[start:stop]
+        return full[interior]
 
 
 def _crops(wanted, reach, max_voxels=CROP_VOXELS):
@@ -259,52 +295,74 @@ def _crops(wanted, reach, max_voxels=CROP_VOXELS):
             yield crop, inside
 
 
-def classify_in_memory(volume, slab, depth, n_jobs=1, progress=None):
-    """Probability of every voxel of an in-memory volume, `depth` planes at a time."""
-    n_planes = volume.shape[0]
-    halo = slab.halo[0]
+def axis_chunks(n, size, halo):
+    """Chunk sizes along one axis: `size` each, the last one merged into the one
+    before when it would be thinner than `halo` (dask's overlap needs it)."""
+    size = max(1, min(n, size))
+    sizes = [size] * (n // size) + ([n % size] if n % size else [])
+    if len(sizes) > 1 and sizes[-1] < halo:
+        sizes[-2] += sizes.pop()
+    return tuple(sizes)
+
+
+def _boxes(chunks):
+    """Interior boxes (tuples of slices) of a chunk grid."""
+    bounds = [np.cumsum((0, *c)) for c in chunks]
+    for i in range(len(chunks[0])):
+        for j in range(len(chunks[1])):
+            for k in range(len(chunks[2])):
+                yield tuple(slice(int(b[a]), int(b[a + 1])) for b, a in zip(bounds, (i, j, k)))
+
+
+def classify_in_memory(volume, slab, chunks, n_jobs=1, progress=None):
+    """Probability of every voxel of an in-memory volume, block by block on `n_jobs` threads."""
+    data = volume.read(0, volume.shape[0])
+    halo = slab.halo
     out = np.zeros(volume.shape, dtype=np.float32)
 
-    def one(start):
-        stop = min(start + depth, n_planes)
-        lo, hi = max(0, start - halo), min(n_planes, stop + halo)
-        raw = volume.read(lo, hi)
-        return start, slab.classify(raw, start - lo, stop - lo)
+    def one(box):
+        grown = tuple(slice(max(0, b.start - h), min(n, b.stop + h)) for b, h, n in zip(box, halo, data.shape))
+        interior = tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))
+        return box, slab.classify(np.asarray(data[grown]), interior, grown[0].start)
 
-    for start, values in ordered_map(one, range(0, n_planes, depth), n_jobs):
-        out[start : start + values.shape[0]] = values
+    for box, values in ordered_map(one, _boxes(chunks), n_jobs):
+        out[box] = values
         if progress is not None:
-            progress.update(values.shape[0])
+            progress.update(values.size)
     return out
 
 
-def _classify_block(block, slab, halo, block_info=None):
-    location = block_info[None]["chunk-location"][0]
-    n_chunks = block_info[None]["num-chunks"][0]
-    before = 0 if location == 0 else halo
-    after = 0 if location == n_chunks - 1 else halo
-    values = slab.classify(block, before, block.shape[0] - after)
+def _classify_block(block, slab, chunks, halo, block_info=None):
+    location = block_info[None]["chunk-location"]
+    before, after, starts = [], [], []
+    for axis, index in enumerate(location):
+        n_chunks = len(chunks[axis])
+        b = 0 if index == 0 else halo[axis]
+        before.append(b)
+        after.append(0 if index == n_chunks - 1 else halo[axis])
+        starts.append(sum(chunks[axis][:index]) - b)
+    interior = tuple(slice(b, n - a) for b, a, n in zip(before, after, block.shape))
     out = np.zeros(block.shape, dtype=np.float32)
-    out[before : block.shape[0] - after] = values
+    out[interior] = slab.classify(np.asarray(block), interior, starts[0])
     return out
 
 
-def classify_lazy(volume, slab, depth):
-    """Lazy dask array of the probabilities, computed slab by slab with halos."""
+def classify_lazy(volume, slab, chunks):
+    """Lazy dask array of the probabilities, computed block by block with halos."""
     import dask.array as da
 
-    array = volume.to_dask().rechunk({0: depth, 1: -1, 2: -1})
-    halo = slab.halo[0]
-    if halo == 0 or array.numblocks[0] == 1:
-        return array.map_blocks(
-            partial(_classify_block, slab=slab, halo=0), dtype=np.float32, meta=np.empty((0, 0, 0), np.float32)
-        )
+    array = volume.to_dask().rechunk(chunks)
+    halo = tuple(min(h, n) for h, n in zip(slab.halo, array.shape))
+    function = partial(_classify_block, slab=slab, chunks=array.chunks, halo=halo)
+    meta = np.empty((0, 0, 0), np.float32)
+    if all(len(c) == 1 for c in array.chunks):
+        return array.map_blocks(function, dtype=np.float32, meta=meta)
     return da.map_overlap(
-        partial(_classify_block, slab=slab, halo=halo),
+        function,
         array,
-        depth={0: halo, 1: 0, 2: 0},
+        depth=dict(enumerate(halo)),
         boundary="none",
         trim=True,
         dtype=np.float32,
-        meta=np.empty((0, 0, 0), np.float32),
+        meta=meta,
     )
