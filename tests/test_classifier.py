@@ -105,7 +105,7 @@ def test_the_gate_only_removes_work_not_particles(volume_and_truth):
     volume, truth = volume_and_truth
     gated = NanoparticleClassifier(spacing=SPACING, random_state=0, n_jobs=1, max_samples=5000)
     gated.fit(volume[:12], truth[:12])
-    ungated = clone(gated).set_params(gate_quantile=None).fit(volume[:12], truth[:12])
+    ungated = clone(gated).set_params(gate_recall=None).fit(volume[:12], truth[:12])
     assert ungated.gate_level_ is None and ungated.gate_fraction_ == 1.0
     p_gated = gated.predict_proba(volume)
     p_all = ungated.predict_proba(volume)

@@ -200,7 +200,7 @@ def test_unfitted_round_trip_keeps_parameters_and_stays_unfitted(phantom, path):
         prior=NanoparticleMixture(beta_prior=(2.0, 30.0)),
         classifier=RandomForestClassifier(n_estimators=4, max_depth=3, class_weight="balanced", random_state=1),
         max_samples=1500,
-        gate_quantile=None,
+        gate_recall=None,
         memory_budget="64MiB",
         n_jobs=1,
         random_state=3,
@@ -497,7 +497,7 @@ def test_fitted_attributes_of_the_wrong_kind_are_refused(key, value, message, fi
 
 def test_gate_level_may_be_none(phantom, path):
     image, mask = phantom
-    model = NanoparticleClassifier(gate_quantile=None, n_jobs=1, random_state=0, max_samples=1000).fit(image, mask)
+    model = NanoparticleClassifier(gate_recall=None, n_jobs=1, random_state=0, max_samples=1000).fit(image, mask)
     assert model.gate_level_ is None
     restored = round_trip(model, path)
     assert restored.gate_level_ is None

@@ -33,6 +33,9 @@ from ._volume import as_volumes, is_lazy, is_volume_list, parse_bytes
 
 __all__ = ["NanoparticleClassifier"]
 
+#: Quantiles of the annotated particle voxels' intensities tried as gate levels.
+GATE_QUANTILES = (0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0)
+
 #: Default scales, in units of the smallest voxel size (voxels without `spacing`).
 DEFAULT_SIGMAS = (1.0, 2.0, 4.0)
 
@@ -107,14 +110,14 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         that touching particles come out as separate components. 0 disables
         it. Label with ``NanoparticleLabeler(radius=0)`` so that the closing
         does not bridge the borders again.
-    gate_quantile : float or None, default=0.02
+    gate_recall : float or None, default=0.99
         Only voxels that may be particles are classified: those at least as
-        bright as the dimmest annotated particles (the `gate_quantile`
-        quantile over annotated particles of their 90th percentile of
-        normalised intensity; as dark, for dark particles), grown by
-        `gate_margin`. Other voxels get probability 0. This is what makes
-        whole volumes affordable; see ``gate_recall_``. None classifies
-        every voxel.
+        bright (as dark, for dark particles) as a level learned from the
+        annotations, grown by `gate_margin`; the others get probability 0.
+        The level is the highest that still lets through this share of the
+        annotated particle voxels. This is what makes whole volumes
+        affordable; check ``gate_recall_`` and ``gate_fraction_``. None
+        classifies every voxel.
     gate_margin : int, default=2
         Voxels by which the gate is grown, in units of the smallest voxel
         size (fewer planes along a coarser z).
@@ -197,7 +200,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         "classifier": [None, HasMethods(["fit", "predict_proba"])],
         "max_samples": [Interval(Integral, 2, None, closed="left")],
         "border_width": [Interval(Integral, 0, None, closed="left")],
-        "gate_quantile": [None, Interval(Real, 0, 1, closed="both")],
+        "gate_recall": [None, Interval(Real, 0, 1, closed="right")],
         "gate_margin": [Interval(Integral, 0, None, closed="left")],
         "memory_budget": [None, Interval(Integral, 1, None, closed="left"), str],
         "n_jobs": [None, Integral],
@@ -217,7 +220,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         classifier=None,
         max_samples=100_000,
         border_width=1,
-        gate_quantile=0.02,
+        gate_recall=0.99,
         gate_margin=2,
         memory_budget=None,
         n_jobs=None,
@@ -233,7 +236,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         self.classifier = classifier
         self.max_samples = max_samples
         self.border_width = border_width
-        self.gate_quantile = gate_quantile
+        self.gate_recall = gate_recall
         self.gate_margin = gate_margin
         self.memory_budget = memory_budget
         self.n_jobs = n_jobs
@@ -440,32 +443,29 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
             background.append(values[cls == _annotations.BACKGROUND])
         sign = 1 if np.median(np.concatenate(particle)) >= np.median(np.concatenate(background)) else -1
         self.particle_sign_ = sign
-        if self.gate_quantile is None:
+        if self.gate_recall is None:
             self.gate_level_ = None
             self.gate_recall_ = 1.0
             self.gate_fraction_ = 1.0
             return
-        # The 90th percentile of each annotated particle (a connected piece of
-        # the annotation), so that one bright voxel in it opens the gate and
-        # the margin then takes in its dimmer edge.
-        import scipy.ndimage as ndi
-
-        levels = []
-        for slab, raw, lab in zip(slabs, images, labels):
-            values = sign * _host(slab, slab.normalise(raw))
-            pieces, n = ndi.label(lab > 0)
-            if n:
-                index = np.arange(1, n + 1)
-                levels.append(ndi.labeled_comprehension(values, pieces, index, lambda v: np.percentile(v, 90), np.float64, 0.0))
-        self.gate_level_ = float(sign * np.quantile(np.concatenate(levels), self.gate_quantile))
-        passed = kept = total = 0
-        for slab, raw, cls in zip(slabs, images, class_maps):
-            slab.gate_level, slab.particle_sign = self.gate_level_, sign
-            gate = slab.gate(raw)
-            passed += int(np.count_nonzero(gate & (cls >= _annotations.PARTICLE)))
-            kept += int(np.count_nonzero(gate))
-            total += gate.size
-        n_particle = sum(int(np.count_nonzero(c >= _annotations.PARTICLE)) for c in class_maps)
+        # The highest level at which the grown gate still lets through the
+        # target share of the annotated particle voxels: tried from the
+        # particles' median intensity down to their dimmest voxel (which lets
+        # every one through).
+        values = sign * np.concatenate(particle)
+        candidates = np.unique(np.quantile(values, GATE_QUANTILES))[::-1]
+        n_particle = values.size
+        for level in candidates:
+            passed = kept = total = 0
+            for slab, raw, cls in zip(slabs, images, class_maps):
+                slab.gate_level, slab.particle_sign = float(sign * level), sign
+                gate = slab.gate(raw)
+                passed += int(np.count_nonzero(gate & (cls >= _annotations.PARTICLE)))
+                kept += int(np.count_nonzero(gate))
+                total += gate.size
+            if passed >= self.gate_recall * n_particle:
+                break
+        self.gate_level_ = float(sign * level)
         self.gate_recall_ = passed / max(1, n_particle)
         self.gate_fraction_ = kept / max(1, total)
 
