@@ -243,7 +243,7 @@ def test_train_has_help(capsys):
         main(["train", "--help"])
     assert excinfo.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: nanoseg train") and "example:" in out and "--gate-quantile" in out
+    assert out.startswith("usage: nanoseg train") and "example:" in out and "--gate-recall" in out
 
 
 def _sha(path):

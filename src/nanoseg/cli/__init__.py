@@ -10,7 +10,8 @@ step by step::
     nanoseg measure labels.zarr particles.csv --image image.zarr
 
 or all at once with ``nanoseg segment image.zarr labels.zarr --table
-particles.csv``. ``nanoseg train`` learns a
+particles.csv``. A single 2D image (TIFF, PNG or JPEG) goes through the same
+steps in 2D, with a pixel size ``--spacing Y X``, and is measured in areas. ``nanoseg train`` learns a
 :class:`~nanoseg.NanoparticleClassifier` from annotated crops instead, for
 ``segment --model`` and ``predict``. Results go to stdout; progress bars,
 warnings and errors go to stderr. Exit status: 0 on success, 2 for a usage
@@ -32,8 +33,22 @@ from ._parser import build_parser
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "InputError", "RunError", "build_parser", "main"]
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"nanoseg: warning: {message}", file=sys.stderr)
+def _warning_printer():
+    """A ``warnings.showwarning`` that prints each message once, on one line.
+
+    A command checks the same input at several steps (e.g. a voxel size when
+    it is read and when the result is written); the user needs to read each
+    warning only once.
+    """
+    shown = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            print(f"nanoseg: warning: {text}", file=sys.stderr)
+
+    return show
 
 
 def _exit_code(exc):
@@ -72,7 +87,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        warnings.showwarning = _show_warning
+        warnings.showwarning = _warning_printer()
         try:
             return args.run(args)
         except KeyboardInterrupt:

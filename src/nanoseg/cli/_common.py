@@ -71,11 +71,33 @@ def _spacing_text(spacing):
     return " x ".join(f"{v:g}" for v in spacing) + f" nm {axes}"
 
 
+def _shape_text(image):
+    """``"24 x 384 x 384 voxels (z, y, x)"``, or ``"... pixels (y, x)"`` for a 2D image."""
+    kind = "voxels (z, y, x)" if image.ndim == 3 else "pixels (y, x)"
+    return " x ".join(map(str, image.shape)) + f" {kind}"
+
+
+def _check_axis_count(values, flag):
+    """--spacing and --chunks take Z Y X for a volume or Y X for a 2D image."""
+    if values is not None and len(values) not in (2, 3):
+        raise InputError(f"{flag} takes Z Y X for volumes or Y X for 2D images; got {len(values)} values.")
+
+
 def _read(path, *, spacing=None, what="image"):
-    """Read an input with its voxel size; a missing voxel size is an input error."""
+    """Read an input, a 2D image as (Y, X), with its voxel size; a missing voxel size is an input error.
+
+    A 2D image takes a pixel size (y, x): three values for it are refused
+    (by :func:`nanoseg.io.read_image`) rather than silently cut.
+    """
     from ..io import read_image
 
-    image, found = read_image(path, spacing=spacing)
+    _check_axis_count(spacing, "--spacing")
+    image, found = read_image(path, spacing=spacing, keep_2d=True)
+    if found is None and image.ndim == 2:
+        raise InputError(
+            f"the {what} {path} is a 2D image without a pixel size in its metadata; pass --spacing Y X "
+            "(nanometres, e.g. --spacing 10 10)."
+        )
     if found is None:
         raise InputError(
             f"the {what} {path} has no voxel size in its metadata; pass --spacing Z Y X "
@@ -84,10 +106,44 @@ def _read(path, *, spacing=None, what="image"):
     return image, found
 
 
-def _read_any(path):
+def _read_any(path, like=None):
+    """Read an input without needing its voxel size, shaped as `like` where they differ by one slice."""
     from ..io import read_image
 
-    return read_image(path)
+    image, spacing = read_image(path, keep_2d=True)
+    return (image if like is None else _match_slices(image, like)), spacing
+
+
+def _match_slices(array, like):
+    """`array` as a 2D image or a volume of one slice, to match `like`.
+
+    A 2D image stored as a volume of one slice (as :func:`nanoseg.io.write_ome_zarr`
+    stores one given a (z, y, x) voxel size) still pairs with the 2D image it
+    came from.
+    """
+    shape, target = tuple(array.shape), tuple(like.shape)
+    if len(shape) == 3 and len(target) == 2 and shape == (1, *target):
+        return array[0]
+    if len(shape) == 2 and len(target) == 3 and target == (1, *shape):
+        return array[None]
+    return array
+
+
+def _check_connectivity(labeler, image):
+    """Refuse a 3D neighbourhood for a 2D image before anything is computed."""
+    if image.ndim == 2 and labeler.connectivity > 2:
+        raise InputError(
+            f"--connectivity {labeler.connectivity} is for volumes; a 2D image takes 1 (4-neighbourhood) "
+            "or 2 (8-neighbourhood)."
+        )
+
+
+def _check_chunks(chunks, image):
+    """--chunks must have one value per axis of the image, checked before any computation."""
+    _check_axis_count(chunks, "--chunks")
+    if chunks is not None and len(chunks) != image.ndim:
+        wanted = "Y X for a 2D image" if image.ndim == 2 else "Z Y X for a volume"
+        raise InputError(f"--chunks takes {wanted}; got {len(chunks)} values.")
 
 
 def _require(module, purpose, extra):
@@ -268,15 +324,17 @@ def _lazy(image):
         return image
     import dask.array as da
 
-    return da.from_array(image, chunks=(1, *image.shape[1:]))
+    # One task per slice, or one for a whole 2D image.
+    return da.from_array(image, chunks=(1, *image.shape[1:]) if image.ndim == 3 else image.shape)
 
 
 def _posterior(model, image):
-    """Particle probability of a volume from a mixture or a classifier.
+    """Particle probability of a volume or 2D image from a mixture or a classifier.
 
-    A classifier trained on 2D images is applied to one slice at a time.
+    A classifier trained on 2D images is applied to a volume one slice at a
+    time.
     """
-    if getattr(model, "n_dims_", 3) != 2:
+    if getattr(model, "n_dims_", 3) != 2 or image.ndim == 2:
         return model.predict_proba(image)
     import copy
 
@@ -311,8 +369,9 @@ def _binning_text(mixture):
 def _fit_summary(mixture):
     state = "converged" if mixture.converged_ else "NOT converged (raise --max-iter or --tol)"
     levels = "intensities" if not _binning_text(mixture) else "bins"
+    slices = f"{mixture.n_slices_fit_} slice" + ("s" if mixture.n_slices_fit_ != 1 else "")
     return (
-        f"Fitted on {mixture.n_slices_fit_} slices: EM {mixture.n_iter_} iterations, {state}; "
+        f"Fitted on {slices}: EM {mixture.n_iter_} iterations, {state}; "
         f"background weight {mixture.background_weight_:.5f}; seed {levels} >{mixture.low_intensity_}, "
         f"hard exclusion >={mixture.high_intensity_}." + _binning_text(mixture)
     )

@@ -52,15 +52,18 @@ def _intensity_bound(text):
 
 def _add_common(parser, *, spacing=True, chunks=False, overwrite=True):
     if spacing:
+        # Two or three values: the count is checked against the input once it is read.
         parser.add_argument(
-            "--spacing", type=_positive_float, nargs=3, metavar=("Z", "Y", "X"), default=None,
-            help="voxel size in nanometres, used instead of the input's metadata (required when "
-            "the metadata has none)",
+            "--spacing", type=_positive_float, nargs="+", metavar="NM", default=None,
+            help="voxel size in nanometres, Z Y X for a volume or Y X for a 2D image (three values "
+            "for a 2D image are refused), used instead of the input's metadata (required when the "
+            "metadata has none, as for PNG and JPEG)",
         )
     if chunks:
         parser.add_argument(
-            "--chunks", type=_positive_int, nargs=3, metavar=("Z", "Y", "X"), default=None,
-            help="chunk shape of the output (default: 1 x 1024 x 1024, capped by the shape)",
+            "--chunks", type=_positive_int, nargs="+", metavar="N", default=None,
+            help="chunk shape of the output, Z Y X for a volume or Y X for a 2D image (default: "
+            "1 x 1024 x 1024, capped by the shape)",
         )
     if overwrite:
         parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -119,22 +122,24 @@ def _add_labeler_options(parser):
     group.add_argument("--threshold", type=float, default=None, metavar="T",
                        help=f"posterior at or above which a voxel is a particle (default: {defaults['threshold']})")
     group.add_argument("--radius", type=int, default=None, metavar="R",
-                       help=f"closing ball radius in voxels, 0 for none (default: {defaults['radius']})")
+                       help="closing ball (disk for a 2D image) radius in voxels, 0 for none "
+                       f"(default: {defaults['radius']})")
     group.add_argument("--min-size", type=int, default=None, metavar="N",
-                       help=f"smallest particle kept, in voxels (default: {defaults['min_size']})")
+                       help=f"smallest particle kept, in voxels (pixels for a 2D image) (default: {defaults['min_size']})")
     group.add_argument("--connectivity", type=int, choices=(1, 2, 3), default=None,
-                       help=f"1: 6-, 2: 18-, 3: 26-neighbourhood (default: {defaults['connectivity']})")
+                       help="1: 6-, 2: 18-, 3: 26-neighbourhood; for a 2D image 1: 4-, 2: 8-neighbourhood "
+                       f"(default: {defaults['connectivity']})")
 
 
-def _gate_quantile(text):
+def _gate_recall(text):
     if text.lower() == "none":
         return "none"
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a quantile in [0, 1] or 'none', got {text}")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share in (0, 1] or 'none', got {text}")
     return value
 
 
@@ -153,10 +158,10 @@ def _add_classifier_options(parser):
     group.add_argument("--border-width", type=int, default=None, metavar="N",
                        help="from instance labels, learn the voxels within N of another particle as "
                        f"borders that keep touching particles apart; 0 for none (default: {defaults['border_width']})")
-    group.add_argument("--gate-quantile", type=_gate_quantile, default=None, metavar="Q",
-                       help="classify only voxels as bright as the dimmest annotated particles (this "
-                       "quantile of them); 'none' classifies every voxel "
-                       f"(default: {defaults['gate_quantile']})")
+    group.add_argument("--gate-recall", type=_gate_recall, default=None, metavar="R",
+                       help="classify only voxels bright enough to be particles, at the level that keeps "
+                       "this share of the annotated particle voxels; 'none' classifies every voxel "
+                       f"(default: {defaults['gate_recall']})")
     group.add_argument("--prior", action="store_true",
                        help="fit the intensity mixture to each volume and use its posterior as a feature")
     group.add_argument("--random-state", type=int, default=None, metavar="SEED",
@@ -169,8 +174,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="nanoseg",
         description="Find nanoparticles in volume electron microscopy.",
-        epilog="Voxel sizes are in nanometres, in (z, y, x) order. Run 'nanoseg COMMAND --help' "
-        "for a command's options.",
+        epilog="Voxel sizes are in nanometres, in (z, y, x) order; a 2D image's pixel size is (y, x). "
+        "Run 'nanoseg COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"nanoseg {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -183,12 +188,14 @@ def build_parser():
         )
 
     convert = command(
-        "convert", "convert a TIFF stack, TIFF folder or zarr array to OME-Zarr",
-        "Convert a multi-page TIFF, a folder of TIFF slices (natural name order) or a zarr array "
-        "to an OME-Zarr image with its voxel size.\n\nexample:\n"
-        "  nanoseg convert slices/ image.zarr --spacing 50 10 10",
+        "convert", "convert a TIFF stack or folder, a PNG/JPEG image or a zarr array to OME-Zarr",
+        "Convert a multi-page TIFF, a folder of TIFF slices (natural name order), a 2D TIFF, PNG or "
+        "JPEG image (8- or 16-bit grey) or a zarr array to an OME-Zarr image with its voxel size; a "
+        "2D image stays 2D, with a pixel size Y X.\n\nexample:\n"
+        "  nanoseg convert slices/ image.zarr --spacing 50 10 10\n"
+        "  nanoseg convert micrograph.png micrograph.zarr --spacing 7.3 7.3",
     )
-    convert.add_argument("input", help="TIFF file, folder of TIFF slices, zarr array or OME-Zarr")
+    convert.add_argument("input", help="TIFF file, folder of TIFF slices, PNG or JPEG image, zarr array or OME-Zarr")
     convert.add_argument("output", help="OME-Zarr image to create")
     _add_common(convert, chunks=True)
     convert.set_defaults(run=_steps.convert)
@@ -198,7 +205,7 @@ def build_parser():
         "Fit the background/particle intensity mixture on an image and save the model.\n\n"
         "example:\n  nanoseg fit image.zarr model.npz --beta-prior 1 20 --sampling-step 4",
     )
-    fit.add_argument("image", help="uint8 or uint16 image (OME-Zarr, zarr or TIFF)")
+    fit.add_argument("image", help="uint8 or uint16 image (OME-Zarr, zarr, TIFF, PNG or JPEG)")
     fit.add_argument("model", help="model file to write")
     _add_mixture_options(fit)
     _add_performance(fit)
@@ -212,7 +219,7 @@ def build_parser():
         "OME-Zarr image with the input's voxel size.\n\n"
         "example:\n  nanoseg predict image.zarr model.npz posterior.zarr --dtype float16",
     )
-    predict.add_argument("image", help="uint8 or uint16 image (OME-Zarr, zarr or TIFF)")
+    predict.add_argument("image", help="uint8 or uint16 image (OME-Zarr, zarr, TIFF, PNG or JPEG)")
     predict.add_argument("model", help="model written by 'nanoseg fit' or 'nanoseg train'")
     predict.add_argument("output", help="OME-Zarr posterior to create")
     predict.add_argument("--dtype", choices=("float32", "float16"), default=None,
@@ -238,7 +245,8 @@ def build_parser():
     measure = command(
         "measure", "write a table of particle sizes and positions",
         "Measure every labelled particle (voxel count, volume, equivalent diameter, centroid, "
-        "bounding box; mean/max posterior and intensity when given) in nanometres.\n\n"
+        "bounding box; mean/max posterior and intensity when given) in nanometres; for a 2D image, "
+        "pixel count, area and the diameter of the circle of that area.\n\n"
         "example:\n  nanoseg measure labels.zarr particles.csv --image image.zarr",
     )
     measure.add_argument("labels", help="label image written by 'nanoseg label' or 'segment'")
@@ -256,7 +264,7 @@ def build_parser():
         "particle table and a quality-control report. The input is only read.\n\n"
         "example:\n  nanoseg segment image.zarr labels.zarr --table particles.csv --report report/",
     )
-    segment.add_argument("image", help="uint8 or uint16 image (OME-Zarr, zarr, TIFF file or TIFF folder)")
+    segment.add_argument("image", help="uint8 or uint16 image (OME-Zarr, zarr, TIFF file or folder, PNG or JPEG)")
     segment.add_argument("output", help="OME-Zarr label image to create")
     segment.add_argument("--table", default=None, help="also write a particle table (.csv or .parquet)")
     segment.add_argument("--model", default=None,
@@ -282,14 +290,15 @@ def build_parser():
         "example:\n  nanoseg train crop1.tif crop2.tif --annotations mask1.tif mask2.tif -o model.npz",
     )
     train.add_argument("images", nargs="+", metavar="IMAGE",
-                       help="uint8 or uint16 crops (TIFF file or folder, zarr or OME-Zarr)")
+                       help="uint8 or uint16 crops (TIFF file or folder, PNG or JPEG, zarr or OME-Zarr)")
     train.add_argument("--annotations", nargs="+", required=True, metavar="ANNOTATION",
                        help="one annotation per image, in the same order and of the same shape")
     train.add_argument("-o", "--output", required=True, metavar="MODEL",
                        help="model file to write: .npz (nanoseg's safe format) or .joblib")
     train.add_argument("--spacing", type=_positive_float, nargs="+", metavar="NM", default=None,
                        help="voxel size in nanometres, Z Y X (or Y X for 2D images), used instead of the "
-                       "images' metadata (default: the metadata; square pixels for 2D images without it)")
+                       "images' metadata (default: the metadata; square pixels for 2D images without it, "
+                       "as for PNG and JPEG)")
     _add_classifier_options(train)
     _add_performance(train)
     train.add_argument("--overwrite", action="store_true", help="replace an existing model file")

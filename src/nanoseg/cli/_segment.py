@@ -17,6 +17,8 @@ from ._common import (
     EXIT_OK,
     InputError,
     RunError,
+    _check_chunks,
+    _check_connectivity,
     _check_report_dir,
     _check_table_path,
     _count_labels,
@@ -83,6 +85,8 @@ def _run_segment(
         )
     labeler = _make_labeler(args, estimator)
     image, spacing = _read(image_path, spacing=spacing)
+    _check_chunks(chunks, image)
+    _check_connectivity(labeler, image)
     image = _lazy(image)
 
     start = time.perf_counter()
@@ -113,9 +117,10 @@ def _run_segment(
 
         plotting = importlib.import_module("nanoseg.plotting")
         # The sensitivity plot labels the posterior once per threshold: a
-        # central block of slices keeps it cheap on large volumes.
+        # central block of slices keeps it cheap on large volumes (a 2D
+        # image is one slice, used whole).
         middle, half = image.shape[0] // 2, 16
-        block = slice(max(0, middle - half), middle + half)
+        block = slice(max(0, middle - half), middle + half) if image.ndim == 3 else slice(None)
         with _to_stderr():
             plotting.write_report(
                 report, mixture=estimator, image=image, labels=written, table=particles,

@@ -9,6 +9,8 @@ import numpy as np
 
 from ._common import (
     EXIT_OK,
+    _check_chunks,
+    _check_connectivity,
     _check_parent,
     _check_table_path,
     _count_labels,
@@ -25,24 +27,29 @@ from ._common import (
     _read,
     _read_any,
     _save_model,
+    _shape_text,
     _spacing_text,
     _to_stderr,
 )
 
 
 def convert(args):
-    """``nanoseg convert``: TIFF or zarr to OME-Zarr with its voxel size."""
+    """``nanoseg convert``: TIFF, PNG, JPEG or zarr to OME-Zarr with its voxel size.
+
+    A 2D image is written as a 2D OME-Zarr image (axes y, x).
+    """
     from ..io import check_output_path, write_ome_zarr
 
     check_output_path(args.output, inputs=[args.input], overwrite=args.overwrite)
     image, spacing = _read(args.input, spacing=args.spacing)
+    _check_chunks(args.chunks, image)
     write_ome_zarr(
         args.output, image, spacing=spacing, chunks=args.chunks, overwrite=args.overwrite,
         progress=_progress(args), attributes=_provenance("convert", source=os.fspath(args.input)),
     )
     print(
-        f"Wrote {args.output}: {' x '.join(map(str, image.shape))} voxels (z, y, x) of "
-        f"{np.dtype(image.dtype)}, spacing {_spacing_text(spacing)}."
+        f"Wrote {args.output}: {_shape_text(image)} of {np.dtype(image.dtype)}, spacing "
+        f"{_spacing_text(spacing)}."
     )
     return EXIT_OK
 
@@ -69,6 +76,7 @@ def predict(args):
 
     check_output_path(args.output, inputs=[args.image, args.model], overwrite=args.overwrite)
     image, spacing = _read(args.image, spacing=args.spacing)
+    _check_chunks(args.chunks, image)
     model = _load_model(args.model, args)
     if args.dtype is not None and not _is_classifier(model):
         model.set_params(posterior_dtype=args.dtype)
@@ -92,6 +100,8 @@ def label(args):
     check_output_path(args.output, inputs=[args.posterior], overwrite=args.overwrite)
     labeler = _make_labeler(args)
     posterior, spacing = _read(args.posterior, spacing=args.spacing, what="posterior")
+    _check_chunks(args.chunks, posterior)
+    _check_connectivity(labeler, posterior)
     with _to_stderr():
         labels = labeler.transform(_lazy(posterior))
     written = write_ome_zarr(
@@ -112,8 +122,10 @@ def measure(args):
     companions = {}
     for name, path in (("posterior", args.posterior), ("intensity", args.image)):
         if path is not None:
-            companions[name], _ = _read_any(path)
+            companions[name], _ = _read_any(path, like=labels)
+    # A 2D image gives areas and circle diameters, a volume volumes and sphere diameters.
     table = measure.particle_table(labels, spacing=spacing, progress=_progress(args), **companions)
     measure.write_table(table, args.table, overwrite=args.overwrite)
-    print(f"Measured {len(table)} particles; wrote {args.table} (lengths in nm, volumes in nm^3).")
+    sizes = "volumes in nm^3" if labels.ndim == 3 else "areas in nm^2"
+    print(f"Measured {len(table)} particles; wrote {args.table} (lengths in nm, {sizes}).")
     return EXIT_OK

@@ -6,6 +6,7 @@ from ._common import (
     EXIT_OK,
     InputError,
     _check_parent,
+    _match_slices,
     _save_model,
     _set_performance,
     _spacing_text,
@@ -27,8 +28,8 @@ def _make_classifier(args):
     for name in ("max_samples", "border_width", "random_state"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    if args.gate_quantile is not None:
-        options["gate_quantile"] = None if args.gate_quantile == "none" else args.gate_quantile
+    if args.gate_recall is not None:
+        options["gate_recall"] = None if args.gate_recall == "none" else args.gate_recall
     if args.prior:
         from ..mixture import NanoparticleMixture
 
@@ -40,13 +41,17 @@ def _make_classifier(args):
 
 
 def _read_pairs(images, annotations):
-    """Each image with its annotation, checked to match; and the images' voxel sizes."""
+    """Each image with its annotation, checked to match; and the images' voxel sizes.
+
+    2D images (TIFF, PNG, JPEG...) come back as (Y, X) with a (y, x) pixel size.
+    """
     from ..io import read_image
 
     crops, targets, spacings = [], [], []
     for image_path, annotation_path in zip(images, annotations):
-        image, spacing = read_image(image_path)
-        annotation, _ = read_image(annotation_path)
+        image, spacing = read_image(image_path, keep_2d=True)
+        annotation, _ = read_image(annotation_path, keep_2d=True)
+        annotation = _match_slices(annotation, image)
         kind = annotation.dtype.kind
         if kind not in "biu":
             hint = " (threshold it first, e.g. probability > 0.5)" if kind == "f" else ""
@@ -65,13 +70,19 @@ def _read_pairs(images, annotations):
     return crops, targets, spacings
 
 
-def _choose_spacing(given, found, images, is_2d):
-    """The classifier's voxel size: --spacing, else the images' metadata (one for all)."""
+def _choose_spacing(given, found, images, is_2d, native_2d=False):
+    """The classifier's voxel size: --spacing, else the images' metadata (one for all).
+
+    Single-slice volumes are learned as 2D images but may keep a Z Y X
+    spacing; 2D image files take Y X only, as in the other commands.
+    """
     if given is not None:
         if len(given) not in (2, 3):
             raise InputError(f"--spacing takes Z Y X for volumes or Y X for 2D images; got {len(given)} values.")
         if len(given) == 2 and not is_2d:
             raise InputError("--spacing Y X is for 2D images, but the images are volumes; pass --spacing Z Y X.")
+        if len(given) == 3 and native_2d:
+            raise InputError("--spacing Z Y X is for volumes, but the images are 2D images; pass --spacing Y X.")
         return tuple(float(v) for v in given)
     missing = [path for path, spacing in zip(images, found) if spacing is None]
     if missing:
@@ -112,8 +123,8 @@ def _summary(classifier, n_crops, is_2d, output):
         )
         if classifier.gate_recall_ < 0.95:
             lines.append(
-                "The gate misses annotated particle voxels: lower --gate-quantile (or pass "
-                "--gate-quantile none) if particles are cut short."
+                "The gate misses annotated particle voxels: raise --gate-recall (or pass "
+                "--gate-recall none) if particles are cut short."
             )
     lines.append(f"Saved the model to {output}.")
     return "\n".join(lines)
@@ -133,11 +144,18 @@ def train(args):
     _check_parent(args.output, "model")
     classifier = _make_classifier(args)
     crops, targets, found = _read_pairs(images, annotations)
-    # Single slices are 2D images: the classifier is then applied slice by slice.
-    is_2d = all(crop.shape[0] == 1 for crop in crops)
-    classifier.set_params(spacing=_choose_spacing(args.spacing, found, images, is_2d))
+    # 2D images and single slices are learned in 2D: the classifier is then
+    # applied to volumes slice by slice.
+    native_2d = all(crop.ndim == 2 for crop in crops)
+    is_2d = all(crop.ndim == 2 or crop.shape[0] == 1 for crop in crops)
+    classifier.set_params(spacing=_choose_spacing(args.spacing, found, images, is_2d, native_2d))
     if is_2d:
-        crops, targets = [crop[0] for crop in crops], [target[0] for target in targets]
+        crops = [crop if crop.ndim == 2 else crop[0] for crop in crops]
+        targets = [target if target.ndim == 2 else target[0] for target in targets]
+    else:
+        # Among volumes, a 2D image is a volume of one slice.
+        crops = [crop if crop.ndim == 3 else crop[None] for crop in crops]
+        targets = [target if target.ndim == 3 else target[None] for target in targets]
     with _to_stderr():
         classifier.fit(crops, targets)
     _save_model(classifier, args.output, overwrite=args.overwrite)
