@@ -19,6 +19,7 @@ from nanoseg import NanoparticleLabeler, NanoparticleMixture
 from nanoseg.__main__ import main
 from nanoseg.datasets import make_phantom
 from nanoseg.io import is_complete, read_image, read_spacing, write_ome_zarr
+from cli_helpers import error_line
 
 SPACING = (50.0, 10.0, 10.0)
 COMMANDS = ["convert", "fit", "predict", "label", "measure", "segment", "demo"]
@@ -29,15 +30,6 @@ def _digest(path):
     path = Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return {str(f.relative_to(path.parent)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
-
-
-def _error(capsys):
-    """The command's stderr, checked to be one error line and no traceback."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and re.match(r"nanoseg \w+: error: ", lines[0]), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +139,7 @@ def test_demo_keeps_its_files_in_a_folder(tmp_path, capsys):
 def test_convert_needs_a_voxel_size(big_particles, tmp_path, capsys):
     folder, _, _ = big_particles
     assert main(["convert", str(folder / "slices"), str(tmp_path / "x.zarr"), "-q"]) == 2
-    assert "--spacing Z Y X" in _error(capsys)
+    assert "--spacing Z Y X" in error_line(capsys)
     assert not (tmp_path / "x.zarr").exists()
 
 
@@ -212,7 +204,7 @@ def test_measure_with_image_and_posterior(segmented, tmp_path, capsys):
         assert row["max_posterior"] == pytest.approx(posterior[inside].max())
     # The table exists now: writing it again needs --overwrite.
     assert main(["measure", str(folder / "labels.zarr"), str(table_path), "-q"]) == 2
-    assert "--overwrite" in _error(capsys)
+    assert "--overwrite" in error_line(capsys)
 
 
 def test_label_matches_the_estimator(tmp_path, capsys):
@@ -229,7 +221,7 @@ def test_label_matches_the_estimator(tmp_path, capsys):
     # A raw image is not a posterior.
     write_ome_zarr(tmp_path / "image.zarr", image, spacing=SPACING, progress=False)
     assert main(["label", str(tmp_path / "image.zarr"), str(tmp_path / "l2.zarr"), "-q"]) == 2
-    assert "posterior probability map" in _error(capsys)
+    assert "posterior probability map" in error_line(capsys)
     assert not (tmp_path / "l2.zarr").exists()
 
 
@@ -256,7 +248,7 @@ def test_fit_predict_chain_equals_segment(segmented, tmp_path, capsys):
     # Fit-only options make no sense with a saved model.
     assert main(["segment", str(folder / "image.zarr"), str(tmp_path / "x.zarr"), "--model", str(model),
                  "--sampling-step", "2", "-q"]) == 2
-    assert "--sampling-step acts only while fitting" in _error(capsys)
+    assert "--sampling-step acts only while fitting" in error_line(capsys)
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +279,7 @@ def test_segment_refuses_bad_outputs_before_computing(small_image, capsys):
     ]
     for argv, message in cases:
         assert main([*argv, "-q"]) == 2, argv
-        assert message in _error(capsys)
+        assert message in error_line(capsys)
     assert not (folder / "new.zarr").exists()
     assert _digest(folder / "labels.zarr") == before
 
@@ -295,20 +287,20 @@ def test_segment_refuses_bad_outputs_before_computing(small_image, capsys):
 def test_segment_rejects_images_that_are_not_uint8_or_uint16(tmp_path, capsys):
     write_ome_zarr(tmp_path / "signed.zarr", np.zeros((2, 16, 16), np.int16), spacing=SPACING, progress=False)
     assert main(["segment", str(tmp_path / "signed.zarr"), str(tmp_path / "labels.zarr"), "-q"]) == 2
-    assert "uint8 or uint16" in _error(capsys)
+    assert "uint8 or uint16" in error_line(capsys)
 
 
 def test_incomplete_inputs_are_refused(small_image, capsys):
     group = zarr.open_group(str(small_image), mode="r+")
     group.attrs["nanoseg"] = {"complete": False}
     assert main(["segment", str(small_image), str(small_image.parent / "labels.zarr"), "-q"]) == 2
-    assert "not written completely" in _error(capsys)
+    assert "not written completely" in error_line(capsys)
 
 
 def test_tiff_input_without_spacing(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((3, 16, 16), np.uint8), photometric="minisblack")
     assert main(["segment", str(tmp_path / "stack.tif"), str(tmp_path / "labels.zarr"), "-q"]) == 2
-    assert "has no voxel size in its metadata; pass --spacing Z Y X" in _error(capsys)
+    assert "has no voxel size in its metadata; pass --spacing Z Y X" in error_line(capsys)
 
 
 def test_warnings_are_one_line(small_image, capsys):
@@ -322,7 +314,7 @@ def test_cuda_without_a_gpu(small_image, capsys):
     if importlib.util.find_spec("cupy") is not None:
         pytest.skip("CuPy is installed: --device cuda may work here")
     assert main(["segment", str(small_image), str(small_image.parent / "labels.zarr"), "--device", "cuda", "-q"]) in (1, 2)
-    assert re.search(r"cuda|CuPy|GPU|CPU only", _error(capsys))
+    assert re.search(r"cuda|CuPy|GPU|CPU only", error_line(capsys))
 
 
 def test_report(segmented, tmp_path):
@@ -348,4 +340,4 @@ def test_scheduler(small_image, capsys):
     capsys.readouterr()
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         assert main(["segment", str(small_image), str(folder / "x.zarr"), "--scheduler", "tcp://127.0.0.1:1", "-q"]) == 1
-    assert "could not connect to the dask scheduler" in _error(capsys)
+    assert "could not connect to the dask scheduler" in error_line(capsys)

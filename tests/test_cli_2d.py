@@ -14,20 +14,12 @@ from nanoseg.__main__ import main
 from nanoseg.datasets import make_phantom
 from nanoseg.io import read_image, read_spacing
 from nanoseg.measure import particle_table
+from cli_helpers import error_line
 
 # The phantom's particles cover about 2 % of the pixels, more than the 0.5 %
 # the default seed percentiles assume: seed from the brightest 2 % instead.
 MIXTURE = ["--percentile-low", "98", "--percentile-high", "99.9"]
 FAST = ["--min-size", "2", "--n-jobs", "1", "-q"]
-
-
-def _error(capsys):
-    """The command's stderr, checked to be one error line and no traceback."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and re.match(r"nanoseg \w+: error: ", lines[0]), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +91,7 @@ def test_chunks_take_one_value_per_axis(micrograph, tmp_path, capsys):
     assert zarr.open_array(str(tmp_path / "a.zarr" / "0"), mode="r").chunks == (64, 32)
     capsys.readouterr()
     assert main(["convert", source, str(tmp_path / "b.zarr"), "--spacing", "10", "10", "--chunks", "1", "64", "64", "-q"]) == 2
-    assert "--chunks takes Y X for a 2D image" in _error(capsys)
+    assert "--chunks takes Y X for a 2D image" in error_line(capsys)
     assert not (tmp_path / "b.zarr").exists()
 
 
@@ -167,7 +159,7 @@ def test_train_and_apply_a_classifier_to_2d_images(micrograph, tmp_path, capsys)
     # Z Y X is refused for 2D images here too.
     assert main(["train", str(folder / "image.tif"), "--annotations", str(folder / "mask.png"), "-o",
                  str(tmp_path / "other.npz"), "--spacing", "1", "10", "10"]) == 2
-    assert "--spacing Z Y X is for volumes, but the images are 2D images" in _error(capsys)
+    assert "--spacing Z Y X is for volumes, but the images are 2D images" in error_line(capsys)
 
 
 # ---------------------------------------------------------------------------
@@ -180,17 +172,17 @@ def test_three_spacing_values_are_refused_for_a_2d_image(micrograph, tmp_path, c
     output = tmp_path / "out.zarr"
     assert main([command, str(micrograph["folder"] / "image.tif"), str(output),
                  "--spacing", "1", "10", "10", "-q"]) == 2
-    message = _error(capsys)
+    message = error_line(capsys)
     assert "is a 2D image (Y, X)" in message and "--spacing Y X" in message
     assert not output.exists()
 
 
 def test_a_2d_image_needs_its_pixel_size(micrograph, tmp_path, capsys):
     assert main(["segment", str(micrograph["folder"] / "image.png"), str(tmp_path / "out.zarr"), "-q"]) == 2
-    assert "is a 2D image without a pixel size in its metadata; pass --spacing Y X" in _error(capsys)
+    assert "is a 2D image without a pixel size in its metadata; pass --spacing Y X" in error_line(capsys)
     assert main(["convert", str(micrograph["folder"] / "image.png"), str(tmp_path / "out.zarr"),
                  "--spacing", "10", "10", "10", "10", "-q"]) == 2
-    assert "--spacing takes Z Y X for volumes or Y X for 2D images; got 4 values" in _error(capsys)
+    assert "--spacing takes Z Y X for volumes or Y X for 2D images; got 4 values" in error_line(capsys)
     assert not (tmp_path / "out.zarr").exists()
 
 
@@ -211,7 +203,7 @@ def test_colour_png_is_refused_with_the_recipe(tmp_path, capsys, mode, channels,
     Image.fromarray(colour).save(tmp_path / "colour.png")
     output = tmp_path / "out.zarr"
     assert main([command, str(tmp_path / "colour.png"), str(output), "--spacing", "10", "10", "-q"]) == 2
-    message = _error(capsys)
+    message = error_line(capsys)
     assert f"holds {mode} colour pixels" in message and "not one greyscale channel" in message
     assert "PIL.Image.open('colour.png').convert('L').save('colour-grey.png')" in message
     assert not output.exists()

@@ -17,19 +17,11 @@ from nanoseg import NanoparticleClassifier, NanoparticleLabeler, persistence
 from nanoseg.__main__ import main
 from nanoseg.datasets import make_phantom
 from nanoseg.io import read_image
+from cli_helpers import error_line
 
 SPACING = (50.0, 10.0, 10.0)
 # Small and fast: few training voxels, one thread, a fixed seed.
 FAST = ["--max-samples", "4000", "--n-jobs", "1", "--random-state", "0"]
-
-
-def _error(capsys):
-    """The command's stderr, checked to be one error line and no traceback."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and re.match(r"nanoseg \w+: error: ", lines[0]), err
-    return lines[0]
 
 
 def _write_volume(path, image):
@@ -148,11 +140,11 @@ def test_classifier_models_refuse_mixture_only_options(data, trained, tmp_path, 
     path, _ = trained
     image = str(data["folder"] / "image.tif")
     assert main(["segment", image, str(tmp_path / "a.zarr"), "--model", str(path), "--beta-prior", "1", "20", "-q"]) == 2
-    assert "--beta-prior sets an intensity mixture" in _error(capsys)
+    assert "--beta-prior sets an intensity mixture" in error_line(capsys)
     pytest.importorskip("matplotlib")
     assert main(["segment", image, str(tmp_path / "b.zarr"), "--model", str(path), "--report",
                  str(tmp_path / "report"), "-q"]) == 2
-    assert "--report shows the fitted intensity mixture" in _error(capsys)
+    assert "--report shows the fitted intensity mixture" in error_line(capsys)
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "b.zarr").exists()
 
 
@@ -187,7 +179,7 @@ def test_train_refuses_a_different_number_of_annotations(data, tmp_path, capsys)
     output = tmp_path / "model.joblib"
     argv = ["train", *map(str, data["crops"]), "--annotations", str(data["masks"][0]), "-o", str(output), *FAST]
     assert main(argv) == 2
-    assert "2 image(s) but 1 annotation(s)" in _error(capsys)
+    assert "2 image(s) but 1 annotation(s)" in error_line(capsys)
     assert not output.exists()
 
 
@@ -196,7 +188,7 @@ def test_train_refuses_annotations_of_another_shape(data, tmp_path, capsys):
     argv = ["train", *map(str, data["crops"]), "--annotations", str(data["masks"][0]),
             str(data["folder"] / "image.tif"), "-o", str(output), *FAST]
     assert main(argv) == 2
-    message = _error(capsys)
+    message = error_line(capsys)
     assert "has shape (8, 64, 64) but its image" in message and "crop1.tif has shape (8, 32, 64)" in message
     assert not output.exists()
 
@@ -208,7 +200,7 @@ def test_train_refuses_float_annotations(data, tmp_path, capsys):
     argv = ["train", *map(str, data["crops"]), "--annotations", str(data["masks"][0]), str(soft),
             "-o", str(output), *FAST]
     assert main(argv) == 2
-    message = _error(capsys)
+    message = error_line(capsys)
     assert "soft.tif holds float32 values" in message and "boolean mask or integer labels" in message
     assert not output.exists()
 
@@ -217,7 +209,7 @@ def test_train_never_replaces_a_model_without_overwrite(data, tmp_path, capsys):
     output = tmp_path / "model.joblib"
     output.write_bytes(b"an earlier model")
     assert main(_train_argv(data, output)) == 2
-    assert "already exists; pass --overwrite" in _error(capsys)
+    assert "already exists; pass --overwrite" in error_line(capsys)
     assert output.read_bytes() == b"an earlier model"
     assert main([*_train_argv(data, output), "--overwrite"]) == 0
     assert isinstance(joblib.load(output), NanoparticleClassifier)
@@ -228,13 +220,13 @@ def test_train_never_replaces_a_model_without_overwrite(data, tmp_path, capsys):
 def test_train_checks_the_voxel_size(data, tmp_path, capsys):
     output = tmp_path / "model.joblib"
     assert main([*_train_argv(data, output), "--spacing", "10", "10"]) == 2
-    assert "--spacing Y X is for 2D images" in _error(capsys)
+    assert "--spacing Y X is for 2D images" in error_line(capsys)
     assert main([*_train_argv(data, output), "--spacing", "50", "10", "10", "10"]) == 2
-    assert "--spacing takes Z Y X" in _error(capsys)
+    assert "--spacing takes Z Y X" in error_line(capsys)
     bare = tmp_path / "bare.tif"
     tifffile.imwrite(bare, data["image"][data["halves"][0]])
     assert main(["train", str(bare), "--annotations", str(data["masks"][0]), "-o", str(output), *FAST]) == 2
-    assert "bare.tif has no voxel size in its metadata; pass --spacing Z Y X" in _error(capsys)
+    assert "bare.tif has no voxel size in its metadata; pass --spacing Z Y X" in error_line(capsys)
     assert not output.exists()
 
 

@@ -333,16 +333,20 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
     def _chunks(self, volume, spec):
         """Blocks (dask-style chunk sizes per axis) in which `volume` is classified.
 
-        Squares of ``BLOCK_SIDE`` rows and columns, as deep as the memory
-        budget allows with their halos, and at least twice the halo deep so
-        that halo planes stay a minority of the work.
+        Squares of ``BLOCK_SIDE`` rows and columns, as many planes deep as
+        the memory budget allows for whole planes (the labeler that follows
+        works on slabs of whole planes, at least one output chunk deep), and
+        at least twice the halo deep so that halo planes stay a minority of
+        the work.
         """
         halo = tuple(r + m for r, m in zip(support(spec), self._margin(volume.is_2d)))
         n_planes, n_rows, n_cols = volume.shape
         rows, cols = min(BLOCK_SIDE, n_rows), min(BLOCK_SIDE, n_cols)
         budget = slab_budget(self.memory_budget, self.n_jobs) or _volume.SLAB_BYTES
-        plane = (rows + 2 * halo[1]) * (cols + 2 * halo[2]) * BLOCK_BYTES_PER_VOXEL
-        depth = max(1, int(budget // plane) - 2 * halo[0], 2 * halo[0])
+        # The output's chunks are whole planes deep for the labeler, whose
+        # slabs hold whole planes: size the depth by whole planes too.
+        plane = n_rows * n_cols * BLOCK_BYTES_PER_VOXEL
+        depth = max(1, int(budget // plane), 2 * halo[0])
         return (
             axis_chunks(n_planes, depth, halo[0]),
             axis_chunks(n_rows, rows, halo[1]),

@@ -30,7 +30,7 @@ from .._parallel import ordered_map
 TILE = 32
 
 #: Most voxels of one crop (with its reach): bounds the dense filter arrays.
-CROP_VOXELS = 2**21
+CROP_VOXELS = 2**20
 
 #: Working bytes per voxel of a block (with its halo): the raw intensities,
 #: the gate and its growth, the probabilities and the prior's posterior
