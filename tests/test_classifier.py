@@ -424,3 +424,20 @@ def test_components_of_labels_and_masks_are_particles():
     b = NanoparticleClassifier(random_state=0, n_jobs=1).fit(image, labels)
     assert list(a.classes_) == list(b.classes_) == [0, 1]
     assert np.array_equal(a.predict_proba(image), b.predict_proba(image))
+
+
+def test_block_sizes_merge_a_last_block_thinner_than_the_halo():
+    from nanoseg._engine.classify import axis_chunks
+
+    assert axis_chunks(515, 512, 16) == (515,)
+    assert axis_chunks(1030, 512, 16) == (512, 518)
+    assert axis_chunks(1100, 512, 16) == (512, 512, 76)
+    assert sum(axis_chunks(97, 10, 3)) == 97
+
+
+def test_images_a_little_larger_than_a_block_are_classified():
+    image, mask = make_phantom((515, 520), n_particles=40, random_state=5)
+    model = NanoparticleClassifier(n_jobs=1, random_state=0, max_samples=4000).fit(image, mask)
+    probability = model.predict_proba(image)
+    assert probability.shape == image.shape
+    assert ((probability >= 0.5) & mask).sum() > 0.7 * mask.sum()

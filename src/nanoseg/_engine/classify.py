@@ -301,7 +301,8 @@ def axis_chunks(n, size, halo):
     size = max(1, min(n, size))
     sizes = [size] * (n // size) + ([n % size] if n % size else [])
     if len(sizes) > 1 and sizes[-1] < halo:
-        sizes[-2] += sizes.pop()
+        last = sizes.pop()
+        sizes[-1] += last
     return tuple(sizes)
 
 
