@@ -9,7 +9,7 @@ import zarr
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
-from sklearn.model_selection import GridSearchCV, KFold, RandomizedSearchCV
+from sklearn.model_selection import GridSearchCV, KFold
 from sklearn.pipeline import Pipeline
 from sklearn.utils._param_validation import InvalidParameterError
 from zarr.storage import MemoryStore, WrapperStore
@@ -304,8 +304,9 @@ def test_tune_on_2d_crops_in_parallel(crops_2d):
     search = tune(train_x, train_y, search_space=space, cv=3, n_jobs=2, random_state=0)
     assert isinstance(search, GridSearchCV)
     assert len(search.cv_results_["params"]) == 8
+    # Mixture parameters keep their short names through PerVolume.
     assert set(search.best_params_) == {
-        "mixture__estimator__percentile_low",
+        "mixture__percentile_low",
         "smooth__sigma",
         "labeler__threshold",
         "labeler__min_size",
@@ -321,7 +322,7 @@ def test_tune_on_2d_crops_in_parallel(crops_2d):
     params = search.best_params_
     for image, out in zip(new_x, labels):
         assert out.shape == image.shape and out.dtype == np.uint32
-        mixture = NanoparticleMixture(max_iter=100_000, percentile_low=params["mixture__estimator__percentile_low"])
+        mixture = NanoparticleMixture(max_iter=100_000, percentile_low=params["mixture__percentile_low"])
         posterior = PosteriorSmoother(sigma=params["smooth__sigma"]).transform(mixture.fit_transform(image))
         expected = NanoparticleLabeler(
             threshold=params["labeler__threshold"], min_size=params["labeler__min_size"]
@@ -384,40 +385,56 @@ def test_tune_pooled_mixture_and_baseline_steps(crops_2d):
         cv=2,
     )
     keys = {key for params in both.cv_results_["params"] for key in params}
-    assert {"mixture__estimator__percentile_low", "mixture__estimator__method", "mixture"} <= keys
+    assert {"mixture__percentile_low", "mixture__method", "mixture"} <= keys
     assert len(both.cv_results_["params"]) == 4
 
 
-def test_tune_samples_large_spaces(crops_2d):
+def test_tune_samples_the_fitted_settings_of_large_spaces(crops_2d):
     images, masks = crops_2d
-    space = {"labeler__threshold": [0.5, 0.6, 0.7, 0.8, 0.9], "labeler__min_size": [1, 2, 3]}
-    search = tune(images[:4], masks[:4], search_space=space, cv=2, n_iter=4, random_state=0,
-                  refit=False)
-    assert isinstance(search, RandomizedSearchCV)
-    assert len(search.cv_results_["params"]) == 4
+    # Five fitted (mixture) settings, two labelling settings: n_iter caps the
+    # former, and each drawn mixture is tried with every labelling setting.
+    space = {
+        "mixture__percentile_low": [90.0, 95.0, 97.0, 99.0, 99.5],
+        "labeler__threshold": [0.5, 0.9],
+        "labeler__min_size": [3],
+    }
+    search = tune(images[:4], masks[:4], search_space=space, cv=2, n_iter=2, random_state=0, refit=False)
+    assert isinstance(search, GridSearchCV)
+    params = search.cv_results_["params"]
+    assert len(params) == 4
+    drawn = {p["mixture__percentile_low"] for p in params}
+    assert len(drawn) == 2 and drawn <= set(space["mixture__percentile_low"])
+    assert all(sum(p["mixture__percentile_low"] == value for p in params) == 2 for value in drawn)
     assert not hasattr(search, "best_estimator_")
-    again = tune(images[:4], masks[:4], search_space=space, cv=2, n_iter=4, random_state=0, refit=False)
-    assert again.cv_results_["params"] == search.cv_results_["params"]
+    again = tune(images[:4], masks[:4], search_space=space, cv=2, n_iter=2, random_state=0, refit=False)
+    assert again.cv_results_["params"] == params
+    # Labelling settings alone are never sampled: they cost little.
+    small = tune(images[:4], masks[:4], search_space={"labeler__threshold": [0.5, 0.6, 0.7, 0.8, 0.9]},
+                 cv=2, n_iter=1, refit=False)
+    assert len(small.cv_results_["params"]) == 5
 
 
-def test_default_space_and_pipeline():
-    space = default_search_space()
+def test_default_space_and_pipeline(crops_2d):
     pipeline = tuning_pipeline()
-    assert [name for name, _ in pipeline.steps] == ["background", "mixture", "smooth", "labeler", "split"]
-    # Every key of the default space names a parameter of the pipeline (after
-    # routing mixture parameters through PerVolume).
-    from nanoseg.tuning import _translate
-
+    assert [name for name, _ in pipeline.steps] == ["background", "classifier", "mixture", "smooth", "labeler", "split"]
+    assert pipeline.named_steps["classifier"] == "passthrough"
+    images, masks = crops_2d
     params = pipeline.get_params()
-    for key in _translate(space, pipeline, per_volume=True):
-        assert key in params
-    for key in _translate(space, tuning_pipeline(per_volume=False), per_volume=False):
-        assert key in tuning_pipeline(per_volume=False).get_params()
-    # Every percentile_low may be combined with every percentile_high.
-    numeric = [p for p in space["mixture__percentile_low"] if p != "otsu"]
-    assert min(space["mixture__percentile_high"]) >= max(numeric)
-    # The count the documentation gives.
-    assert int(np.prod([len(values) for values in space.values()])) == 5184
+    pooled = tuning_pipeline(per_volume=False).get_params()
+    for space in (default_search_space(), default_search_space(images, masks)):
+        # Every key of the default space names a parameter of the pipeline,
+        # through PerVolume or not.
+        for key in space:
+            assert key in params and key in pooled
+        # Every percentile_low may be combined with the default percentile_high.
+        numeric = [p for p in space["mixture__percentile_low"] if p != "otsu"]
+        assert max(numeric) <= NanoparticleMixture().percentile_high
+        assert "split" not in space
+    # The count the documentation gives: 32 fitted settings, the prior only for stacks.
+    fitted = [key for key in default_search_space() if key.split("__")[0] in ("background", "mixture")]
+    fitted.remove("mixture__beta_prior")
+    assert int(np.prod([len(default_search_space()[key]) for key in fitted])) == 32
+    assert "mixture__beta_prior" not in default_search_space(images, masks)
 
 
 @pytest.mark.parametrize(
