@@ -34,6 +34,7 @@ from sklearn.utils.validation import check_is_fitted
 from . import _kernels
 from ._backend import CPU
 from ._base import VolumeEstimatorMixin, map_volumes
+from ._engine.overlap import map_overlap
 from ._labeling import check_probabilities
 from ._model import N_BINS
 from ._volume import as_volumes, check_targets, is_lazy
@@ -103,36 +104,6 @@ def _whole_planes(volume):
 
 def _meta(dtype):
     return np.empty((0, 0, 0), dtype=dtype)
-
-
-def _map_overlap(function, array, depth, dtype):
-    """``dask.array.map_overlap`` with no padding beyond the array's edges.
-
-    Each chunk reads `depth` voxels of its neighbours per axis, trimmed from
-    its result; at the array's edges the filter itself handles the border,
-    as it does in memory, so the results are identical. An axis shorter than
-    its depth is kept in one chunk instead.
-    """
-    import dask.array as da
-
-    depth = list(depth)
-    whole = {}
-    for axis, (d, n) in enumerate(zip(depth, array.shape)):
-        if d >= n:
-            whole[axis], depth[axis] = -1, 0
-    if whole:
-        array = array.rechunk(whole)
-    if not any(depth):
-        return array.map_blocks(function, dtype=dtype, meta=_meta(dtype))
-    return da.map_overlap(
-        function,
-        array,
-        depth=dict(enumerate(depth)),
-        boundary="none",
-        trim=True,
-        dtype=dtype,
-        meta=_meta(dtype),
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -504,7 +475,7 @@ class PosteriorSmoother(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
             return volume.restore(smoothed.astype(dtype, copy=False))
 
         work_dtype = np.float64 if downsampling else dtype
-        smoothed = _map_overlap(
+        smoothed = map_overlap(
             lambda block: _smooth_logit(block, sigma, clip, truncate, True, volume.name).astype(work_dtype),
             volume.to_dask(),
             _gaussian_depth(sigma, truncate),
@@ -736,7 +707,7 @@ def _apply_per_slab(volume, function, depth=0):
     """
     if not is_lazy(volume.array):
         return volume.restore(function(volume.read(0, volume.shape[0])))
-    return volume.restore(_map_overlap(function, _whole_planes(volume), (depth, 0, 0), np.uint8))
+    return volume.restore(map_overlap(function, _whole_planes(volume), (depth, 0, 0), np.uint8))
 
 
 def _passthrough(volume):

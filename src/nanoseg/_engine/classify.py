@@ -25,6 +25,7 @@ import scipy.ndimage as ndi
 from .._backend import CPU
 from .._ops.filters import compute_features, support
 from .._parallel import ordered_map
+from .overlap import map_overlap
 
 #: Tile edge (voxels, in the plane) by which the gate's voxels are grouped into crops.
 TILE = 32
@@ -350,20 +351,9 @@ def _classify_block(block, slab, chunks, halo, block_info=None):
 
 def classify_lazy(volume, slab, chunks):
     """Lazy dask array of the probabilities, computed block by block with halos."""
-    import dask.array as da
-
     array = volume.to_dask().rechunk(chunks)
     halo = tuple(min(h, n) for h, n in zip(slab.halo, array.shape))
     function = partial(_classify_block, slab=slab, chunks=array.chunks, halo=halo)
-    meta = np.empty((0, 0, 0), np.float32)
-    if all(len(c) == 1 for c in array.chunks):
-        return array.map_blocks(function, dtype=np.float32, meta=meta)
-    return da.map_overlap(
-        function,
-        array,
-        depth=dict(enumerate(halo)),
-        boundary="none",
-        trim=True,
-        dtype=np.float32,
-        meta=meta,
-    )
+    # axis_chunks keeps every chunk at least a halo deep, so the overlap
+    # never rechunks: the chunk locations seen by the blocks are these.
+    return map_overlap(function, array, halo, np.float32)

@@ -317,26 +317,9 @@ def check_features(features):
     return tuple(f for f in FEATURES if f in features)
 
 
-def bytes_per_voxel(spec):
-    """Working bytes per voxel of a crop while its features are computed.
-
-    The dense arrays are the normalised image and the cached Gaussians (one
-    per scale, the wide ones of the differences of Gaussians, and those of
-    the squared image for the local contrast); per-voxel features exist only
-    at the gated voxels, a small share where the gate works.
-    """
-    n_dense = 1 + len(spec.sigmas)
-    if "dog" in spec.features and len(spec.sigmas) == 1:
-        n_dense += 1
-    if "contrast" in spec.features:
-        n_dense += len(spec.sigmas)
-    return 4 * n_dense + 4
-
-
 __all__ = [
     "FEATURES",
     "FeatureSpec",
-    "bytes_per_voxel",
     "check_features",
     "compute_features",
     "support",
