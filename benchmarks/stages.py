@@ -59,18 +59,17 @@ def warm_up_jit():
     spent, or None when the package has no compiled kernels.
     """
     try:
-        from nanoseg import _jit
+        from nanoseg._ops import _numba as _jit  # one module per kernel concept
     except ImportError:
-        return None
+        try:
+            from nanoseg import _jit  # earlier layout: all compiled loops in one module
+        except ImportError:
+            return None
     t0 = time.perf_counter()
     try:
         if not _jit.available():
             return None
-        if hasattr(_jit, "warm_up"):
-            _jit.warm_up()
-        else:
-            _jit.slice_histograms(np.zeros((1, 8), dtype=np.uint8))
-            _jit.apply_luts(np.zeros((1, 8), dtype=np.uint8), np.zeros((1, 256), np.float32), np.empty((1, 8), np.float32))
+        _jit.warm_up()
     except Exception:  # noqa: BLE001 - private API that may change; then nothing is warmed up
         return None
     return time.perf_counter() - t0

@@ -1,10 +1,13 @@
 """Reference implementation ("oracle") of the nanoseg method, for tests only.
 
-This module re-states the published method (the ``NanoparticleSegmentation``
-class and ``label_nanoparticles`` function of the seed, see ``DESIGN.md`` §1)
-as plainly as possible: one Python loop iteration per slice, float64
-everywhere, scipy / scikit-image for the image operations, and no attempt at
-speed. The package under test is compared against these functions.
+An independent, straightforward implementation of the published method: the
+background / particle intensity model fitted by EM on 256-bin histograms, the
+per-slice particle fraction (MAP under a Beta prior) and the posterior lookup
+table, then thresholding, morphological closing, connected-component
+labelling and removal of small components. It is written as plainly as
+possible: one Python loop iteration per slice, float64 everywhere, scipy /
+scikit-image for the image operations, and no attempt at speed. The package
+under test is compared against these functions.
 
 Semantics kept from the published code on purpose:
 

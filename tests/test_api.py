@@ -14,17 +14,11 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
 
 from nanoseg import NanoparticleLabeler, NanoparticleMixture
-from nanoseg.datasets import make_phantom
 
 
 @pytest.fixture(scope="module")
-def image():
-    return make_phantom((8, 80, 80), n_particles=15, random_state=2)[0]
-
-
-@pytest.fixture(scope="module")
-def posterior(image):
-    return NanoparticleMixture().fit(image).transform(image)
+def posterior(volume_8x80x80):
+    return NanoparticleMixture().fit(volume_8x80x80).transform(volume_8x80x80)
 
 
 def data_for(estimator, image, posterior):
@@ -54,24 +48,24 @@ def test_default_constructible_and_params_roundtrip(estimator):
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=IDS)
-def test_clone_is_unfitted_with_same_params(estimator, image, posterior):
-    fitted = clone(estimator).fit(data_for(estimator, image, posterior))
+def test_clone_is_unfitted_with_same_params(estimator, volume_8x80x80, posterior):
+    fitted = clone(estimator).fit(data_for(estimator, volume_8x80x80, posterior))
     cloned = clone(fitted)
     assert cloned.get_params() == fitted.get_params()
     assert not [k for k in vars(cloned) if k.endswith("_") and not k.startswith("__")]
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=IDS)
-def test_fit_returns_self_and_keeps_params(estimator, image, posterior):
+def test_fit_returns_self_and_keeps_params(estimator, volume_8x80x80, posterior):
     est = clone(estimator)
     before = pickle.dumps(est.get_params())
-    assert est.fit(data_for(est, image, posterior)) is est
+    assert est.fit(data_for(est, volume_8x80x80, posterior)) is est
     assert pickle.dumps(est.get_params()) == before
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=IDS)
-def test_fit_transform_equals_fit_then_transform(estimator, image, posterior):
-    X = data_for(estimator, image, posterior)
+def test_fit_transform_equals_fit_then_transform(estimator, volume_8x80x80, posterior):
+    X = data_for(estimator, volume_8x80x80, posterior)
     a = clone(estimator).fit_transform(X)
     b = clone(estimator).fit(X).transform(X)
     np.testing.assert_array_equal(a, b)
@@ -79,8 +73,8 @@ def test_fit_transform_equals_fit_then_transform(estimator, image, posterior):
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=IDS)
 @pytest.mark.parametrize("dump", ["pickle", "joblib"])
-def test_persistence_gives_identical_outputs(estimator, dump, image, posterior, tmp_path):
-    X = data_for(estimator, image, posterior)
+def test_persistence_gives_identical_outputs(estimator, dump, volume_8x80x80, posterior, tmp_path):
+    X = data_for(estimator, volume_8x80x80, posterior)
     est = clone(estimator).fit(X)
     if dump == "pickle":
         loaded = pickle.loads(pickle.dumps(est))
@@ -90,11 +84,11 @@ def test_persistence_gives_identical_outputs(estimator, dump, image, posterior, 
     np.testing.assert_array_equal(loaded.transform(X), est.transform(X))
 
 
-def test_mixture_not_fitted_errors(image):
+def test_mixture_not_fitted_errors(volume_8x80x80):
     mixture = NanoparticleMixture()
     for method in ("predict_proba", "transform", "slice_weights"):
         with pytest.raises(NotFittedError):
-            getattr(mixture, method)(image)
+            getattr(mixture, method)(volume_8x80x80)
     with pytest.raises(NotFittedError):
         mixture.posterior_luts([0.1])
 
@@ -105,8 +99,8 @@ def test_labeler_is_stateless(posterior):
     assert NanoparticleLabeler().__sklearn_tags__().requires_fit is False
 
 
-def test_fitted_attributes_are_small_numpy(image):
-    mixture = NanoparticleMixture().fit(image)
+def test_fitted_attributes_are_small_numpy(volume_8x80x80):
+    mixture = NanoparticleMixture().fit(volume_8x80x80)
     fitted = {k: v for k, v in vars(mixture).items() if k.endswith("_")}
     assert set(fitted) == {
         "stack_histogram_", "background_histogram_", "stack_pmf_", "background_pmf_", "particle_pmf_",
@@ -120,16 +114,16 @@ def test_fitted_attributes_are_small_numpy(image):
         assert fitted[name].sum() == pytest.approx(1.0)
     assert isinstance(mixture.n_iter_, int) and mixture.converged_ is True
     assert 0 < mixture.background_weight_ < 1
-    assert mixture.stack_histogram_.sum() == image.size
+    assert mixture.stack_histogram_.sum() == volume_8x80x80.size
     # 8-bit data is binned by identity.
     assert (mixture.binning_low_, mixture.binning_high_, mixture.binning_shift_) == (0, 255, 0)
     # Nothing in the fitted model refers to the data.
     assert len(pickle.dumps(mixture)) < 20_000
 
 
-def test_non_convergence_warns(image):
+def test_non_convergence_warns(volume_8x80x80):
     with pytest.warns(ConvergenceWarning, match="max_iter=3"):
-        mixture = NanoparticleMixture(max_iter=3).fit(image)
+        mixture = NanoparticleMixture(max_iter=3).fit(volume_8x80x80)
     assert mixture.n_iter_ == 3 and mixture.converged_ is False
 
 
@@ -170,8 +164,8 @@ def test_tags_declare_3d_input():
         (NanoparticleMixture(posterior_dtype="float64"), "'posterior_dtype' parameter"),
     ],
 )
-def test_invalid_hyper_parameters_are_named(estimator, message, image, posterior):
-    X = data_for(estimator, image, posterior)
+def test_invalid_hyper_parameters_are_named(estimator, message, volume_8x80x80, posterior):
+    X = data_for(estimator, volume_8x80x80, posterior)
     with pytest.raises(ValueError, match=message):
         estimator.fit(X)
     if isinstance(estimator, NanoparticleLabeler):
@@ -179,6 +173,6 @@ def test_invalid_hyper_parameters_are_named(estimator, message, image, posterior
             estimator.transform(X)
 
 
-def test_sklearn_parameter_errors_are_its_own_type(image):
+def test_sklearn_parameter_errors_are_its_own_type(volume_8x80x80):
     with pytest.raises(InvalidParameterError):
-        NanoparticleMixture(max_iter="many").fit(image)
+        NanoparticleMixture(max_iter="many").fit(volume_8x80x80)

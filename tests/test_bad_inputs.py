@@ -29,16 +29,11 @@ SPACING = (50.0, 10.0, 10.0)
 
 
 @pytest.fixture(scope="module")
-def image():
-    return make_phantom((6, 64, 64), n_particles=10, random_state=4)[0]
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, image):
+def files(tmp_path_factory, volume_6x64x64):
     """A folder of good and damaged inputs, shared by the CLI cases (read only)."""
     root = tmp_path_factory.mktemp("inputs")
-    write_ome_zarr(root / "image.zarr", image, spacing=SPACING, progress=False)
-    posterior = NanoparticleMixture(max_iter=100_000).fit(image).predict_proba(image)
+    write_ome_zarr(root / "image.zarr", volume_6x64x64, spacing=SPACING, progress=False)
+    posterior = NanoparticleMixture(max_iter=100_000).fit(volume_6x64x64).predict_proba(volume_6x64x64)
     write_ome_zarr(root / "posterior.zarr", posterior, spacing=SPACING, progress=False)
     labels = NanoparticleLabeler(min_size=2).transform(posterior)
     write_ome_zarr(root / "labels.zarr", labels, spacing=SPACING, kind="labels", progress=False)
@@ -46,8 +41,10 @@ def files(tmp_path_factory, image):
     persistence.save(NanoparticleLabeler(), root / "labeler.npz")
 
     for name, dtype in [("float", np.float32), ("int16", np.int16), ("bool", bool), ("complex", np.complex64)]:
-        write_ome_zarr(root / f"{name}.zarr", image.astype(dtype), spacing=SPACING, progress=False) if dtype not in (
-            bool, np.complex64) else _plain_zarr(root / f"{name}.zarr", image.astype(dtype))
+        if dtype not in (bool, np.complex64):
+            write_ome_zarr(root / f"{name}.zarr", volume_6x64x64.astype(dtype), spacing=SPACING, progress=False)
+        else:
+            _plain_zarr(root / f"{name}.zarr", volume_6x64x64.astype(dtype))
     _plain_zarr(root / "empty.zarr", np.zeros((0, 16, 16), np.uint8))
     _plain_zarr(root / "four_d.zarr", np.zeros((2, 3, 16, 16), np.uint8))
     _plain_zarr(root / "constant.zarr", np.full((4, 32, 32), 90, np.uint8))
@@ -56,13 +53,13 @@ def files(tmp_path_factory, image):
     _plain_zarr(root / "saturated.zarr", saturated)
     _plain_zarr(root / "float_labels.zarr", labels.astype(np.float32))
     _plain_zarr(root / "short_posterior.zarr", posterior[:, :, :-1])
-    write_ome_zarr(root / "unfinished.zarr", image, spacing=SPACING, progress=False)
+    write_ome_zarr(root / "unfinished.zarr", volume_6x64x64, spacing=SPACING, progress=False)
     group = zarr.open_group(root / "unfinished.zarr", mode="r+")
     group.attrs["nanoseg"] = {**group.attrs["nanoseg"], "complete": False}
 
     # OME-Zarr with malformed spacing: a scale of the wrong length, and no unit.
     for name, mutate in [("bad_scale", _drop_scale_entry), ("no_unit", _drop_unit)]:
-        write_ome_zarr(root / f"{name}.zarr", image, spacing=SPACING, progress=False)
+        write_ome_zarr(root / f"{name}.zarr", volume_6x64x64, spacing=SPACING, progress=False)
         group = zarr.open_group(root / f"{name}.zarr", mode="r+")
         group.attrs["ome"] = mutate(dict(group.attrs["ome"]))
 
@@ -72,7 +69,7 @@ def files(tmp_path_factory, image):
     slices = root / "slices"
     slices.mkdir()
     for z in range(3):
-        tifffile.imwrite(slices / f"s{z}.tif", image[z])  # no calibration at all
+        tifffile.imwrite(slices / f"s{z}.tif", volume_6x64x64[z])  # no calibration at all
     (root / "notes.txt").write_text("not an image")
     (root / "model.pkl").write_bytes(pickle.dumps(NanoparticleLabeler()))
     (root / "random.npz").write_bytes(os.urandom(300))
@@ -263,22 +260,22 @@ def test_model_from_another_version_warns(files):
 
 
 @pytest.mark.parametrize("layout", ["read-only", "non-contiguous", "Fortran order"])
-def test_unusual_memory_layouts_give_the_same_results(layout, image):
+def test_unusual_memory_layouts_give_the_same_results(layout, volume_6x64x64):
     if layout == "read-only":
-        variant = image.copy()
+        variant = volume_6x64x64.copy()
         variant.flags.writeable = False
     elif layout == "non-contiguous":
-        padded = np.zeros((image.shape[0], image.shape[1], 2 * image.shape[2]), np.uint8)
-        padded[:, :, ::2] = image
+        padded = np.zeros((volume_6x64x64.shape[0], volume_6x64x64.shape[1], 2 * volume_6x64x64.shape[2]), np.uint8)
+        padded[:, :, ::2] = volume_6x64x64
         variant = padded[:, :, ::2]
         assert not variant.flags.c_contiguous
     else:
-        variant = np.asfortranarray(image)
-    expected = NanoparticleMixture(max_iter=100_000).fit(image)
+        variant = np.asfortranarray(volume_6x64x64)
+    expected = NanoparticleMixture(max_iter=100_000).fit(volume_6x64x64)
     got = NanoparticleMixture(max_iter=100_000).fit(variant)
     np.testing.assert_array_equal(got.particle_pmf_, expected.particle_pmf_)
     posterior = got.predict_proba(variant)
-    np.testing.assert_array_equal(posterior, expected.predict_proba(image))
+    np.testing.assert_array_equal(posterior, expected.predict_proba(volume_6x64x64))
     labels = NanoparticleLabeler(min_size=2).transform(np.asfortranarray(posterior) if layout != "read-only"
                                                        else posterior)
     np.testing.assert_array_equal(labels, NanoparticleLabeler(min_size=2).transform(posterior))

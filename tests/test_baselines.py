@@ -1,6 +1,5 @@
 """The global-threshold baselines: thresholds, masks, pipelines and errors."""
 
-import doctest
 import io
 import pickle
 
@@ -13,7 +12,6 @@ from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV
 from sklearn.pipeline import Pipeline
 
-import nanoseg.baselines
 from nanoseg import NanoparticleLabeler
 from nanoseg.baselines import GlobalThreshold
 from nanoseg.datasets import make_crops
@@ -289,8 +287,3 @@ def test_bad_params(params, name):
 def test_mismatched_targets():
     with pytest.raises(ValueError, match="shape"):
         GlobalThreshold().fit(bimodal_image(), np.zeros((3, 3), bool))
-
-
-def test_docstring_examples():
-    result = doctest.testmod(nanoseg.baselines, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0

@@ -24,14 +24,9 @@ SPACING = (50.0, 10.0, 10.0)
 
 
 @pytest.fixture(scope="module")
-def volume_and_truth():
-    return make_phantom((40, 96, 96), n_particles=100, spacing=SPACING, random_state=1)
-
-
-@pytest.fixture(scope="module")
-def fitted(volume_and_truth):
+def fitted(phantom_40x96x96):
     # Scales of 10 and 20 nm reach 4 planes along z: slabs of 16 planes and more.
-    volume, truth = volume_and_truth
+    volume, truth = phantom_40x96x96
     model = NanoparticleClassifier(spacing=SPACING, sigmas=(10, 20), random_state=0, n_jobs=1, max_samples=20_000)
     return model.fit(volume[:12], truth[:12])
 
@@ -49,8 +44,8 @@ def _copy_fitted(model, **params):
 
 
 # -- basic behaviour -------------------------------------------------------------
-def test_probability_map_has_the_input_shape_and_finds_the_particles(fitted, volume_and_truth):
-    volume, truth = volume_and_truth
+def test_probability_map_has_the_input_shape_and_finds_the_particles(fitted, phantom_40x96x96):
+    volume, truth = phantom_40x96x96
     probability = fitted.predict_proba(volume)
     assert probability.shape == volume.shape and probability.dtype == np.float32
     assert probability.min() >= 0 and probability.max() <= 1
@@ -74,8 +69,8 @@ def test_fitted_attributes_describe_the_model(fitted):
     assert fitted.n_samples_per_class_.sum() <= 20_000
 
 
-def test_lists_of_crops_of_different_shapes_give_lists(volume_and_truth):
-    volume, truth = volume_and_truth
+def test_lists_of_crops_of_different_shapes_give_lists(phantom_40x96x96):
+    volume, truth = phantom_40x96x96
     crops = [volume[:10, :60, :70], volume[10:, 20:, :]]
     masks = [truth[:10, :60, :70], truth[10:, 20:, :]]
     model = NanoparticleClassifier(random_state=0, n_jobs=1, max_samples=5000).fit(crops, masks)
@@ -83,8 +78,8 @@ def test_lists_of_crops_of_different_shapes_give_lists(volume_and_truth):
     assert isinstance(out, list) and [o.shape for o in out] == [c.shape for c in crops]
 
 
-def test_images_and_volumes_are_not_mixed(volume_and_truth, fitted):
-    volume, truth = volume_and_truth
+def test_images_and_volumes_are_not_mixed(phantom_40x96x96, fitted):
+    volume, truth = phantom_40x96x96
     with pytest.raises(ValueError, match="mixes 2D images and 3D volumes"):
         NanoparticleClassifier().fit([volume[0], volume[:4]], [truth[0], truth[:4]])
     with pytest.raises(ValueError, match="trained on volumes"):
@@ -101,8 +96,8 @@ def test_dark_particles_are_learned_and_gated_from_below():
     assert (predicted & mask).sum() / mask.sum() > 0.8
 
 
-def test_the_gate_only_removes_work_not_particles(volume_and_truth):
-    volume, truth = volume_and_truth
+def test_the_gate_only_removes_work_not_particles(phantom_40x96x96):
+    volume, truth = phantom_40x96x96
     gated = NanoparticleClassifier(spacing=SPACING, random_state=0, n_jobs=1, max_samples=5000)
     gated.fit(volume[:12], truth[:12])
     ungated = clone(gated).set_params(gate_recall=None).fit(volume[:12], truth[:12])
@@ -116,8 +111,8 @@ def test_the_gate_only_removes_work_not_particles(volume_and_truth):
     assert outside_particles.sum() <= 0.05 * truth.sum()
 
 
-def test_features_of_matches_the_classified_features(fitted, volume_and_truth):
-    volume, _ = volume_and_truth
+def test_features_of_matches_the_classified_features(fitted, phantom_40x96x96):
+    volume, _ = phantom_40x96x96
     feats = fitted.features_of(volume[:6])
     assert feats.shape == (fitted.n_features_, 6, 96, 96)
     proba = fitted.estimator_.predict_proba(feats.reshape(feats.shape[0], -1).T)[:, 1].reshape(6, 96, 96)
@@ -141,6 +136,7 @@ def _best_mixture_labels(posterior, truth, crops):
     return best[1]
 
 
+@pytest.mark.slow  # a 64 x 512 x 512 phantom with 800 particles
 def test_learned_pipeline_beats_the_tuned_mixture_on_a_phantom():
     volume, truth = make_phantom((64, 512, 512), n_particles=800, random_state=3)
     crops = [np.s_[0:16, 0:128, 0:128], np.s_[32:48, 128:256, 0:128]]
@@ -172,8 +168,8 @@ def _as_zarr(array, chunks):
     cols=st.integers(8, 96),
     budget=st.sampled_from([None, 2**14, 2**18]),
 )
-def test_zarr_input_gives_the_whole_array_result_over_chunkings(fitted, volume_and_truth, depth, rows, cols, budget):
-    volume, _ = volume_and_truth
+def test_zarr_input_gives_the_whole_array_result_over_chunkings(fitted, phantom_40x96x96, depth, rows, cols, budget):
+    volume, _ = phantom_40x96x96
     whole = fitted.predict_proba(volume)
     model = _copy_fitted(fitted, memory_budget=budget)
     lazy = model.predict_proba(_as_zarr(volume, (depth, rows, cols)))
@@ -181,8 +177,8 @@ def test_zarr_input_gives_the_whole_array_result_over_chunkings(fitted, volume_a
     assert np.array_equal(lazy.compute(), whole)
 
 
-def test_small_slabs_in_memory_give_the_whole_array_result(fitted, volume_and_truth, small_slabs):
-    volume, _ = volume_and_truth
+def test_small_slabs_in_memory_give_the_whole_array_result(fitted, phantom_40x96x96, small_slabs):
+    volume, _ = phantom_40x96x96
     whole = fitted.predict_proba(volume)
     small_slabs(2**12)
     assert _planes_per_slab(fitted, volume) < volume.shape[0]
@@ -190,10 +186,10 @@ def test_small_slabs_in_memory_give_the_whole_array_result(fitted, volume_and_tr
     assert np.array_equal(_copy_fitted(fitted, n_jobs=2).predict_proba(volume), whole)
 
 
-def test_blocks_within_the_plane_give_the_whole_array_result(fitted, volume_and_truth, monkeypatch):
+def test_blocks_within_the_plane_give_the_whole_array_result(fitted, phantom_40x96x96, monkeypatch):
     import nanoseg.classifier as classifier_module
 
-    volume, _ = volume_and_truth
+    volume, _ = phantom_40x96x96
     whole = fitted.predict_proba(volume)
     monkeypatch.setattr(classifier_module, "BLOCK_SIDE", 40)
     model = _copy_fitted(fitted, memory_budget=2**16, n_jobs=2)
@@ -203,8 +199,8 @@ def test_blocks_within_the_plane_give_the_whole_array_result(fitted, volume_and_
     assert np.array_equal(model.predict_proba(_as_zarr(volume, (7, 30, 50))).compute(), whole)
 
 
-def test_prior_posterior_feature_is_exact_on_slabs(volume_and_truth):
-    volume, truth = volume_and_truth
+def test_prior_posterior_feature_is_exact_on_slabs(phantom_40x96x96):
+    volume, truth = phantom_40x96x96
     model = NanoparticleClassifier(
         prior=NanoparticleMixture(tol=1e-6), spacing=SPACING, sigmas=(10, 20), random_state=0, n_jobs=1, max_samples=5000
     )
@@ -218,8 +214,8 @@ def test_prior_posterior_feature_is_exact_on_slabs(volume_and_truth):
 
 
 # -- annotations ---------------------------------------------------------------------
-def test_unannotated_voxels_are_never_used(volume_and_truth):
-    volume, truth = volume_and_truth
+def test_unannotated_voxels_are_never_used(phantom_40x96x96):
+    volume, truth = phantom_40x96x96
     y = np.full(volume.shape, -1, dtype=np.int32)
     annotated = np.zeros(volume.shape, dtype=bool)
     annotated[:8, :48, :48] = True
@@ -405,8 +401,8 @@ def test_hessian_eigenvalues_match_numpy():
     np.testing.assert_allclose(ours, reference, atol=1e-9)
 
 
-def test_features_on_the_stand_in_gpu_match_the_cpu(fitted, volume_and_truth, fake_gpu):
-    volume, truth = volume_and_truth
+def test_features_on_the_stand_in_gpu_match_the_cpu(fitted, phantom_40x96x96, fake_gpu):
+    volume, truth = phantom_40x96x96
     cpu = fitted.predict_proba(volume)
     gpu_model = _copy_fitted(fitted, device="cuda")
     np.testing.assert_allclose(gpu_model.predict_proba(volume), cpu, atol=1e-6)

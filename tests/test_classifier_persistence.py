@@ -23,7 +23,6 @@ from sklearn.tree import DecisionTreeClassifier, ExtraTreeClassifier
 from sklearn.utils.validation import check_is_fitted
 
 from nanoseg import NanoparticleClassifier, NanoparticleLabeler, NanoparticleMixture, persistence
-from nanoseg.datasets import make_phantom
 from nanoseg.persistence import load, save
 
 DOCUMENT = "nanoseg_model.json"
@@ -40,14 +39,9 @@ CLASSIFIERS = {
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    return make_phantom((64, 64), n_particles=8, random_state=0)
-
-
-@pytest.fixture(scope="module")
-def fitted(phantom):
+def fitted(phantom_64x64):
     """One fitted NanoparticleClassifier per classifier, and its probability map."""
-    image, mask = phantom
+    image, mask = phantom_64x64
     models = {}
     for name, classifier in CLASSIFIERS.items():
         model = NanoparticleClassifier(classifier=classifier, n_jobs=1, random_state=0, max_samples=2000)
@@ -139,11 +133,11 @@ def stored(path, name):
 
 
 @pytest.mark.parametrize("name", list(CLASSIFIERS))
-def test_fitted_round_trip_gives_identical_probabilities(name, fitted, phantom, path):
+def test_fitted_round_trip_gives_identical_probabilities(name, fitted, phantom_64x64, path):
     model, probability = fitted[name]
     restored = round_trip(model, path)
     assert type(restored.estimator_) is type(model.estimator_)
-    assert np.array_equal(restored.predict_proba(phantom[0]), probability)
+    assert np.array_equal(restored.predict_proba(phantom_64x64[0]), probability)
     # Not only the same output: the same fitted state, private parts included.
     assert_same_state(restored, model)
 
@@ -161,8 +155,8 @@ def test_estimator_is_rebuilt_without_unpickling(fitted, path, monkeypatch):
     assert len(restored.estimator_.estimators_) == 7
 
 
-def test_prior_round_trips(phantom, path):
-    image, mask = phantom
+def test_prior_round_trips(phantom_64x64, path):
+    image, mask = phantom_64x64
     prior = NanoparticleMixture(beta_prior=(1.0, 30.0))
     model = NanoparticleClassifier(prior=prior, n_jobs=1, random_state=0, max_samples=2000).fit(image, mask)
     assert model.feature_names_[-1] == "posterior_logit"
@@ -174,8 +168,8 @@ def test_prior_round_trips(phantom, path):
     assert np.array_equal(restored.predict_proba(image), model.predict_proba(image))
 
 
-def test_pipeline_with_labeler_round_trips(phantom, path):
-    image, mask = phantom
+def test_pipeline_with_labeler_round_trips(phantom_64x64, path):
+    image, mask = phantom_64x64
     pipeline = Pipeline(
         [
             ("classifier", NanoparticleClassifier(n_jobs=1, random_state=0, max_samples=2000)),
@@ -192,7 +186,7 @@ def test_pipeline_with_labeler_round_trips(phantom, path):
     )
 
 
-def test_unfitted_round_trip_keeps_parameters_and_stays_unfitted(phantom, path):
+def test_unfitted_round_trip_keeps_parameters_and_stays_unfitted(phantom_64x64, path):
     model = NanoparticleClassifier(
         features=("intensity", "dog", "hessian"),
         sigmas=(1.0, 2.5),
@@ -214,18 +208,18 @@ def test_unfitted_round_trip_keeps_parameters_and_stays_unfitted(phantom, path):
     with pytest.raises(NotFittedError):
         check_is_fitted(restored.classifier)
     # The restored parameters train the same model.
-    image, mask = phantom
+    image, mask = phantom_64x64
     assert np.array_equal(restored.fit(image, mask).predict_proba(image), model.fit(image, mask).predict_proba(image))
 
 
 @pytest.mark.parametrize("name", ["RandomForestClassifier", "LogisticRegression", "HistGradientBoostingClassifier"])
-def test_joblib_round_trip_of_a_loaded_model(name, fitted, phantom, path, tmp_path):
+def test_joblib_round_trip_of_a_loaded_model(name, fitted, phantom_64x64, path, tmp_path):
     model, probability = fitted[name]
     restored = round_trip(model, path)
     for estimator in (model, restored):
         joblib.dump(estimator, tmp_path / "model.joblib")
         again = joblib.load(tmp_path / "model.joblib")
-        assert np.array_equal(again.predict_proba(phantom[0]), probability)
+        assert np.array_equal(again.predict_proba(phantom_64x64[0]), probability)
 
 
 def test_file_holds_no_pickle(fitted, path):
@@ -341,10 +335,10 @@ def test_warm_start_continues_as_the_original(estimator, table, path):
     ],
     ids=["unfitted-SVC", "fitted-KNeighborsClassifier"],
 )
-def test_unsupported_classifier_is_named_at_save(classifier, fit, named, phantom, path):
+def test_unsupported_classifier_is_named_at_save(classifier, fit, named, phantom_64x64, path):
     model = NanoparticleClassifier(classifier=classifier, n_jobs=1, random_state=0, max_samples=300)
     if fit:
-        model.fit(*phantom)
+        model.fit(*phantom_64x64)
     with pytest.raises(TypeError, match=rf"{named}.*RandomForestClassifier.*joblib.dump.*trust") as info:
         save(model, path)
     assert "estimator.classifier" in str(info.value) or "estimator.estimator_" in str(info.value)
@@ -495,8 +489,8 @@ def test_fitted_attributes_of_the_wrong_kind_are_refused(key, value, message, fi
     assert_damaged(path, f"estimator.{key}", message)
 
 
-def test_gate_level_may_be_none(phantom, path):
-    image, mask = phantom
+def test_gate_level_may_be_none(phantom_64x64, path):
+    image, mask = phantom_64x64
     model = NanoparticleClassifier(gate_recall=None, n_jobs=1, random_state=0, max_samples=1000).fit(image, mask)
     assert model.gate_level_ is None
     restored = round_trip(model, path)

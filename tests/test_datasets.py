@@ -1,21 +1,13 @@
 """Tests for nanoseg.datasets (synthetic SBF-SEM phantoms)."""
 
-import doctest
-
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from nanoseg import datasets
 from nanoseg.datasets import make_crops, make_phantom
 
 SMALL = (8, 64, 64)
-
-
-@pytest.fixture(scope="module")
-def default_phantom():
-    return make_phantom(random_state=0, return_labels=True)
 
 
 def _centroids(labels, spacing):
@@ -246,9 +238,3 @@ def test_make_crops_2d_and_labels():
 def test_make_crops_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_crops(**kwargs)
-
-
-def test_docstring_examples():
-    result = doctest.testmod(datasets, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0
-    assert result.failed == 0

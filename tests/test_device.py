@@ -1,7 +1,7 @@
 """Device dispatch, checked without a GPU; and the `polarity` option.
 
-The GPU code path is the backend-generic code in ``_kernels`` and
-``_labeling`` (no numba, no sparse voxel sets). Here it runs on a stand-in
+The GPU code path is the backend-generic code in ``_ops`` and
+``_engine.labeling`` (no numba, no sparse voxel sets). Here it runs on a stand-in
 "GPU" backend: NumPy and SciPy underneath, but its arrays (``DeviceArray``)
 refuse to mix with host arrays as CuPy's do, its ``label`` numbers components
 in a scrambled order (cupyx need not follow scipy's), and its copies between
@@ -26,10 +26,13 @@ from skimage.segmentation import relabel_sequential
 from sklearn.utils._param_validation import InvalidParameterError
 
 import nanoseg._backend as backend_module
-import nanoseg._labeling as labeling_module
-from nanoseg import NanoparticleLabeler, NanoparticleMixture, _kernels
+import nanoseg._engine.labeling as labeling_module
+from nanoseg import NanoparticleLabeler, NanoparticleMixture
+from nanoseg._ops import components as components_ops
+from nanoseg._ops import histogram as histogram_ops
+from nanoseg._ops import seeds as seeds_ops
 from nanoseg._backend import CPU, Backend, GPUUnavailableError
-from nanoseg._parallel import GPU_SLABS_IN_FLIGHT, device_n_jobs
+from nanoseg._plan import GPU_SLABS_IN_FLIGHT, device_n_jobs
 from nanoseg.datasets import make_phantom
 
 
@@ -213,13 +216,13 @@ def test_slab_background_histograms_match_cpu(fake_gpu, dark, seed):
         for min_seed_size, halo_pad in [(1, 0), (5, 3), (20, 20)]:
             expected = np.stack(
                 [
-                    _kernels.background_histogram(
+                    seeds_ops.background_histogram(
                         CPU, image, low, high, min_seed_size=min_seed_size, halo_pad=halo_pad, dark=dark
                     )
                     for image in slab
                 ]
             )
-            got = _kernels.slab_background_histograms(
+            got = seeds_ops.slab_background_histograms(
                 fake_gpu, fake_gpu.to_device(slab), low, high,
                 min_seed_size=min_seed_size, halo_pad=halo_pad, dark=dark,
             )
@@ -232,8 +235,8 @@ def test_dark_background_histogram_mirrors_bright():
     # excludes exactly the pixels the bright model excludes on image.
     image = smooth_image((1, 80, 80), 5)[0]
     low, high = np.percentile(image, [97, 99.5]).astype(int)
-    bright = _kernels.background_histogram(CPU, image, low, high, min_seed_size=4, halo_pad=2)
-    dark = _kernels.background_histogram(CPU, 255 - image, low, high, min_seed_size=4, halo_pad=2, dark=True)
+    bright = seeds_ops.background_histogram(CPU, image, low, high, min_seed_size=4, halo_pad=2)
+    dark = seeds_ops.background_histogram(CPU, 255 - image, low, high, min_seed_size=4, halo_pad=2, dark=True)
     np.testing.assert_array_equal(dark, bright[::-1])
 
 
@@ -249,13 +252,13 @@ def test_component_boxes_match_find_objects(fake_gpu):
             for index, box in enumerate(scipy_ndi.find_objects(labels), start=1)
             if np.count_nonzero(labels[box] == index) >= min_size
         ]
-        boxes = fake_gpu.to_host(_kernels.component_boxes(fake_gpu, fake_gpu.to_device(labels), min_size))
+        boxes = fake_gpu.to_host(seeds_ops.component_boxes(fake_gpu, fake_gpu.to_device(labels), min_size))
         assert sorted(map(tuple, boxes.tolist())) == sorted(map(tuple, expected))
 
 
 def test_paint_boxes_by_hand(fake_gpu):
     boxes = fake_gpu.to_device(np.array([[0, 1, 3, 1, 2], [1, 0, 1, 3, 4], [1, 2, 3, 2, 4]]))
-    painted = fake_gpu.to_host(_kernels.paint_boxes(fake_gpu, boxes, (2, 4, 4), pad=1))
+    painted = fake_gpu.to_host(seeds_ops.paint_boxes(fake_gpu, boxes, (2, 4, 4), pad=1))
     expected = np.zeros((2, 4, 4), dtype=bool)
     expected[0, 0:4, 0:3] = True  # rows 1..2 +- 1, cols 1 +- 1
     expected[1, 0:2, 2:4] = True  # row 0 -> rows 0..1 (clipped), col 3 -> cols 2..3 (clipped)
@@ -269,9 +272,9 @@ def test_raster_order_renumbers_a_scrambled_labelling(fake_gpu):
     expected, count = scipy_ndi.label(mask)
     scrambled = np.concatenate([[0], rng.permutation(count) + 1])[expected]
     flat = np.flatnonzero(scrambled)
-    table = _kernels.raster_order(CPU, flat, scrambled.ravel()[flat], count)
+    table = components_ops.raster_order(CPU, flat, scrambled.ravel()[flat], count)
     np.testing.assert_array_equal(table[scrambled], expected)
-    labels, n = _kernels.label_mask(fake_gpu, fake_gpu.to_device(mask), 1)
+    labels, n = components_ops.label_mask(fake_gpu, fake_gpu.to_device(mask), 1)
     assert n == count
     np.testing.assert_array_equal(fake_gpu.to_host(labels), expected)
 
@@ -281,19 +284,16 @@ def test_histograms_on_device(fake_gpu):
     mask = np.random.default_rng(4).random(slab.shape) < 0.3
     device = fake_gpu.to_device(slab)
     np.testing.assert_array_equal(
-        fake_gpu.to_host(_kernels.slice_histograms(fake_gpu, device)),
+        fake_gpu.to_host(histogram_ops.slice_histograms(fake_gpu, device)),
         [np.bincount(s.ravel(), minlength=256) for s in slab],
     )
     np.testing.assert_array_equal(
-        fake_gpu.to_host(_kernels.masked_slice_histograms(fake_gpu, device, fake_gpu.to_device(mask))),
+        fake_gpu.to_host(histogram_ops.masked_slice_histograms(fake_gpu, device, fake_gpu.to_device(mask))),
         [np.bincount(s[m], minlength=256) for s, m in zip(slab, mask)],
     )
 
 
 # -- estimators on the stand-in GPU ---------------------------------------------
-@pytest.fixture(scope="module")
-def phantom():
-    return make_phantom((10, 72, 80), n_particles=20, random_state=2)[0]
 
 
 FITTED = (
@@ -314,9 +314,9 @@ def to_zarr(array, chunks):
 
 
 @pytest.mark.parametrize("polarity", ["bright", "dark"])
-def test_mixture_on_gpu_equals_cpu(fake_gpu, phantom, polarity, small_slabs):
+def test_mixture_on_gpu_equals_cpu(fake_gpu, volume_10x72x80, polarity, small_slabs):
     small_slabs(3 * 72 * 80 * 4)  # three slices a slab
-    image = phantom if polarity == "bright" else 255 - phantom
+    image = volume_10x72x80 if polarity == "bright" else 255 - volume_10x72x80
     cpu = NanoparticleMixture(polarity=polarity).fit(image)
     expected = cpu.transform(image)
     gpu = NanoparticleMixture(polarity=polarity, device="cuda", n_jobs=2).fit(image)
@@ -332,16 +332,16 @@ def test_mixture_on_gpu_equals_cpu(fake_gpu, phantom, polarity, small_slabs):
     np.testing.assert_array_equal(gpu.slice_weights(image), cpu.slice_weights(image))
 
 
-def test_mixture_gpu_inputs_keep_their_kind(fake_gpu, phantom):
-    cpu = NanoparticleMixture(sampling_step=2).fit(phantom)
-    expected = cpu.transform(phantom)
+def test_mixture_gpu_inputs_keep_their_kind(fake_gpu, volume_10x72x80):
+    cpu = NanoparticleMixture(sampling_step=2).fit(volume_10x72x80)
+    expected = cpu.transform(volume_10x72x80)
     gpu = NanoparticleMixture(sampling_step=2, device="cuda")
-    for X in (to_zarr(phantom, (3, 72, 40)), da.from_array(phantom, chunks=(4, 36, 80))):
+    for X in (to_zarr(volume_10x72x80, (3, 72, 40)), da.from_array(volume_10x72x80, chunks=(4, 36, 80))):
         assert_same_fit(gpu.fit(X), cpu)
         lazy = gpu.transform(X)
         assert isinstance(lazy, da.Array)
         np.testing.assert_array_equal(lazy.compute(), expected)
-    device_input = on_device(phantom)
+    device_input = on_device(volume_10x72x80)
     assert_same_fit(gpu.fit(device_input), cpu)
     got = gpu.transform(device_input)
     assert isinstance(got, DeviceArray)
@@ -351,8 +351,8 @@ def test_mixture_gpu_inputs_keep_their_kind(fake_gpu, phantom):
     assert isinstance(got, DeviceArray)
 
 
-def test_mixture_gpu_2d_and_list(fake_gpu, phantom):
-    crops = [phantom[0], phantom[3:6], phantom[7]]
+def test_mixture_gpu_2d_and_list(fake_gpu, volume_10x72x80):
+    crops = [volume_10x72x80[0], volume_10x72x80[3:6], volume_10x72x80[7]]
     cpu = NanoparticleMixture().fit(crops)
     expected = cpu.transform(crops)
     gpu = NanoparticleMixture(device="cuda").fit(crops)
@@ -434,35 +434,35 @@ def test_lazy_labels_recomputed_on_gpu(fake_gpu, monkeypatch, small_slabs):
     np.testing.assert_array_equal(lazy.compute(), expected)
 
 
-def test_gpu_work_runs_on_per_thread_streams(fake_gpu, phantom):
+def test_gpu_work_runs_on_per_thread_streams(fake_gpu, volume_10x72x80):
     before = _Streams.opened
-    NanoparticleMixture(device="cuda", n_jobs=2).fit(phantom)
+    NanoparticleMixture(device="cuda", n_jobs=2).fit(volume_10x72x80)
     assert _Streams.opened > before
 
 
 # -- device selection -------------------------------------------------------------
 @pytest.mark.parametrize("estimator", [NanoparticleMixture, NanoparticleLabeler])
-def test_device_must_be_known(estimator, phantom):
+def test_device_must_be_known(estimator, volume_10x72x80):
     with pytest.raises(InvalidParameterError, match="'device' parameter"):
-        estimator(device="gpu").fit(phantom if estimator is NanoparticleMixture else phantom > 128)
+        estimator(device="gpu").fit(volume_10x72x80 if estimator is NanoparticleMixture else volume_10x72x80 > 128)
 
 
-def test_cuda_without_cupy_says_what_to_install(monkeypatch, phantom):
+def test_cuda_without_cupy_says_what_to_install(monkeypatch, volume_10x72x80):
     # A None entry in sys.modules makes `import cupy` fail, as when it is not installed.
     monkeypatch.setattr(backend_module, "_GPU", None)
     monkeypatch.setitem(sys.modules, "cupy", None)
-    for estimator, X in [(NanoparticleMixture, phantom), (NanoparticleLabeler, phantom > 128)]:
+    for estimator, X in [(NanoparticleMixture, volume_10x72x80), (NanoparticleLabeler, volume_10x72x80 > 128)]:
         with pytest.raises(GPUUnavailableError, match=r'pip install "nanoseg\[gpu\]"') as info:
             estimator(device="cuda").fit(X)
         assert isinstance(info.value, RuntimeError)
         assert "cupy-cuda12x" in str(info.value) and "cupy-cuda13x" in str(info.value)
 
 
-def test_auto_falls_back_to_cpu_and_logs_once(no_gpu, caplog, phantom):
-    expected = NanoparticleMixture().fit(phantom).transform(phantom)
+def test_auto_falls_back_to_cpu_and_logs_once(no_gpu, caplog, volume_10x72x80):
+    expected = NanoparticleMixture().fit(volume_10x72x80).transform(volume_10x72x80)
     with caplog.at_level(logging.INFO, logger="nanoseg"):
-        auto = NanoparticleMixture(device="auto").fit(phantom)
-        got = auto.transform(phantom)
+        auto = NanoparticleMixture(device="auto").fit(volume_10x72x80)
+        got = auto.transform(volume_10x72x80)
         NanoparticleLabeler(device="auto").transform(got)
     np.testing.assert_array_equal(got, expected)
     messages = [r.getMessage() for r in caplog.records if r.name == "nanoseg"]
@@ -471,15 +471,15 @@ def test_auto_falls_back_to_cpu_and_logs_once(no_gpu, caplog, phantom):
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "nanoseg")
 
 
-def test_device_input_with_cpu_device_is_refused(fake_gpu, phantom):
+def test_device_input_with_cpu_device_is_refused(fake_gpu, volume_10x72x80):
     with pytest.raises(ValueError, match="device='cpu'"):
-        NanoparticleMixture().fit(on_device(phantom))
+        NanoparticleMixture().fit(on_device(volume_10x72x80))
     with pytest.raises(ValueError, match="cupy.asnumpy"):
-        NanoparticleLabeler().transform(on_device(phantom > 128))
+        NanoparticleLabeler().transform(on_device(volume_10x72x80 > 128))
 
 
-def test_pickles_carry_no_device_state(fake_gpu, monkeypatch, phantom):
-    gpu = NanoparticleMixture(device="cuda").fit(phantom)
+def test_pickles_carry_no_device_state(fake_gpu, monkeypatch, volume_10x72x80):
+    gpu = NanoparticleMixture(device="cuda").fit(volume_10x72x80)
     gpu._device_tables = fake_gpu.to_device(np.zeros((2, 256)))  # a private device-side cache
     gpu._backend_used = fake_gpu
     state = gpu.__getstate__()
@@ -496,9 +496,9 @@ def test_pickles_carry_no_device_state(fake_gpu, monkeypatch, phantom):
     monkeypatch.setattr(backend_module, "_load_gpu", unavailable)
     loaded = pickle.loads(payload)
     with pytest.raises(GPUUnavailableError):
-        loaded.transform(phantom)
-    expected = NanoparticleMixture().fit(phantom).transform(phantom)
-    np.testing.assert_array_equal(loaded.set_params(device="cpu").transform(phantom), expected)
+        loaded.transform(volume_10x72x80)
+    expected = NanoparticleMixture().fit(volume_10x72x80).transform(volume_10x72x80)
+    np.testing.assert_array_equal(loaded.set_params(device="cpu").transform(volume_10x72x80), expected)
 
 
 def test_cpu_runs_never_import_cupy(tmp_path):
@@ -530,12 +530,12 @@ def test_cpu_runs_never_import_cupy(tmp_path):
 
         blocker = RefuseCupy()
         sys.meta_path.insert(0, blocker)
-        import nanoseg._jit
+        import nanoseg._ops._numba
         from nanoseg import NanoparticleLabeler, NanoparticleMixture
         from nanoseg._backend import GPUUnavailableError
         from nanoseg.datasets import make_phantom
 
-        nanoseg._jit.ENABLED = False  # spare this process numba's compilation
+        nanoseg._ops._numba.ENABLED = False  # spare this process numba's compilation
         image = make_phantom((4, 48, 48), n_particles=5, random_state=0)[0]
         labels = NanoparticleLabeler().transform(NanoparticleMixture(max_iter=10**6).fit_transform(image))
         assert "cupy" not in sys.modules
@@ -564,23 +564,23 @@ def test_cpu_runs_never_import_cupy(tmp_path):
 
 
 # -- polarity -------------------------------------------------------------------
-def test_dark_polarity_on_inverted_volume_equals_bright(phantom):
-    bright = NanoparticleMixture().fit(phantom)
-    dark = NanoparticleMixture(polarity="dark").fit(255 - phantom)
-    inverted = 255 - phantom
+def test_dark_polarity_on_inverted_volume_equals_bright(volume_10x72x80):
+    bright = NanoparticleMixture().fit(volume_10x72x80)
+    dark = NanoparticleMixture(polarity="dark").fit(255 - volume_10x72x80)
+    inverted = 255 - volume_10x72x80
     # Histograms and PMFs are indexed by raw intensity: reversed.
     for name in ("stack_histogram_", "background_histogram_", "stack_pmf_", "background_pmf_", "particle_pmf_"):
         np.testing.assert_array_equal(getattr(dark, name), getattr(bright, name)[::-1], err_msg=name)
     assert dark.low_intensity_ == 255 - bright.low_intensity_
     assert dark.high_intensity_ == 255 - bright.high_intensity_
     assert (dark.background_weight_, dark.n_iter_) == (bright.background_weight_, bright.n_iter_)
-    np.testing.assert_array_equal(dark.slice_weights(inverted), bright.slice_weights(phantom))
-    expected = bright.transform(phantom)
+    np.testing.assert_array_equal(dark.slice_weights(inverted), bright.slice_weights(volume_10x72x80))
+    expected = bright.transform(volume_10x72x80)
     np.testing.assert_array_equal(dark.transform(inverted), expected)
     np.testing.assert_array_equal(NanoparticleMixture(polarity="dark").fit_transform(inverted), expected)
     np.testing.assert_array_equal(
         NanoparticleMixture(polarity="dark", posterior_dtype="float16").fit(inverted).transform(inverted),
-        NanoparticleMixture(posterior_dtype="float16").fit(phantom).transform(phantom),
+        NanoparticleMixture(posterior_dtype="float16").fit(volume_10x72x80).transform(volume_10x72x80),
     )
 
 
@@ -593,6 +593,6 @@ def test_dark_polarity_finds_dark_particles():
     assert bright_model.fit(255 - image).transform(255 - image)[truth].mean() < 0.5
 
 
-def test_polarity_must_be_known(phantom):
+def test_polarity_must_be_known(volume_10x72x80):
     with pytest.raises(InvalidParameterError, match="'polarity' parameter"):
-        NanoparticleMixture(polarity="grey").fit(phantom)
+        NanoparticleMixture(polarity="grey").fit(volume_10x72x80)

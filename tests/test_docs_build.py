@@ -13,6 +13,7 @@ pytest.importorskip("sphinx_gallery")
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
+@pytest.mark.slow
 def test_docs_build_without_warnings(tmp_path):
     result = subprocess.run(
         [

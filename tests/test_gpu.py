@@ -25,7 +25,8 @@ import zarr
 from sklearn.pipeline import Pipeline
 
 import nanoseg._backend as backend_module
-from nanoseg import NanoparticleLabeler, NanoparticleMixture, _kernels
+from nanoseg import NanoparticleLabeler, NanoparticleMixture
+from nanoseg._ops import components, histogram, morphology, seeds
 from nanoseg._backend import CPU, get_backend
 from nanoseg.datasets import make_phantom
 
@@ -69,18 +70,18 @@ def test_histograms_identical(gpu, kernels_path, shape):
     mask = rng.random(shape) < 0.3
     expected = np.stack([np.bincount(s.ravel(), minlength=256) for s in slab])
     device = cupy.asarray(slab)
-    got = _kernels.slice_histograms(gpu, device)
+    got = histogram.slice_histograms(gpu, device)
     assert isinstance(got, cupy.ndarray) and got.dtype == np.int64
     np.testing.assert_array_equal(cupy.asnumpy(got), expected)
-    np.testing.assert_array_equal(cupy.asnumpy(_kernels.histogram(gpu, device[0])), expected[0])
+    np.testing.assert_array_equal(cupy.asnumpy(histogram.histogram(gpu, device[0])), expected[0])
     np.testing.assert_array_equal(
-        cupy.asnumpy(_kernels.masked_slice_histograms(gpu, device, cupy.asarray(mask))),
+        cupy.asnumpy(histogram.masked_slice_histograms(gpu, device, cupy.asarray(mask))),
         np.stack([np.bincount(s[m], minlength=256) for s, m in zip(slab, mask)]),
     )
     # Views with strides.
     view = device[:, ::2, 1::3]
     np.testing.assert_array_equal(
-        cupy.asnumpy(_kernels.slice_histograms(gpu, view)),
+        cupy.asnumpy(histogram.slice_histograms(gpu, view)),
         np.stack([np.bincount(s.ravel(), minlength=256) for s in slab[:, ::2, 1::3]]),
     )
 
@@ -88,7 +89,7 @@ def test_histograms_identical(gpu, kernels_path, shape):
 def test_histogram_of_one_value(gpu, kernels_path):
     # Every voxel in one bin: the worst case for atomic counters.
     slab = cupy.full((2, 2048, 2048), 117, dtype=np.uint8)
-    got = cupy.asnumpy(_kernels.slice_histograms(gpu, slab))
+    got = cupy.asnumpy(histogram.slice_histograms(gpu, slab))
     assert got[:, 117].tolist() == [2048 * 2048] * 2 and got.sum() == 2 * 2048 * 2048
 
 
@@ -108,13 +109,13 @@ def test_background_histograms_identical(gpu, kernels_path, dark, shape):
         for min_seed_size, halo_pad in [(1, 0), (5, 3), (20, 20)]:
             expected = np.stack(
                 [
-                    _kernels.background_histogram(
+                    seeds.background_histogram(
                         CPU, image, low, high, min_seed_size=min_seed_size, halo_pad=halo_pad, dark=dark
                     )
                     for image in slab
                 ]
             )
-            got = _kernels.slab_background_histograms(
+            got = seeds.slab_background_histograms(
                 gpu, cupy.asarray(slab), low, high, min_seed_size=min_seed_size, halo_pad=halo_pad, dark=dark
             )
             np.testing.assert_array_equal(cupy.asnumpy(got), expected)
@@ -126,8 +127,8 @@ def test_closing_identical(gpu, shape, radius):
     rng = np.random.default_rng(radius)
     mask = rng.random(shape) < 0.08
     mask[0, ...] |= rng.random(shape[1:]) < 0.3  # foreground on the border
-    expected = _kernels.close_mask(CPU, mask, radius)
-    np.testing.assert_array_equal(cupy.asnumpy(_kernels.close_mask(gpu, cupy.asarray(mask), radius)), expected)
+    expected = morphology.close_mask(CPU, mask, radius)
+    np.testing.assert_array_equal(cupy.asnumpy(morphology.close_mask(gpu, cupy.asarray(mask), radius)), expected)
 
 
 @pytest.mark.parametrize("shape", [(7, 15, 16), (30, 64, 70), (300, 310)])
@@ -139,10 +140,10 @@ def test_labels_in_raster_order(gpu, shape, connectivity, density):
     rng = np.random.default_rng(connectivity)
     mask = rng.random(shape) < density
     expected, count = ndi.label(mask, ndi.generate_binary_structure(len(shape), connectivity))
-    labels, n = _kernels.label_mask(gpu, cupy.asarray(mask), connectivity)
+    labels, n = components.label_mask(gpu, cupy.asarray(mask), connectivity)
     assert n == count
     np.testing.assert_array_equal(cupy.asnumpy(labels), expected)
-    flat, ids, n = _kernels.label_voxels(gpu, cupy.asarray(mask), connectivity)
+    flat, ids, n = components.label_voxels(gpu, cupy.asarray(mask), connectivity)
     np.testing.assert_array_equal(cupy.asnumpy(flat), np.flatnonzero(expected))
     np.testing.assert_array_equal(cupy.asnumpy(ids), expected.ravel()[np.flatnonzero(expected)])
 

@@ -6,21 +6,16 @@ import pytest
 import zarr
 from zarr.storage import MemoryStore, WrapperStore
 
-import nanoseg._labeling as labeling_module
+import nanoseg._engine.labeling as labeling_module
+import nanoseg._engine.posterior as posterior_engine
 from nanoseg import NanoparticleLabeler, NanoparticleMixture, _model
-from nanoseg.datasets import make_crops, make_phantom
+from nanoseg.datasets import make_crops
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    image, _mask = make_phantom((20, 96, 112), n_particles=30, random_state=7)
-    return image
-
-
-@pytest.fixture(scope="module")
-def reference(phantom):
-    mixture = NanoparticleMixture().fit(phantom)
-    posterior = mixture.predict_proba(phantom)
+def reference(volume_20x96x112):
+    mixture = NanoparticleMixture().fit(volume_20x96x112)
+    posterior = mixture.predict_proba(volume_20x96x112)
     labels = NanoparticleLabeler(min_size=3).transform(posterior)
     return mixture, posterior, labels
 
@@ -32,16 +27,16 @@ def to_zarr(array, chunks, store=None):
 
 
 @pytest.mark.parametrize("chunks", [(1, 96, 112), (3, 32, 40), (7, 96, 17), (20, 96, 112)])
-def test_zarr_matches_numpy(phantom, reference, chunks, small_slabs):
+def test_zarr_matches_numpy(volume_20x96x112, reference, chunks, small_slabs):
     small_slabs(5 * 96 * 112 * 12)
     mixture, posterior, labels = reference
-    z = to_zarr(phantom, chunks)
+    z = to_zarr(volume_20x96x112, chunks)
     fitted = NanoparticleMixture().fit(z)
     for name in ("stack_histogram_", "background_histogram_", "particle_pmf_", "background_pmf_"):
         np.testing.assert_array_equal(getattr(fitted, name), getattr(mixture, name))
     lazy_posterior = fitted.predict_proba(z)
     assert isinstance(lazy_posterior, da.Array)
-    assert lazy_posterior.dtype == np.float32 and lazy_posterior.shape == phantom.shape
+    assert lazy_posterior.dtype == np.float32 and lazy_posterior.shape == volume_20x96x112.shape
     np.testing.assert_array_equal(lazy_posterior.compute(), posterior)
     lazy_labels = NanoparticleLabeler(min_size=3).transform(lazy_posterior)
     assert isinstance(lazy_labels, da.Array) and lazy_labels.dtype == np.uint32
@@ -52,9 +47,9 @@ def test_zarr_matches_numpy(phantom, reference, chunks, small_slabs):
 
 
 @pytest.mark.parametrize("chunks", [(4, 48, 56), (1, 96, 112), (20, 32, 32)])
-def test_dask_matches_numpy(phantom, reference, chunks):
+def test_dask_matches_numpy(volume_20x96x112, reference, chunks):
     mixture, posterior, labels = reference
-    x = da.from_array(phantom, chunks=chunks)
+    x = da.from_array(volume_20x96x112, chunks=chunks)
     fitted = NanoparticleMixture().fit(x)
     np.testing.assert_array_equal(fitted.particle_pmf_, mixture.particle_pmf_)
     lazy = fitted.transform(x)
@@ -63,10 +58,10 @@ def test_dask_matches_numpy(phantom, reference, chunks):
     np.testing.assert_array_equal(NanoparticleLabeler(min_size=3).transform(lazy).compute(), labels)
 
 
-def test_sampling_step_reads_only_sampled_slices(phantom):
-    z = to_zarr(phantom, (1, 96, 112))
+def test_sampling_step_reads_only_sampled_slices(volume_20x96x112):
+    z = to_zarr(volume_20x96x112, (1, 96, 112))
     full = NanoparticleMixture(sampling_step=3, max_iter=100_000).fit(z)
-    sub = NanoparticleMixture(max_iter=100_000).fit(phantom[::3])
+    sub = NanoparticleMixture(max_iter=100_000).fit(volume_20x96x112[::3])
     np.testing.assert_array_equal(full.stack_histogram_, sub.stack_histogram_)
     np.testing.assert_array_equal(full.background_histogram_, sub.background_histogram_)
     assert full.n_slices_fit_ == 7
@@ -100,11 +95,11 @@ def test_fit_on_crops_pools_their_histograms():
     np.testing.assert_array_equal(pooled.background_histogram_, stacked.background_histogram_)
 
 
-def test_posterior_is_a_per_slice_lookup(phantom, reference):
+def test_posterior_is_a_per_slice_lookup(volume_20x96x112, reference):
     mixture, posterior, _ = reference
-    luts = mixture.posterior_luts(mixture.slice_weights(phantom))
+    luts = mixture.posterior_luts(mixture.slice_weights(volume_20x96x112))
     for z in (0, 9, 19):
-        np.testing.assert_array_equal(posterior[z], luts[z][phantom[z]])
+        np.testing.assert_array_equal(posterior[z], luts[z][volume_20x96x112[z]])
 
 
 class CountingStore(WrapperStore):
@@ -120,12 +115,12 @@ class CountingStore(WrapperStore):
         return await super().get(key, prototype, byte_range)
 
 
-def test_zarr_is_read_slab_by_slab_never_whole(phantom, small_slabs, monkeypatch):
-    shape = phantom.shape
+def test_zarr_is_read_slab_by_slab_never_whole(volume_20x96x112, small_slabs, monkeypatch):
+    shape = volume_20x96x112.shape
     plane = shape[1] * shape[2]
     small_slabs(4 * plane * 12)  # four planes of labelling work per slab
     store = CountingStore(MemoryStore())
-    z = to_zarr(phantom, (2, 48, 56), store=store)
+    z = to_zarr(volume_20x96x112, (2, 48, 56), store=store)
     n_chunks = (shape[0] // 2) * 2 * 2
 
     # Every read the package makes goes through Array.__getitem__ or
@@ -155,7 +150,7 @@ def test_zarr_is_read_slab_by_slab_never_whole(phantom, small_slabs, monkeypatch
     # the chunks the lookup reads.
     assert store.reads == []
     store.reads.clear()
-    np.testing.assert_array_equal(posterior.compute(), mixture.predict_proba(phantom))
+    np.testing.assert_array_equal(posterior.compute(), mixture.predict_proba(volume_20x96x112))
     assert sorted(store.reads) == sorted(all_keys)  # each chunk decoded once when computed
 
     store.reads.clear()
@@ -179,7 +174,7 @@ def test_zarr_is_read_slab_by_slab_never_whole(phantom, small_slabs, monkeypatch
 
 
 @pytest.mark.parametrize("kept_bytes", [0, 2000, 2**30])
-def test_lazy_labels_with_and_without_kept_slabs(phantom, reference, kept_bytes, small_slabs, monkeypatch):
+def test_lazy_labels_with_and_without_kept_slabs(volume_20x96x112, reference, kept_bytes, small_slabs, monkeypatch):
     small_slabs(3 * 96 * 112 * 6)
     monkeypatch.setattr(labeling_module, "KEPT_LABEL_BYTES", kept_bytes)
     _, posterior, labels = reference
@@ -187,68 +182,68 @@ def test_lazy_labels_with_and_without_kept_slabs(phantom, reference, kept_bytes,
     np.testing.assert_array_equal(lazy.compute(), labels)
 
 
-def test_memory_budget_sets_slabs_not_results(phantom, reference, capsys):
+def test_memory_budget_sets_slabs_not_results(volume_20x96x112, reference, capsys):
     mixture, posterior, labels = reference
-    plane = phantom.shape[1] * phantom.shape[2]
-    small = NanoparticleMixture(memory_budget=2 * plane * 5, n_jobs=1, verbose=True).fit(phantom)
+    plane = volume_20x96x112.shape[1] * volume_20x96x112.shape[2]
+    small = NanoparticleMixture(memory_budget=2 * plane * 5, n_jobs=1, verbose=True).fit(volume_20x96x112)
     np.testing.assert_array_equal(small.particle_pmf_, mixture.particle_pmf_)
-    np.testing.assert_array_equal(small.transform(phantom), posterior)
+    np.testing.assert_array_equal(small.transform(volume_20x96x112), posterior)
     tiny = NanoparticleLabeler(min_size=3, memory_budget="1KiB", verbose=True).transform(posterior)
     np.testing.assert_array_equal(tiny, labels)
     out = capsys.readouterr().out
     assert "histograms: X 20 x 96 x 112 (numpy), slabs of 2 slice(s)" in out
     assert "labelling: X 20 x 96 x 112 (numpy), slabs of 1 slice(s)" in out
     # Two jobs share the budget: each slab gets half.
-    NanoparticleMixture(memory_budget=4 * plane * 4, n_jobs=2, verbose=True).fit(phantom)
+    NanoparticleMixture(memory_budget=4 * plane * 4, n_jobs=2, verbose=True).fit(volume_20x96x112)
     assert "slabs of 2 slice(s)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("n_jobs", [1, 2, 3, -1])
-def test_threads_give_identical_results(phantom, reference, n_jobs, small_slabs):
+def test_threads_give_identical_results(volume_20x96x112, reference, n_jobs, small_slabs):
     small_slabs(2 * 96 * 112 * 6)
     mixture, posterior, labels = reference
-    fitted = NanoparticleMixture(n_jobs=n_jobs).fit(phantom)
+    fitted = NanoparticleMixture(n_jobs=n_jobs).fit(volume_20x96x112)
     np.testing.assert_array_equal(fitted.background_histogram_, mixture.background_histogram_)
-    np.testing.assert_array_equal(fitted.transform(phantom), posterior)
+    np.testing.assert_array_equal(fitted.transform(volume_20x96x112), posterior)
     got = NanoparticleLabeler(min_size=3, n_jobs=n_jobs).transform(da.from_array(posterior, chunks=(3, 96, 112)))
     np.testing.assert_array_equal(got.compute(), labels)
     np.testing.assert_array_equal(NanoparticleLabeler(min_size=3, n_jobs=n_jobs).transform(posterior), labels)
 
 
-def test_fit_transform_reuses_fit_histograms(phantom, reference, monkeypatch):
+def test_fit_transform_reuses_fit_histograms(volume_20x96x112, reference, monkeypatch):
     _mixture, posterior, _ = reference
     calls = []
-    original = NanoparticleMixture._slice_histograms
-    monkeypatch.setattr(
-        NanoparticleMixture, "_slice_histograms", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
-    np.testing.assert_array_equal(NanoparticleMixture().fit_transform(phantom), posterior)
+    original = posterior_engine.slice_histograms
+    monkeypatch.setattr(posterior_engine, "slice_histograms", lambda *a, **k: calls.append(1) or original(*a, **k))
+    np.testing.assert_array_equal(NanoparticleMixture().fit_transform(volume_20x96x112), posterior)
     assert calls == []  # no extra pass over the data
     sampled = NanoparticleMixture(sampling_step=2, max_iter=100_000)
-    np.testing.assert_array_equal(sampled.fit_transform(phantom), sampled.fit(phantom).transform(phantom))
+    np.testing.assert_array_equal(
+        sampled.fit_transform(volume_20x96x112), sampled.fit(volume_20x96x112).transform(volume_20x96x112)
+    )
     assert calls  # with sampling, the posterior needs every slice: one more pass
 
 
-def test_memory_budget_is_never_thinner_than_a_chunk(phantom, capsys):
-    z = to_zarr(phantom, (4, 96, 112))
+def test_memory_budget_is_never_thinner_than_a_chunk(volume_20x96x112, capsys):
+    z = to_zarr(volume_20x96x112, (4, 96, 112))
     NanoparticleMixture(memory_budget=1, verbose=True, max_iter=100_000).fit(z)
     assert "slabs of 4 slice(s)" in capsys.readouterr().out
 
 
-def test_float16_posterior_is_the_rounded_lookup(phantom, reference):
+def test_float16_posterior_is_the_rounded_lookup(volume_20x96x112, reference):
     mixture, posterior, _ = reference
-    half = NanoparticleMixture(posterior_dtype="float16").fit(phantom)
-    got = half.transform(phantom)
+    half = NanoparticleMixture(posterior_dtype="float16").fit(volume_20x96x112)
+    got = half.transform(volume_20x96x112)
     assert got.dtype == np.float16
     # The float64 tables rounded once to float16, looked up per slice.
     luts = _model.posterior_luts(
-        mixture.slice_weights(phantom), mixture.particle_pmf_, mixture.background_pmf_, mixture.eps,
+        mixture.slice_weights(volume_20x96x112), mixture.particle_pmf_, mixture.background_pmf_, mixture.eps,
         dtype=np.float64,
     ).astype(np.float16)
-    expected = np.stack([lut[s] for lut, s in zip(luts, phantom)])
+    expected = np.stack([lut[s] for lut, s in zip(luts, volume_20x96x112)])
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_allclose(got.astype(np.float32), posterior, rtol=1e-3, atol=1e-7)
-    lazy = half.transform(to_zarr(phantom, (3, 96, 112)))
+    lazy = half.transform(to_zarr(volume_20x96x112, (3, 96, 112)))
     assert lazy.dtype == np.float16
     np.testing.assert_array_equal(lazy.compute(), got)
     assert NanoparticleLabeler().transform(got).max() > 0
@@ -262,9 +257,9 @@ def test_float16_posterior_is_the_rounded_lookup(phantom, reference):
         ({"beta_prior": (0.5, 4.0)}, (1, 96, 112)),
     ],
 )
-def test_lazy_posterior_computes_weights_per_chunk_like_eager(phantom, params, chunks):
+def test_lazy_posterior_computes_weights_per_chunk_like_eager(volume_20x96x112, params, chunks):
     """The lazy posterior finds each slice's weight from its chunks; same values as eager."""
-    image = 255 - phantom if params.get("polarity") == "dark" else phantom
+    image = 255 - volume_20x96x112 if params.get("polarity") == "dark" else volume_20x96x112
     mixture = NanoparticleMixture(**params).fit(image)
     eager = mixture.transform(image)
     lazy = mixture.transform(da.from_array(image, chunks=chunks))
@@ -273,14 +268,14 @@ def test_lazy_posterior_computes_weights_per_chunk_like_eager(phantom, params, c
     np.testing.assert_array_equal(lazy[5:9, 10:50].compute(), eager[5:9, 10:50])
 
 
-def test_lazy_posterior_of_uint16_like_eager(phantom):
-    image = phantom.astype(np.uint16) * 200 + 1000
+def test_lazy_posterior_of_uint16_like_eager(volume_20x96x112):
+    image = volume_20x96x112.astype(np.uint16) * 200 + 1000
     mixture = NanoparticleMixture().fit(image)
     lazy = mixture.transform(to_zarr(image, (2, 48, 112)))
     np.testing.assert_array_equal(lazy.compute(), mixture.transform(image))
 
 
-def test_zarr_chunks_are_grouped_into_whole_planes_for_dask(phantom, monkeypatch):
+def test_zarr_chunks_are_grouped_into_whole_planes_for_dask(volume_20x96x112, monkeypatch):
     from nanoseg import _volume
 
     assert _volume.dask_chunks((128, 2048, 2048), (1, 1024, 1024), 1) == (1, 2048, 2048)
@@ -289,32 +284,34 @@ def test_zarr_chunks_are_grouped_into_whole_planes_for_dask(phantom, monkeypatch
     assert _volume.dask_chunks((30, 50), (7, 9), 4, limit=10) == (7, 9)  # a chunk is never split
     # Lazy results keep the chunk depth and align with the zarr chunks.
     monkeypatch.setattr(_volume, "DASK_BLOCK_BYTES", 2 * 48 * 112)
-    z = to_zarr(phantom, (2, 48, 56))
-    mixture = NanoparticleMixture().fit(phantom)
+    z = to_zarr(volume_20x96x112, (2, 48, 56))
+    mixture = NanoparticleMixture().fit(volume_20x96x112)
     lazy = mixture.transform(z)
     assert lazy.chunks == ((2,) * 10, (48, 48), (112,))
-    np.testing.assert_array_equal(lazy.compute(), mixture.transform(phantom))
+    np.testing.assert_array_equal(lazy.compute(), mixture.transform(volume_20x96x112))
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.95])
-def test_labels_of_the_lazy_posterior_go_through_boolean_tables(phantom, threshold, monkeypatch, small_slabs):
-    """The labeler thresholds nanoseg's lazy posterior through its tables; same labels."""
+def test_labels_of_the_lazy_mask_from_predict_equal_those_of_the_posterior(
+    volume_20x96x112, threshold, monkeypatch, small_slabs
+):
+    """The mixture hands the labeler a boolean mask from predict(X, threshold): same labels."""
     small_slabs(4 * 96 * 112 * 6)
-    mixture = NanoparticleMixture().fit(phantom)
-    expected = NanoparticleLabeler(threshold=threshold, min_size=3).transform(mixture.transform(phantom))
-    lazy = mixture.transform(to_zarr(phantom, (2, 48, 56)))
-    assert callable(lazy._nanoseg_mask)
-    mask = lazy._nanoseg_mask(threshold)
+    mixture = NanoparticleMixture().fit(volume_20x96x112)
+    expected = NanoparticleLabeler(threshold=threshold, min_size=3).transform(mixture.transform(volume_20x96x112))
+    source = to_zarr(volume_20x96x112, (2, 48, 56))
+    lazy = mixture.transform(source)
+    mask = mixture.predict(source, threshold=threshold)
     assert mask.dtype == bool
     np.testing.assert_array_equal(mask.compute(), lazy.compute() >= threshold)
-    # No float posterior block is thresholded on the way.
+    # A boolean mask is labelled as it is: no block is thresholded on the way.
     calls = []
     original = labeling_module.mask_from_posterior
     monkeypatch.setattr(labeling_module, "mask_from_posterior", lambda *a, **k: calls.append(1) or original(*a, **k))
-    labels = NanoparticleLabeler(threshold=threshold, min_size=3).transform(lazy)
+    labels = NanoparticleLabeler(threshold=threshold, min_size=3).transform(mask)
     np.testing.assert_array_equal(labels.compute(), expected)
     assert calls == []
-    # Any other lazy posterior (here, a copy of the same values) goes the float way.
-    other = NanoparticleLabeler(threshold=threshold, min_size=3).transform(da.from_array(lazy.compute(), chunks=(2, 48, 56)))
+    # The lazy float posterior is thresholded block by block in its graph.
+    other = NanoparticleLabeler(threshold=threshold, min_size=3).transform(lazy)
     np.testing.assert_array_equal(other.compute(), expected)
     assert calls

@@ -14,7 +14,8 @@ import pytest
 from nanoseg.datasets import make_phantom
 from nanoseg.io import is_complete, write_ome_zarr
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+# Every test here runs the command end to end on a 24 x 256 x 256 phantom.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")]
 
 
 def digest(path):

@@ -1,6 +1,5 @@
 """Reading TIFF / zarr / OME-Zarr with physical spacing, and writing OME-Zarr."""
 
-import doctest
 import json
 
 import dask.array as da
@@ -411,8 +410,3 @@ def test_convert_tiff_folder(tmp_path):
     assert spacing == (50.0, 10.0, 10.0) and image.chunks == (2, 9, 9)
     with pytest.raises(ValueError, match="inside the input"):
         convert(folder, folder / "out.zarr", spacing=(50, 10, 10))
-
-
-def test_docstring_examples():
-    result = doctest.testmod(nio, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0

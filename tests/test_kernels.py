@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-import nanoseg._jit as jit
-import nanoseg._kernels as kernels
+import nanoseg._ops._numba as jit
+from nanoseg._ops import histogram, lookup, seeds
 from nanoseg._backend import CPU
 
 
@@ -24,9 +24,9 @@ def kernel_path(request, monkeypatch):
 @pytest.mark.parametrize("shape", [(7,), (255, 257), (3, 101, 99), (2**17 + 1,)])
 def test_histogram_is_exact(shape, kernel_path):
     values = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    np.testing.assert_array_equal(kernels.histogram(CPU, values), np.bincount(values.ravel(), minlength=256))
+    np.testing.assert_array_equal(histogram.histogram(CPU, values), np.bincount(values.ravel(), minlength=256))
     view = values[..., ::2] if values.ndim > 1 else values[::3]
-    np.testing.assert_array_equal(kernels.histogram(CPU, view), np.bincount(view.ravel(), minlength=256))
+    np.testing.assert_array_equal(histogram.histogram(CPU, view), np.bincount(view.ravel(), minlength=256))
 
 
 def plain_background_histogram(image, low, high, min_seed_size, halo_pad):
@@ -46,19 +46,19 @@ def plain_background_histogram(image, low, high, min_seed_size, halo_pad):
 @pytest.mark.parametrize("seed", range(3))
 def test_background_histogram_all_paths(path, seed, monkeypatch):
     monkeypatch.setattr(jit, "ENABLED", path == "compiled")
-    monkeypatch.setattr(kernels, "SPARSE_SEED_FRACTION", 1.0 if path == "sparse" else -1.0)
+    monkeypatch.setattr(seeds, "SPARSE_SEED_FRACTION", 1.0 if path == "sparse" else -1.0)
     rng = np.random.default_rng(seed)
     image = (ndi.gaussian_filter(rng.normal(size=(120, 90)), 2) * 400 + 120).clip(0, 255).astype(np.uint8)
     low, high = np.percentile(image, [97, 99.5]).astype(int)
     for min_seed_size, halo_pad in [(1, 0), (5, 3), (20, 20)]:
         expected = plain_background_histogram(image, low, high, min_seed_size, halo_pad)
-        got = kernels.background_histogram(CPU, image.copy(), low, high, min_seed_size=min_seed_size, halo_pad=halo_pad)
+        got = seeds.background_histogram(CPU, image.copy(), low, high, min_seed_size=min_seed_size, halo_pad=halo_pad)
         np.testing.assert_array_equal(got, expected)
     # A strided view, and levels at and beyond the ends of the range.
     view = image[::2, 1::2]
     for low, high in [(-1, 0), (0, 1), (254, 255), (255, 256), (300, 300)]:
         expected = plain_background_histogram(view, low, high, 3, 2)
-        got = kernels.background_histogram(CPU, view, low, high, min_seed_size=3, halo_pad=2)
+        got = seeds.background_histogram(CPU, view, low, high, min_seed_size=3, halo_pad=2)
         np.testing.assert_array_equal(got, expected)
 
 
@@ -72,7 +72,7 @@ def test_background_histogram_dark_compiled_equals_numpy(seed, monkeypatch):
     for enabled in (True, False):
         monkeypatch.setattr(jit, "ENABLED", enabled)
         results.append(
-            kernels.background_histogram(CPU, image, low, high, min_seed_size=4, halo_pad=5, dark=True)
+            seeds.background_histogram(CPU, image, low, high, min_seed_size=4, halo_pad=5, dark=True)
         )
     np.testing.assert_array_equal(results[0], results[1])
     mirrored = plain_background_histogram(255 - image, low, high, 4, 5)
@@ -83,14 +83,14 @@ def test_background_histogram_dark_compiled_equals_numpy(seed, monkeypatch):
 def test_slice_histograms_and_luts(dtype, kernel_path):
     rng = np.random.default_rng(2)
     slab = rng.integers(0, 256, (5, 33, 70), dtype=np.uint8)
-    hists = kernels.slice_histograms(CPU, slab)
+    hists = histogram.slice_histograms(CPU, slab)
     np.testing.assert_array_equal(hists, [np.bincount(s.ravel(), minlength=256) for s in slab])
     luts = rng.random((5, 256)) > 0.5 if dtype is bool else rng.random((5, 256)).astype(dtype)
     expected = np.stack([lut[s] for lut, s in zip(luts, slab)])
-    np.testing.assert_array_equal(kernels.apply_luts(CPU, slab, luts), expected)
+    np.testing.assert_array_equal(lookup.apply_luts(CPU, slab, luts), expected)
     strided = slab[:, ::2, 1::3]
     np.testing.assert_array_equal(
-        kernels.apply_luts(CPU, strided, luts), np.stack([lut[s] for lut, s in zip(luts, strided)])
+        lookup.apply_luts(CPU, strided, luts), np.stack([lut[s] for lut, s in zip(luts, strided)])
     )
 
 
@@ -99,11 +99,11 @@ def test_box_histograms_use_the_seed_count_from_the_histogram():
     image = (ndi.gaussian_filter(rng.normal(size=(70, 95)), 2) * 400 + 120).clip(0, 255).astype(np.uint8)
     low = int(np.percentile(image, 96))
     hist = np.bincount(image.ravel(), minlength=256)
-    counted = jit.excluded_box_histograms(image, [low], min_seed_size=3, halo_pad=4)
-    given = jit.excluded_box_histograms(image, [low], min_seed_size=3, halo_pad=4, hist=hist)
+    counted = seeds.excluded_box_histograms(image, [low], min_seed_size=3, halo_pad=4)
+    given = seeds.excluded_box_histograms(image, [low], min_seed_size=3, halo_pad=4, hist=hist)
     np.testing.assert_array_equal(given, counted)
     # A histogram announcing too few seeds must not corrupt anything: same result.
-    short = jit.excluded_box_histograms(image, [low], min_seed_size=3, halo_pad=4, hist=np.zeros(256, np.int64))
+    short = seeds.excluded_box_histograms(image, [low], min_seed_size=3, halo_pad=4, hist=np.zeros(256, np.int64))
     np.testing.assert_array_equal(short, counted)
     expected = plain_background_histogram(image, low, 256, 3, 4)
     np.testing.assert_array_equal(hist - counted[0], expected)
@@ -153,9 +153,9 @@ def test_kernels_compile_without_a_writable_cache_folder():
         "import numba.core.caching as caching\n"
         "caching.CacheImpl._locator_classes = []\n"
         "import numpy as np\n"
-        "from nanoseg import _jit\n"
-        "assert _jit.available()\n"
-        "print(int(_jit.slice_histograms(np.full((2, 4, 4), 7, np.uint8))[:, 7].sum()))\n"
+        "from nanoseg._ops import _numba, histogram\n"
+        "assert _numba.available()\n"
+        "print(int(histogram.compiled_slice_histograms(np.full((2, 4, 4), 7, np.uint8))[:, 7].sum()))\n"
     )
     result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr

@@ -7,11 +7,12 @@ from skimage.measure import label
 from skimage.morphology import ball, closing, disk
 from skimage.segmentation import relabel_sequential
 
-import nanoseg._jit as jit
-import nanoseg._labeling as labeling_module
-from nanoseg import NanoparticleLabeler, _sparse
-from nanoseg._kernels import footprint
-from nanoseg._labeling import face_offsets
+import nanoseg._engine.labeling as labeling_module
+import nanoseg._ops._numba as jit
+from nanoseg import NanoparticleLabeler
+from nanoseg._engine.labeling import face_offsets
+from nanoseg._ops.components import label_set
+from nanoseg._ops.morphology import close_set, footprint
 
 
 @pytest.fixture(autouse=True, params=["sparse-compiled", "sparse-numpy", "dense"])
@@ -148,13 +149,13 @@ def test_sparse_closing_equals_dense(shape, radius):
     fp = footprint(radius, len(shape))
     dilated = ndi.binary_dilation(mask, fp)
     expected = np.flatnonzero(ndi.binary_erosion(dilated, fp, border_value=1))
-    np.testing.assert_array_equal(_sparse.close(np.flatnonzero(mask), shape, fp), expected)
+    np.testing.assert_array_equal(close_set(np.flatnonzero(mask), shape, fp), expected)
     # Given the dense mask, the closing may run compiled (label_path decides); same set.
     before = mask.copy()
-    np.testing.assert_array_equal(_sparse.close(np.flatnonzero(mask), shape, fp, mask=mask), expected)
+    np.testing.assert_array_equal(close_set(np.flatnonzero(mask), shape, fp, mask=mask), expected)
     np.testing.assert_array_equal(mask, before)  # the caller's mask is left alone
     scratch = mask.copy()
-    np.testing.assert_array_equal(_sparse.close(np.flatnonzero(mask), shape, fp, mask=scratch, overwrite=True), expected)
+    np.testing.assert_array_equal(close_set(np.flatnonzero(mask), shape, fp, mask=scratch, overwrite=True), expected)
 
 
 @pytest.mark.parametrize("shape, connectivity", [((7, 15, 16), 1), ((7, 15, 16), 2), ((7, 15, 16), 3), ((30, 31), 1), ((30, 31), 2)])
@@ -163,17 +164,17 @@ def test_sparse_label_equals_scipy(shape, connectivity):
     mask = rng.random(shape) < 0.2
     expected, count = ndi.label(mask, ndi.generate_binary_structure(len(shape), connectivity))
     flat = np.flatnonzero(mask)
-    ids, n = _sparse.label(flat, shape, connectivity)
+    ids, n = label_set(flat, shape, connectivity)
     assert n == count
     np.testing.assert_array_equal(ids, expected.ravel()[flat])
 
 
 def test_sparse_empty_set():
-    ids, n = _sparse.label(np.zeros(0, dtype=np.int64), (3, 4, 5), 2)
+    ids, n = label_set(np.zeros(0, dtype=np.int64), (3, 4, 5), 2)
     assert n == 0 and ids.size == 0
-    assert _sparse.close(np.zeros(0, dtype=np.int64), (3, 4, 5), footprint(1, 3)).size == 0
+    assert close_set(np.zeros(0, dtype=np.int64), (3, 4, 5), footprint(1, 3)).size == 0
     empty = np.zeros((3, 4, 5), dtype=bool)
-    assert _sparse.close(np.flatnonzero(empty), empty.shape, footprint(1, 3), mask=empty).size == 0
+    assert close_set(np.flatnonzero(empty), empty.shape, footprint(1, 3), mask=empty).size == 0
 
 
 def test_plane_cache_computes_each_plane_once_and_drops_it():

@@ -35,6 +35,7 @@ def _execute(path):
     return errors, skipped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes(path, monkeypatch):
     # Figures go to a non-interactive backend; the notebook runs in its own folder
@@ -47,6 +48,7 @@ def test_notebook_executes(path, monkeypatch):
         pytest.skip(" ".join(skipped))
 
 
+@pytest.mark.slow
 def test_missing_data_is_reported_not_passed(monkeypatch, tmp_path):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("NANOSEG_SHARED_DATA", str(tmp_path))

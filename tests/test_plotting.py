@@ -1,6 +1,5 @@
 """Tests for nanoseg.plotting: the QC figures render headless and show the right data."""
 
-import doctest
 import sys
 
 import matplotlib
@@ -518,9 +517,3 @@ def test_write_report_with_no_particles(tmp_path, fitted):
         table=particle_table(labels),
     )
     assert "<p>0 particles found.</p>" in index.read_text()
-
-
-def test_docstring_examples():
-    result = doctest.testmod(plotting, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0
-    assert result.failed == 0

@@ -1,7 +1,6 @@
 """Spatial-context steps: posterior smoothing and downsampling, background
 subtraction, slice equalisation, and their composition in pipelines."""
 
-import doctest
 import pickle
 
 import dask.array as da
@@ -18,7 +17,6 @@ from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, KFold
 from sklearn.pipeline import Pipeline
 
-import nanoseg.preprocessing
 from nanoseg import NanoparticleLabeler, NanoparticleMixture
 from nanoseg.datasets import make_crops, make_phantom
 from nanoseg.metrics import match_objects, object_f1_scorer
@@ -711,8 +709,3 @@ def test_grid_search_over_background_and_smoothing():
     best = search.best_estimator_
     assert best.get_params()["background__method"] == search.best_params_["background__method"]
     assert object_f1_scorer(best, crops, masks) == pytest.approx(search.score(crops, masks))
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(nanoseg.preprocessing, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0

@@ -16,7 +16,7 @@ from scipy import ndimage as ndi
 from sklearn.exceptions import ConvergenceWarning
 
 from nanoseg import NanoparticleLabeler, NanoparticleMixture
-from nanoseg._kernels import connectivity_structure
+from nanoseg._ops.components import connectivity_structure
 from nanoseg.datasets import make_phantom
 
 SETTINGS = settings(

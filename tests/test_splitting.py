@@ -1,6 +1,5 @@
 """Splitting touching particles: distance transform, peaks and watershed."""
 
-import doctest
 import pickle
 
 import dask.array as da
@@ -10,7 +9,6 @@ from skimage.measure import label
 from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 
-import nanoseg.splitting
 from nanoseg import NanoparticleLabeler
 from nanoseg.datasets import make_crops
 from nanoseg.metrics import match_objects
@@ -262,8 +260,3 @@ def test_splitter_params_clone_and_pickle(splitter):
     np.testing.assert_array_equal(restored.transform(labels), fitted.transform(labels))
     with pytest.raises(TypeError):
         ParticleSplitter(2)
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(nanoseg.splitting, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0

@@ -16,7 +16,8 @@ from test_device import DeviceArray
 from test_device import fake_gpu as stand_in_gpu  # noqa: F401  (a fixture: the stand-in GPU)
 
 import nanoseg._intensity as intensity_module
-import nanoseg.mixture as mixture_module
+import nanoseg._engine.fit as fit_engine
+import nanoseg._engine.posterior as posterior_engine
 from nanoseg import NanoparticleLabeler, NanoparticleMixture
 from nanoseg.__main__ import main
 from nanoseg._intensity import Binning
@@ -69,16 +70,11 @@ def computed(result):
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    return make_phantom((12, 96, 112), n_particles=15, random_state=3)[0]
-
-
-@pytest.fixture(scope="module")
-def reference(phantom):
+def reference(volume_12x96x112):
     """The uint8 model, posterior and labels, for both polarities."""
     out = {}
     for polarity in ("bright", "dark"):
-        image = phantom if polarity == "bright" else 255 - phantom
+        image = volume_12x96x112 if polarity == "bright" else 255 - volume_12x96x112
         mixture = NanoparticleMixture(polarity=polarity).fit(image)
         posterior = mixture.predict_proba(image)
         out[polarity] = (image, mixture, posterior, NanoparticleLabeler(min_size=3).transform(posterior))
@@ -112,14 +108,15 @@ def test_uint8_input_never_goes_through_a_lookup_table(reference, monkeypatch):
     monkeypatch.setattr(intensity_module, "_table", refuse)
     # Every slab reaches the 8-bit kernels as the very array that was read: no copy.
     same = []
-    to_bins = mixture_module._to_bins
+    to_bins = fit_engine.to_bins
 
     def spy(backend, slab, binning):
         result = to_bins(backend, slab, binning)
         same.append(result is slab)
         return result
 
-    monkeypatch.setattr(mixture_module, "_to_bins", spy)
+    monkeypatch.setattr(fit_engine, "to_bins", spy)
+    monkeypatch.setattr(posterior_engine, "to_bins", spy)
     mixture = NanoparticleMixture().fit(image)
     assert_same_fit(mixture, expected)
     np.testing.assert_array_equal(mixture.predict_proba(image), posterior)
@@ -128,8 +125,8 @@ def test_uint8_input_never_goes_through_a_lookup_table(reference, monkeypatch):
     assert same and all(same)
 
 
-def test_a_list_mixing_uint8_and_uint16_crops_pools_them(phantom):
-    crops = [phantom[:6], phantom[6:]]
+def test_a_list_mixing_uint8_and_uint16_crops_pools_them(volume_12x96x112):
+    crops = [volume_12x96x112[:6], volume_12x96x112[6:]]
     expected = NanoparticleMixture().fit(crops)
     mixed = [crops[0], crops[1].astype(np.uint16)]
     got = NanoparticleMixture().fit(mixed)
@@ -167,10 +164,10 @@ def hand_bins(values, low, high):
     return np.clip((values - low) * 256 // (high - low + 1), 0, 255)
 
 
-def test_auto_binning_spans_the_observed_range(phantom):
-    wide = phantom.astype(np.uint16) * SCALE + OFFSET
+def test_auto_binning_spans_the_observed_range(volume_12x96x112):
+    wide = volume_12x96x112.astype(np.uint16) * SCALE + OFFSET
     mixture = NanoparticleMixture().fit(wide)
-    low, high = OFFSET + SCALE * int(phantom.min()), OFFSET + SCALE * int(phantom.max())
+    low, high = OFFSET + SCALE * int(volume_12x96x112.min()), OFFSET + SCALE * int(volume_12x96x112.max())
     assert binning_of(mixture) == ("range", low, high, 0)
     bins = hand_bins(wide, low, high)
     np.testing.assert_array_equal(mixture.stack_histogram_, np.bincount(bins.ravel(), minlength=256))
@@ -180,8 +177,8 @@ def test_auto_binning_spans_the_observed_range(phantom):
     np.testing.assert_array_equal(mixture.predict_proba(wide), expected)
 
 
-def test_intensity_range_clips_values_outside_it(phantom):
-    wide = phantom.astype(np.uint16) * SCALE + OFFSET
+def test_intensity_range_clips_values_outside_it(volume_12x96x112):
+    wide = volume_12x96x112.astype(np.uint16) * SCALE + OFFSET
     low, high = 15000, 40000
     mixture = NanoparticleMixture(intensity_range=(low, high)).fit(wide)
     assert binning_of(mixture) == ("range", low, high, 0)
@@ -193,16 +190,16 @@ def test_intensity_range_clips_values_outside_it(phantom):
     assert binning_of(half) == ("range", int(wide.min()), 40000, 0)
 
 
-def test_the_range_comes_from_the_sampled_slices_only(phantom):
-    wide = phantom.astype(np.uint16) * SCALE + OFFSET
+def test_the_range_comes_from_the_sampled_slices_only(volume_12x96x112):
+    wide = volume_12x96x112.astype(np.uint16) * SCALE + OFFSET
     wide[1, 0, 0] = 65535  # in a slice that sampling_step=2 skips
     mixture = NanoparticleMixture(sampling_step=2, max_iter=100_000).fit(wide)
     assert mixture.binning_high_ == int(wide[::2].max()) < 65535
     assert mixture.n_slices_fit_ == 6
 
 
-def test_prediction_applies_the_fitted_binning_to_new_data(phantom):
-    wide = phantom.astype(np.uint16) * SCALE + OFFSET
+def test_prediction_applies_the_fitted_binning_to_new_data(volume_12x96x112):
+    wide = volume_12x96x112.astype(np.uint16) * SCALE + OFFSET
     mixture = NanoparticleMixture().fit(wide)
     low, high = mixture.binning_low_, mixture.binning_high_
     other = np.random.default_rng(0).integers(0, 65536, size=(3, 20, 24)).astype(np.uint16)
@@ -211,13 +208,13 @@ def test_prediction_applies_the_fitted_binning_to_new_data(phantom):
     np.testing.assert_array_equal(mixture.predict_proba(other), expected)
     np.testing.assert_array_equal(mixture.predict_proba(to_zarr(other, (2, 7, 24))).compute(), expected)
     # uint8 input goes through the same rule: all its values lie below `low`.
-    small = phantom[:2]
+    small = volume_12x96x112[:2]
     luts = mixture.posterior_luts(mixture.slice_weights(small))
     np.testing.assert_array_equal(mixture.predict_proba(small), np.broadcast_to(luts[:, :1, None], small.shape))
 
 
-def test_uint16_results_do_not_depend_on_chunks_slabs_or_threads(phantom, small_slabs):
-    wide = phantom.astype(np.uint16) * 37 + 500
+def test_uint16_results_do_not_depend_on_chunks_slabs_or_threads(volume_12x96x112, small_slabs):
+    wide = volume_12x96x112.astype(np.uint16) * 37 + 500
     expected = NanoparticleMixture().fit(wide)
     posterior = expected.predict_proba(wide)
     small_slabs(2 * 96 * 112 * 6)
@@ -230,22 +227,20 @@ def test_uint16_results_do_not_depend_on_chunks_slabs_or_threads(phantom, small_
         np.testing.assert_array_equal(NanoparticleMixture(n_jobs=n_jobs).fit_transform(z).compute(), posterior)
 
 
-def test_fit_transform_reuses_the_fit_histograms_for_uint16(phantom, monkeypatch):
-    wide = phantom.astype(np.uint16) * SCALE + OFFSET
+def test_fit_transform_reuses_the_fit_histograms_for_uint16(volume_12x96x112, monkeypatch):
+    wide = volume_12x96x112.astype(np.uint16) * SCALE + OFFSET
     expected = NanoparticleMixture().fit(wide).transform(wide)
     calls = []
-    original = NanoparticleMixture._slice_histograms
-    monkeypatch.setattr(
-        NanoparticleMixture, "_slice_histograms", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
+    original = posterior_engine.slice_histograms
+    monkeypatch.setattr(posterior_engine, "slice_histograms", lambda *a, **k: calls.append(1) or original(*a, **k))
     np.testing.assert_array_equal(NanoparticleMixture().fit_transform(wide), expected)
     assert calls == []
 
 
 @pytest.mark.usefixtures("stand_in_gpu")
-def test_uint16_runs_on_the_stand_in_gpu(phantom, small_slabs):
+def test_uint16_runs_on_the_stand_in_gpu(volume_12x96x112, small_slabs):
     small_slabs(3 * 96 * 112 * 6)
-    wide = phantom.astype(np.uint16) * 37 + 500
+    wide = volume_12x96x112.astype(np.uint16) * 37 + 500
     cpu = NanoparticleMixture().fit(wide)
     expected = cpu.transform(wide)
     gpu = NanoparticleMixture(device="cuda", n_jobs=2).fit(wide)
@@ -286,8 +281,8 @@ def test_fold_refuses_counts_of_the_wrong_length():
 
 
 # -- persistence -------------------------------------------------------------
-def test_a_uint16_model_round_trips_through_the_safe_format(phantom, tmp_path):
-    wide = phantom.astype(np.uint16) * SCALE + OFFSET
+def test_a_uint16_model_round_trips_through_the_safe_format(volume_12x96x112, tmp_path):
+    wide = volume_12x96x112.astype(np.uint16) * SCALE + OFFSET
     mixture = NanoparticleMixture(binning="shift", intensity_range=(None, 60000)).fit(wide)
     assert binning_of(mixture) == ("shift", 0, 60000, 8)
     assert all(type(getattr(mixture, name)) is (str if name == "binning_mode_" else int) for name in BINNING)
@@ -315,9 +310,9 @@ def test_a_uint16_model_round_trips_through_the_safe_format(phantom, tmp_path):
         ({"intensity_range": "1000 2000"}, "intensity_range"),
     ],
 )
-def test_bad_binning_parameters_are_explained(phantom, params, message):
+def test_bad_binning_parameters_are_explained(volume_12x96x112, params, message):
     with pytest.raises(ValueError, match=message):
-        NanoparticleMixture(**params).fit(phantom)
+        NanoparticleMixture(**params).fit(volume_12x96x112)
 
 
 @pytest.mark.parametrize(
@@ -333,10 +328,10 @@ def test_other_dtypes_name_the_accepted_ones_and_a_fix(dtype, hint):
         assert hint in str(error.value)
 
 
-def test_constant_uint16_and_a_range_that_leaves_one_bin_are_refused(phantom):
+def test_constant_uint16_and_a_range_that_leaves_one_bin_are_refused(volume_12x96x112):
     with pytest.raises(ValueError, match="constant.*1234"):
         NanoparticleMixture().fit(np.full((3, 16, 16), 1234, dtype=np.uint16))
-    wide = phantom.astype(np.uint16) * SCALE + OFFSET
+    wide = volume_12x96x112.astype(np.uint16) * SCALE + OFFSET
     with pytest.raises(ValueError, match="falls in bin 255.*Widen intensity_range"):
         NanoparticleMixture(intensity_range=(0, 100)).fit(wide)
 
@@ -450,11 +445,11 @@ def test_a_model_fitted_before_16bit_support_keeps_working(reference):
 
 # -- a real GPU, when there is one -------------------------------------------------
 @pytest.mark.gpu
-def test_uint16_on_a_cuda_gpu_equals_the_cpu(phantom):
+def test_uint16_on_a_cuda_gpu_equals_the_cpu(volume_12x96x112):
     cupy = pytest.importorskip("cupy")
     if not cupy.is_available():
         pytest.skip("no usable CUDA device")
-    wide = phantom.astype(np.uint16) * 37 + 500
+    wide = volume_12x96x112.astype(np.uint16) * 37 + 500
     cpu = NanoparticleMixture().fit(wide)
     expected = cpu.transform(wide)
     gpu = NanoparticleMixture(device="cuda").fit(wide)

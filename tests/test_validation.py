@@ -6,17 +6,11 @@ import pytest
 import zarr
 
 from nanoseg import NanoparticleLabeler, NanoparticleMixture
-from nanoseg.datasets import make_phantom
 
 
 @pytest.fixture(scope="module")
-def image():
-    return make_phantom((6, 64, 64), n_particles=10, random_state=4)[0]
-
-
-@pytest.fixture(scope="module")
-def fitted(image):
-    return NanoparticleMixture().fit(image)
+def fitted(volume_6x64x64):
+    return NanoparticleMixture().fit(volume_6x64x64)
 
 
 def float_with(value, shape=(4, 16, 16)):
@@ -76,9 +70,9 @@ def test_lazy_input_of_wrong_dtype_is_rejected_before_reading():
         NanoparticleMixture().fit(da.zeros((4, 16, 16), dtype=np.int32))
 
 
-def test_no_background_left_is_explained(image):
+def test_no_background_left_is_explained(volume_6x64x64):
     with pytest.raises(ValueError, match="No background voxels"):
-        NanoparticleMixture(percentile_low=1, min_seed_size=1, halo_pad=200).fit(image)
+        NanoparticleMixture(percentile_low=1, min_seed_size=1, halo_pad=200).fit(volume_6x64x64)
 
 
 @pytest.mark.parametrize(
@@ -88,24 +82,24 @@ def test_no_background_left_is_explained(image):
         ([np.zeros((6, 64, 64), dtype=bool)], "masks must have exactly the shape|shape"),
     ],
 )
-def test_mask_shape_must_match_volume(image, y, message):
+def test_mask_shape_must_match_volume(volume_6x64x64, y, message):
     with pytest.raises(ValueError, match=message):
-        NanoparticleMixture().fit(image, y)
+        NanoparticleMixture().fit(volume_6x64x64, y)
 
 
-def test_labeler_accepts_full_resolution_masks_of_a_coarser_posterior(image):
+def test_labeler_accepts_full_resolution_masks_of_a_coarser_posterior(volume_6x64x64):
     # After a downsampling smoother the posterior is coarser than the annotations.
-    posterior = image[:, ::4, ::4].astype(np.float32) / 255
+    posterior = volume_6x64x64[:, ::4, ::4].astype(np.float32) / 255
     labeler = NanoparticleLabeler()
-    assert labeler.fit(posterior, np.zeros(image.shape, bool)) is labeler
+    assert labeler.fit(posterior, np.zeros(volume_6x64x64.shape, bool)) is labeler
     with pytest.raises(ValueError, match="y has 1 masks but X has 2 crops"):
         labeler.fit([posterior[0], posterior[1]], [np.zeros((64, 64), bool)])
     with pytest.raises(ValueError, match="shape"):
         labeler.fit(posterior, np.zeros((64, 64), bool))
 
 
-def test_mask_list_must_match_crops(image):
-    crops = [image[0], image[1, :32]]
+def test_mask_list_must_match_crops(volume_6x64x64):
+    crops = [volume_6x64x64[0], volume_6x64x64[1, :32]]
     with pytest.raises(ValueError, match="y has 1 masks but X has 2 crops"):
         NanoparticleMixture().fit(crops, [np.zeros((64, 64), bool)])
     with pytest.raises(ValueError, match=r"y\[1\] has shape \(64, 64\).*\(32, 64\)"):
@@ -148,26 +142,26 @@ def test_lazy_posterior_with_nan_is_caught_while_labelling():
         NanoparticleLabeler().transform(z)
 
 
-def test_inputs_are_never_modified(image):
+def test_inputs_are_never_modified(volume_6x64x64):
     store = zarr.storage.MemoryStore()
-    z = zarr.create_array(store=store, shape=image.shape, chunks=(2, 32, 32), dtype="uint8")
-    z[...] = image
+    z = zarr.create_array(store=store, shape=volume_6x64x64.shape, chunks=(2, 32, 32), dtype="uint8")
+    z[...] = volume_6x64x64
     before = {k: bytes(v.to_bytes()) for k, v in store._store_dict.items()}
-    numpy_copy = image.copy()
+    numpy_copy = volume_6x64x64.copy()
     mixture = NanoparticleMixture().fit(z)
     NanoparticleLabeler().transform(mixture.transform(z)).compute()
-    posterior = mixture.fit(image).transform(image)
+    posterior = mixture.fit(volume_6x64x64).transform(volume_6x64x64)
     posterior_copy = posterior.copy()
     NanoparticleLabeler().transform(posterior)
     after = {k: bytes(v.to_bytes()) for k, v in store._store_dict.items()}
     assert before == after
-    np.testing.assert_array_equal(image, numpy_copy)
+    np.testing.assert_array_equal(volume_6x64x64, numpy_copy)
     np.testing.assert_array_equal(posterior, posterior_copy)
 
 
-def test_read_only_and_non_contiguous_arrays_work(image):
-    view = image[:, ::2, ::-1]
-    frozen = np.array(image)
+def test_read_only_and_non_contiguous_arrays_work(volume_6x64x64):
+    view = volume_6x64x64[:, ::2, ::-1]
+    frozen = np.array(volume_6x64x64)
     frozen.flags.writeable = False
     expected = NanoparticleMixture().fit(np.ascontiguousarray(view)).transform(np.ascontiguousarray(view))
     np.testing.assert_array_equal(NanoparticleMixture().fit(view).transform(view), expected)

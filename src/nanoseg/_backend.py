@@ -1,7 +1,7 @@
 """Array backends for the per-slice kernels: NumPy/SciPy on the CPU, CuPy on a GPU.
 
 A backend pairs an array namespace (``xp``) with its ``ndimage`` module
-(``ndi``). Kernels in :mod:`nanoseg._kernels` are written once against these
+(``ndi``). Kernels in :mod:`nanoseg._ops` are written once against these
 two names, plus the few operations whose spelling differs between the two
 libraries (copies between host and device, scatter-add, streams).
 
@@ -21,7 +21,6 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -32,7 +31,7 @@ logger = logging.getLogger("nanoseg")
 DEVICES = ("auto", "cpu", "cuda")
 
 #: Set to False to run the generic CuPy code instead of the hand-written CUDA
-#: kernels (the GPU tests compare both with the CPU).
+#: kernels of :mod:`nanoseg._ops` (the GPU tests compare both with the CPU).
 FAST_KERNELS = True
 
 INSTALL_HINT = (
@@ -68,8 +67,6 @@ class Backend:
         ``download(array, out=None)``: a backend array as a NumPy array.
     scatter_add : callable
         ``scatter_add(array, indices, values)``, unbuffered (``numpy.add.at``).
-    fast : object or None
-        Hand-written device kernels (see :class:`CudaKernels`), if any.
     new_stream : callable or None
         Makes a stream, so that threads overlap copies and kernels.
     synchronize : callable
@@ -82,7 +79,6 @@ class Backend:
     array_type: type = np.ndarray
     download: Callable = _host_copy
     scatter_add: Callable = np.add.at
-    fast: Any = None
     new_stream: Callable | None = None
     synchronize: Callable = lambda: None
 
@@ -127,65 +123,6 @@ _THREAD_STATE = threading.local()
 CPU = Backend(name="cpu", xp=np, ndi=ndi)
 
 
-# -- CUDA kernels ------------------------------------------------------------
-_HISTOGRAM_SOURCE = r"""
-extern "C" __global__
-void plane_histograms(const unsigned char* values, const bool* mask, const int use_mask,
-                      const long long plane_size, unsigned long long* out)
-{
-    // One 256-bin histogram per plane (blockIdx.y); each block counts its
-    // share of the plane in shared memory, then adds it to the plane's row.
-    __shared__ unsigned int counts[256];
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) counts[b] = 0;
-    __syncthreads();
-    const long long base = (long long)blockIdx.y * plane_size;
-    const long long step = (long long)gridDim.x * blockDim.x;
-    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < plane_size; k += step) {
-        if (!use_mask || mask[base + k]) atomicAdd(&counts[values[base + k]], 1u);
-    }
-    __syncthreads();
-    for (int b = threadIdx.x; b < 256; b += blockDim.x) {
-        if (counts[b]) atomicAdd(&out[(long long)blockIdx.y * 256 + b], (unsigned long long)counts[b]);
-    }
-}
-"""
-
-
-class CudaKernels:
-    """Hand-written CUDA kernels where CuPy's generic ones are slow.
-
-    ``cupy.bincount`` adds every voxel to one of a few hundred counters in
-    global memory (and synchronises to size its output); counting in shared
-    memory per block and merging once per block is much faster and queues
-    without a synchronisation.
-    """
-
-    THREADS = 256
-    MAX_PLANES = 65535  # the grid's y dimension
-
-    def __init__(self, cupy):
-        self.cupy = cupy
-        self._histograms = cupy.RawKernel(_HISTOGRAM_SOURCE, "plane_histograms")
-
-    def plane_histograms(self, values, mask=None):
-        """(n, 256) int64 counts of each plane of a (n, ...) uint8 array, within `mask`."""
-        cp = self.cupy
-        n = values.shape[0]
-        planes = cp.ascontiguousarray(values).reshape(n, -1)
-        plane_size = planes.shape[1]
-        masks = planes if mask is None else cp.ascontiguousarray(mask, dtype=bool).reshape(n, -1)
-        out = cp.zeros((n, 256), dtype=cp.uint64)
-        blocks = max(1, min(1024, -(-plane_size // (self.THREADS * 16))))
-        for first in range(0, n, self.MAX_PLANES):
-            last = min(n, first + self.MAX_PLANES)
-            self._histograms(
-                (blocks, last - first),
-                (self.THREADS,),
-                (planes[first:last], masks[first:last], np.int32(mask is not None), np.int64(plane_size), out[first:last]),
-            )
-        return out.view(cp.int64)
-
-
 # -- loading a GPU backend ----------------------------------------------------
 _GPU = None
 _GPU_LOCK = threading.Lock()
@@ -224,7 +161,6 @@ def _load_gpu():
         array_type=cupy.ndarray,
         download=_cupy_download,
         scatter_add=cupyx.scatter_add,
-        fast=CudaKernels(cupy),
         # Blocking streams: they overlap one another but stay ordered with
         # the default stream, on which callers' own CuPy work runs.
         new_stream=cupy.cuda.Stream,

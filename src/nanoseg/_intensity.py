@@ -214,11 +214,12 @@ class Binning:
 
         An identity binning returns a uint8 slab unchanged (not a copy).
         """
+        from ._backend import CPU
+        from ._ops.lookup import to_bins
+
         slab = np.asarray(slab)
-        dtype = check_intensity_dtype(slab.dtype)
-        if dtype == np.uint8 and self.is_identity:
-            return slab
-        return np.take(self.table(dtype), slab)
+        check_intensity_dtype(slab.dtype)
+        return to_bins(CPU, slab, self)
 
 
 @lru_cache(maxsize=16)

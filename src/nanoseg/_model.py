@@ -17,6 +17,22 @@ import numpy as np
 N_BINS = 256
 
 
+# With polarity="dark" the model sees intensities 255 - v: a histogram (or
+# PMF, or table) indexed by raw intensity is reversed to enter model space and
+# reversed again to leave it. Copies keep the arrays contiguous, so sums over
+# model space run exactly as they would for the bright model.
+def mirror(array, dark):
+    """`array` (indexed by intensity along its last axis) in model space, and back."""
+    if dark:
+        return np.ascontiguousarray(np.asarray(array)[..., ::-1])
+    return array
+
+
+def mirror_level(level, dark):
+    """An intensity level in model space, and back."""
+    return 255 - level if dark else level
+
+
 def normalize_pmf(hist, eps):
     """Turn counts into a PMF with every bin floored at `eps`.
 

@@ -27,7 +27,7 @@ from sklearn.base import clone
 __all__ = ["CLASSES", "from_plain", "to_plain", "unsupported"]
 
 # Classes whose fitted state this module converts, under the stable names of
-# the model-file registry (nanoseg.persistence._REGISTRY adds them all).
+# the model-file registry (nanoseg._schemas.SCHEMAS adds them all).
 CLASSES = {
     "DecisionTreeClassifier": "sklearn.tree:DecisionTreeClassifier",
     "ExtraTreeClassifier": "sklearn.tree:ExtraTreeClassifier",

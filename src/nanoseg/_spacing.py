@@ -3,13 +3,16 @@
 nanoseg states every voxel size in nanometres: (z, y, x) for a volume, (y, x)
 for a 2D image. Readers convert the units files store to nanometres with
 :func:`unit_to_nm`; :func:`check_spacing` validates a size given by the user
-and warns when it is probably in another unit.
+-- the one rule every function and estimator taking a `spacing` applies -- and
+warns when it is probably in another unit.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
+from collections.abc import Mapping, Set
 
 # Length units to nanometres. Keys are lower case with the micro sign and
 # the Greek mu spelled "u"; they cover ImageJ ("micron"), OME-XML ("µm") and
@@ -36,45 +39,141 @@ def unit_to_nm(unit):
     return _NANOMETRES_PER_UNIT.get(key)
 
 
-def check_spacing(spacing, name="spacing", *, ndim=3):
+def check_spacing(
+    spacing, name="spacing", *, ndim=3, drop_z=False, allow_none=False, allow_scalar=False, warn=True
+):
     """Return `spacing` as a tuple of positive finite floats, one per axis.
+
+    This is nanoseg's one rule for a voxel size given by the user: the
+    readers, writers, estimators and functions that take a `spacing` all
+    check it here, differing only in the options below.
 
     Parameters
     ----------
-    spacing : sequence of float
-        Voxel size (z, y, x) in nanometres, or pixel size (y, x) of a 2D
-        image.
+    spacing : sequence of float, float or None
+        Voxel size (z, y, x) of a volume, or pixel size (y, x) of a 2D image.
+        Each value must be a real number (not a bool), finite and above 0.
     name : str, default="spacing"
         How messages call it.
     ndim : {3, 2, None}, default=3
-        The number of values required; None accepts 3 or 2.
+        The number of axes, hence of values returned; None accepts 3 or 2
+        values (the image's dimensionality is not known yet) and cannot be
+        combined with `drop_z`, `allow_none` or `allow_scalar`.
+    drop_z : bool, default=False
+        With ``ndim=2``, also accept three values (z, y, x) and drop z, so
+        that a 2D image may keep a volume's spacing. z is checked all the
+        same.
+    allow_none : bool, default=False
+        Accept None, meaning 1 along every axis (sizes in voxels).
+    allow_scalar : bool, default=False
+        Accept a single number, the same size along every axis.
+    warn : bool, default=True
+        The values are in nanometres: say so in messages and warn when one
+        is implausible (see :func:`warn_unlikely_spacing`). With False the
+        unit is the caller's (only ratios or products matter) and nothing
+        is warned.
 
     Returns
     -------
     spacing : tuple of float
+        `ndim` values, or as many as given when `ndim` is None.
 
     Raises
     ------
     ValueError
-        Unless `spacing` is `ndim` positive finite numbers.
+        If `spacing` is not of that form. The message names `name`, the
+        number of values and axes expected, and gives an example.
+    TypeError
+        If `ndim` is None together with `drop_z`, `allow_none` or
+        `allow_scalar`.
 
     Warns
     -----
     UserWarning
-        When a size is below 1 nm or above 10 um: probably another unit.
+        With `warn`, when a size is below 1 nm or above 10 um: probably
+        another unit.
+
+    Examples
+    --------
+    >>> from nanoseg._spacing import check_spacing
+    >>> check_spacing((50, 10, 10))
+    (50.0, 10.0, 10.0)
+    >>> check_spacing((50, 10, 10), ndim=2, drop_z=True)
+    (10.0, 10.0)
+    >>> check_spacing(None, ndim=2, allow_none=True)
+    (1.0, 1.0)
+    >>> check_spacing(5, allow_scalar=True, warn=False)
+    (5.0, 5.0, 5.0)
+    >>> check_spacing((0, 10), ndim=2, warn=False)
+    Traceback (most recent call last):
+        ...
+    ValueError: spacing must give the pixel size along each of the 2 axes (y, x) as positive finite numbers (e.g. (10, 10)); got (0, 10).
     """
-    try:
-        values = tuple(float(v) for v in spacing)
-    except (TypeError, ValueError):
-        values = ()
-    counts = (2, 3) if ndim is None else (ndim,)
-    if len(values) not in counts or not all(math.isfinite(v) and v > 0 for v in values):
-        three = "three positive numbers, the voxel size along z, y and x in nanometres (e.g. (50, 10, 10))"
-        two = "two positive numbers, the pixel size along y and x in nanometres (e.g. (10, 10))"
-        wanted = {(3,): three, (2,): two, (2, 3): f"{three}, or {two.replace(' positive numbers', '')} for a 2D image"}
-        raise ValueError(f"{name} must be {wanted[counts]}; got {spacing!r}.")
-    warn_unlikely_spacing(values, name)
+    if ndim not in (2, 3, None):
+        raise ValueError(f"ndim must be 2, 3 or None; got {ndim!r}.")
+    if ndim is None and (drop_z or allow_none or allow_scalar):
+        raise TypeError("check_spacing needs ndim (2 or 3) with drop_z, allow_none or allow_scalar.")
+    if spacing is None and allow_none:
+        return (1.0,) * ndim
+    if allow_scalar and _is_number(spacing):
+        values = _positive_floats((spacing,))
+        values = None if values is None else values * ndim
+    elif isinstance(spacing, str | bytes | Set | Mapping):
+        values = None
+    else:
+        try:
+            values = _positive_floats(tuple(spacing))
+        except TypeError:
+            values = None
+    counts = (2, 3) if ndim is None else (ndim, 3) if drop_z and ndim == 2 else (ndim,)
+    if values is None or len(values) not in counts:
+        raise ValueError(_message(spacing, name, ndim, drop_z, allow_none, allow_scalar, warn))
+    if ndim is not None and len(values) > ndim:
+        values = values[-ndim:]
+    if warn:
+        warn_unlikely_spacing(values, name)
     return values
+
+
+def _is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _positive_floats(values):
+    """`values` as floats if all are real, finite and positive, else None."""
+    if not all(_is_number(v) for v in values):
+        return None
+    try:
+        floats = tuple(float(v) for v in values)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return floats if all(math.isfinite(v) and v > 0 for v in floats) else None
+
+
+_AXES = {3: ("three", "voxel size", "z, y and x", "(z, y, x)", "(50, 10, 10)"),
+         2: ("two", "pixel size", "y and x", "(y, x)", "(10, 10)")}
+
+
+def _wanted(count, nm):
+    """What `count` values must be: in nanometres, or in any unit."""
+    word, size, along, axes, example = _AXES[count]
+    if nm:
+        return f"be {word} positive numbers, the {size} along {along} in nanometres (e.g. {example})"
+    return f"give the {size} along each of the {count} axes {axes} as positive finite numbers (e.g. {example})"
+
+
+def _message(spacing, name, ndim, drop_z, allow_none, allow_scalar, nm):
+    if ndim is None:
+        wanted = f"{_wanted(3, nm)}, or {_wanted(2, nm)} for a 2D image"
+    else:
+        wanted = _wanted(ndim, nm)
+    if drop_z and ndim == 2:
+        wanted += ", or three such values (z, y, x), of which z is then ignored"
+    if allow_scalar:
+        wanted += ", or one number for every axis"
+    if allow_none:
+        wanted += ", or None for 1 along every axis"
+    return f"{name} must {wanted}; got {spacing!r}."
 
 
 #: Voxel sizes outside this range (nm) are almost surely in another unit.

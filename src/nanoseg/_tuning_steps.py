@@ -22,8 +22,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._base import VolumeEstimatorMixin, map_volumes
 from ._model import EMCollapseError
-from ._volume import as_volumes, check_targets, is_lazy
-from .mixture import NanoparticleMixture, check_beta_prior
+from ._validation import check_beta_prior, check_targets
+from ._volume import as_volumes, is_lazy
+from .mixture import NanoparticleMixture
 
 __all__ = ["PerVolume", "PrefitMixture"]
 

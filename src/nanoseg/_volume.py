@@ -16,34 +16,13 @@ Conventions
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
 
-from . import _backend
-
-#: Default target bytes of working memory per slab (the estimators'
-#: ``memory_budget=None``). Slabs hold whole planes and are aligned to the
-#: input's chunks along Z; a single chunk deeper than the budget is still read
-#: whole, so memory is bounded by max(slab, chunk).
-SLAB_BYTES = 128 * 2**20
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_bytes(value):
-    """Bytes from an int or a string such as ``"512MiB"`` or ``"2 GB"``; None stays None."""
-    if value is None or isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return None if value is None else int(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).upper() not in _UNITS:
-        raise ValueError(
-            f"memory_budget must be a number of bytes or a string like '512MiB' or '2GB'; got {value!r}."
-        )
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+from . import _backend, _plan
 
 
 def _dask_array_type():
@@ -115,7 +94,7 @@ class Volume:
         allows, and never less than one chunk, so that each chunk is decoded
         once per pass.
         """
-        budget = SLAB_BYTES if budget is None else budget
+        budget = _plan.SLAB_BYTES if budget is None else budget
         n_slices, n_rows, n_cols = self.shape
         depth = max(1, int(budget // max(1, n_rows * n_cols * bytes_per_voxel)))
         chunk = self.chunk_depth
@@ -290,48 +269,3 @@ def as_volumes(X, *, name="X"):
         volumes = [as_volume(x, name=f"{name}[{i}]") for i, x in enumerate(X)]
         return volumes, True
     return [as_volume(X, name=name)], False
-
-
-def check_finite(data, name):
-    """Raise ValueError if a float array (NumPy or CuPy) holds NaN or infinite values."""
-    if data.dtype.kind == "f" and not bool(np.isfinite(data).all()):
-        n_bad = int((~np.isfinite(data)).sum())
-        raise ValueError(
-            f"{name} contains {n_bad} NaN or infinite value(s); replace them (e.g. with "
-            "numpy.nan_to_num) before calling nanoseg."
-        )
-
-
-def check_targets(y, volumes, is_list, *, name="y", same_shape=True):
-    """Check that annotation masks `y` match the volumes they annotate.
-
-    With ``same_shape=False`` only their number and dimensionality are
-    checked: a step that follows a downsampling one sees coarser arrays than
-    the full-resolution annotations.
-    """
-    if y is None:
-        return
-    if is_list:
-        if not is_volume_list(y):
-            raise ValueError(
-                f"X is a list of {len(volumes)} crops, so {name} must be a list of as many "
-                f"masks; got {type(y).__name__}."
-            )
-        if len(y) != len(volumes):
-            raise ValueError(
-                f"{name} has {len(y)} masks but X has {len(volumes)} crops; pass one mask per crop."
-            )
-        pairs = zip(y, volumes)
-    else:
-        pairs = [(y, volumes[0])]
-    for i, (mask, volume) in enumerate(pairs):
-        shape = tuple(int(s) for s in getattr(mask, "shape", np.shape(mask)))
-        expected = tuple(int(s) for s in volume.array.shape)
-        if not same_shape and len(shape) == len(expected):
-            continue
-        if shape != expected:
-            where = f"{name}[{i}]" if is_list else name
-            raise ValueError(
-                f"{where} has shape {shape} but the volume it annotates has shape {expected}; "
-                "masks must have exactly the shape of their images."
-            )

@@ -11,12 +11,12 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from . import _kernels
 from ._backend import CPU
 from ._base import VolumeEstimatorMixin, map_volumes
 from ._model import N_BINS
-from ._volume import as_volumes, check_targets
-from .mixture import check_intensity_volume
+from ._ops.histogram import histogram as _histogram
+from ._validation import check_intensity_volume, check_targets
+from ._volume import as_volumes
 
 __all__ = ["GlobalThreshold"]
 
@@ -202,7 +202,7 @@ class GlobalThreshold(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
         self._validate_params()
         volumes, arrays, is_list = self._intensity_arrays(X)
         check_targets(y, volumes, is_list)
-        histogram = sum(_kernels.histogram(CPU, array) for array in arrays)
+        histogram = sum(_histogram(CPU, array) for array in arrays)
         present = np.flatnonzero(histogram)
 
         if self.method in ("otsu", "li", "multiotsu"):
@@ -233,7 +233,7 @@ class GlobalThreshold(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
             maxima = np.zeros(N_BINS, dtype=np.int64)
             for array in arrays:
                 for image in array.reshape((-1, *array.shape[-2:])):
-                    maxima += _kernels.histogram(CPU, _tile_maxima(image, self.tile_size))
+                    maxima += _histogram(CPU, _tile_maxima(image, self.tile_size))
             mode = int(np.argmax(maxima))
             threshold = min(255, math.floor(self.tile_factor * mode + 0.5))
 

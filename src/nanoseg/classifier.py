@@ -11,25 +11,26 @@ from sklearn.utils import metadata_routing
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from . import _annotations
+from . import _annotations, _plan
 from ._backend import DEVICES
 from ._base import VolumeEstimatorMixin, map_volumes
 from ._engine.classify import (
     BLOCK_BYTES_PER_VOXEL,
     BLOCK_SIDE,
-    PriorTables,
-    axis_chunks,
     Normaliser,
+    PriorTables,
     SlabClassifier,
+    axis_chunks,
     classify_in_memory,
     classify_lazy,
     histogram,
     robust_location_scale,
 )
+from ._engine.fit import fitted_binning
 from ._ops.filters import FEATURES, FeatureSpec, check_features, support, voxel_sigmas
-from ._parallel import effective_n_jobs, slab_budget
-from . import _volume
-from ._volume import as_volumes, is_lazy, is_volume_list, parse_bytes
+from ._plan import effective_n_jobs, slab_budget
+from ._validation import check_intensity_volume, check_memory_budget
+from ._volume import as_volumes, is_lazy, is_volume_list
 
 __all__ = ["NanoparticleClassifier"]
 
@@ -125,8 +126,9 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         Working memory for the slabs in flight (bytes, or a string such as
         ``"512MiB"``); None means 128 MiB per job.
     n_jobs : int, default=None
-        Threads working on slabs (and training the default forest). None or
-        -1 means one per CPU.
+        Threads working on slabs (and training the default forest). None
+        takes the ``n_jobs`` of an enclosing :func:`joblib.parallel_config`,
+        or else one per CPU; -1 means one per CPU, -2 all but one, and so on.
     device : {"cpu", "cuda", "auto"}, default="cpu"
         Where the features are computed ("cuda" through CuPy); the
         classifier itself runs on the CPU. Features match the CPU's within
@@ -247,7 +249,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
     # -- parameters ----------------------------------------------------------
     def _check_params(self):
         self._validate_params()
-        parse_bytes(self.memory_budget)
+        check_memory_budget(self.memory_budget)
         check_features(self.features)
         if self.spacing is not None:
             spacing = np.asarray(self.spacing, dtype=float)
@@ -279,7 +281,6 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         return (0, *margin[1:]) if is_2d else margin
 
     def _volumes(self, X):
-        from .mixture import check_intensity_volume
 
         volumes, is_list = as_volumes(X)
         for volume in volumes:
@@ -313,7 +314,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
                 stacklevel=3,
             )
             return PriorTables(np.zeros((volume.shape[0], 256), dtype=np.float32))
-        binning = model._fitted_binning()
+        binning = fitted_binning(model)
         return PriorTables(luts, None if binning.is_identity and volume.dtype == np.uint8 else binning)
 
     def _slab_classifier(self, volume, estimator=None, is_2d=None):
@@ -342,7 +343,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         halo = tuple(r + m for r, m in zip(support(spec), self._margin(volume.is_2d)))
         n_planes, n_rows, n_cols = volume.shape
         rows, cols = min(BLOCK_SIDE, n_rows), min(BLOCK_SIDE, n_cols)
-        budget = slab_budget(self.memory_budget, self.n_jobs) or _volume.SLAB_BYTES
+        budget = slab_budget(self.memory_budget, effective_n_jobs(self.n_jobs)) or _plan.SLAB_BYTES
         # The output's chunks are whole planes deep for the labeler, whose
         # slabs hold whole planes: size the depth by whole planes too.
         plane = n_rows * n_cols * BLOCK_BYTES_PER_VOXEL

@@ -32,6 +32,8 @@ import warnings
 import numpy as np
 from scipy import ndimage as ndi
 
+from ._spacing import check_spacing
+
 __all__ = ["make_phantom", "make_crops"]
 
 # Background model, in grey levels.
@@ -129,24 +131,6 @@ def _check_radius(radius):
     if rmin > rmax:
         raise ValueError(f"radius must be a (min, max) pair with min <= max, got {radius!r}")
     return rmin, rmax
-
-
-def _check_spacing(spacing, ndim):
-    try:
-        values = tuple(spacing)
-    except TypeError:
-        raise ValueError(f"spacing must be a sequence of {ndim} positive numbers, got {spacing!r}") from None
-    # A 2D image may keep the default 3-element (Z, Y, X) spacing: z is ignored.
-    if ndim == 2 and len(values) == 3:
-        values = values[1:]
-    if len(values) != ndim:
-        raise ValueError(f"spacing must have one entry per axis ({ndim}), got {spacing!r}")
-    out = []
-    for v in values:
-        if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Real) or not (np.isfinite(v) and v > 0):
-            raise ValueError(f"spacing must contain positive finite numbers, got {spacing!r}")
-        out.append(float(v))
-    return tuple(out)
 
 
 # ---------------------------------------------------------------------------
@@ -393,8 +377,8 @@ def make_phantom(
     spacing : sequence of float, optional
         Voxel size along each axis (``(Z, Y, X)``; nm, or any unit used
         consistently). For a 2D ``shape`` either 2 values or the default 3
-        (the first is then ignored). Also sets the physical scale of the
-        background texture.
+        (the first, z, is then ignored but must be valid too). Also sets the
+        physical scale of the background texture.
     drift : float, optional
         Slice-to-slice brightness drift: each slice gets an additive offset
         following a Gaussian random walk along ``z`` with steps of standard
@@ -460,7 +444,7 @@ def make_phantom(
     n_particles = int(n_particles)
     cluster_fraction = _check_number(cluster_fraction, "cluster_fraction", low=0.0, high=1.0)
     rmin, rmax = _check_radius(radius)
-    spacing = _check_spacing(spacing, ndim)
+    spacing = check_spacing(spacing, ndim=ndim, drop_z=True, warn=False)
     drift = _check_number(drift, "drift")
     noise = _check_number(noise, "noise")
     rng = _check_rng(random_state)

@@ -9,9 +9,10 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._backend import CPU, DEVICES
 from ._base import VolumeEstimatorMixin, map_volumes
-from ._labeling import LABEL_BYTES_PER_VOXEL, SlabLabeler, check_probabilities
-from ._parallel import device_n_jobs, slab_budget
-from ._volume import as_volumes, check_targets, is_lazy, parse_bytes
+from ._engine.labeling import SlabLabeler
+from ._plan import LABEL_BYTES_PER_VOXEL, device_n_jobs, slab_budget
+from ._validation import check_memory_budget, check_probabilities, check_targets
+from ._volume import as_volumes, is_lazy
 
 __all__ = ["NanoparticleLabeler"]
 
@@ -47,8 +48,9 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         means 128 MiB per job). A slab is never thinner than one input chunk,
         and one of dense foreground (above 2 %) needs about twice its share.
     n_jobs : int, default=None
-        Threads labelling slabs at once. None or -1 means one per CPU; -2
-        all but one, and so on.
+        Threads labelling slabs at once. None takes the ``n_jobs`` of an
+        enclosing :func:`joblib.parallel_config`, or else one per CPU; -1
+        means one per CPU, -2 all but one, and so on.
     device : {"cpu", "cuda", "auto"}, default="cpu"
         Where slabs are closed and labelled. "cuda" uses a CUDA GPU through
         CuPy (``pip install "nanoseg[gpu]"``) and raises
@@ -73,6 +75,14 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     at once. For zarr and dask inputs one pass runs during `transform`, and
     the labels come back as a lazy dask array whose slabs are recomputed from
     the input when computed; memory stays bounded by the slab size.
+
+    A boolean mask is used as is (`threshold` does not apply). It is how the
+    mixture hands over without a float posterior in between:
+    ``NanoparticleMixture.predict(X, threshold=t)`` looks each voxel up in
+    boolean per-slice tables (one byte a voxel), and labelling that mask
+    gives the labels of the posterior at threshold ``t``. A float posterior
+    from a zarr or dask input is thresholded inside its own dask graph, one
+    chunk at a time.
 
     Labels are uint32 (uint64 beyond 2**32 - 1 particles).
 
@@ -134,7 +144,7 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
 
     def _posterior_volumes(self, X):
         self._validate_params()
-        parse_bytes(self.memory_budget)
+        check_memory_budget(self.memory_budget)
         volumes, is_list = as_volumes(X)
         for volume in volumes:
             name = volume.name
@@ -198,14 +208,15 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         return map_volumes(lambda volume: self._label(volume, backend), volumes, is_list)
 
     def _label(self, volume, backend=CPU):
+        n_jobs = device_n_jobs(self.n_jobs, backend, on_device=volume.kind == "cupy")
         labeler = SlabLabeler(
             volume,
             threshold=float(self.threshold),
             radius=int(self.radius),
             connectivity=int(self.connectivity),
             min_size=int(self.min_size),
-            budget=slab_budget(self.memory_budget, self.n_jobs),
-            n_jobs=device_n_jobs(self.n_jobs, backend, on_device=volume.kind == "cupy"),
+            budget=slab_budget(self.memory_budget, n_jobs),
+            n_jobs=n_jobs,
             device=backend.name,
         )
         if self.verbose:

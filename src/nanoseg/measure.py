@@ -15,8 +15,6 @@ whole volume had been in memory.
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -24,7 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ._volume import as_volume, is_volume_list, parse_bytes
+from ._spacing import check_spacing
+from ._validation import check_memory_budget
+from ._volume import as_volume, is_volume_list
 
 __all__ = ["particle_table", "write_table"]
 
@@ -43,27 +43,6 @@ _AXES = ("z", "y", "x")
 # ---------------------------------------------------------------------------
 # input checking
 # ---------------------------------------------------------------------------
-
-
-def _check_spacing(spacing, ndim):
-    """Spacing as a tuple of `ndim` positive finite floats (None: all 1)."""
-    if spacing is None:
-        return (1.0,) * ndim
-    try:
-        values = tuple(spacing)
-    except TypeError:
-        values = None
-    ok = values is not None and len(values) == ndim and all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) and math.isfinite(v) and v > 0
-        for v in values
-    )
-    if not ok:
-        axes = "(z, y, x)" if ndim == 3 else "(y, x)"
-        raise ValueError(
-            f"spacing must give the voxel size along each of the {ndim} axes {axes} as positive "
-            f"finite numbers, for example {(50.0, 10.0, 10.0)[-ndim:]}; got {spacing!r}."
-        )
-    return tuple(float(v) for v in values)
 
 
 def _check_labels(labels):
@@ -400,8 +379,8 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
     """
     volume = _check_labels(labels)
     ndim = 2 if volume.is_2d else 3
-    spacing = _check_spacing(spacing, ndim)
-    budget = parse_bytes(memory_budget)
+    spacing = check_spacing(spacing, ndim=ndim, allow_none=True, warn=False)
+    budget = check_memory_budget(memory_budget)
     companions = {
         name: v
         for name, v in (

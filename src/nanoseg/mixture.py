@@ -1,149 +1,42 @@
-"""The empirical-Bayes intensity mixture: background vs nanoparticle."""
+"""The empirical-Bayes intensity mixture: background vs nanoparticle.
+
+The estimator holds the hyper-parameters, validates input and hands the work
+to :mod:`nanoseg._engine.fit` (histogram passes and EM) and
+:mod:`nanoseg._engine.posterior` (per-slice lookup tables, in memory, on a
+GPU or as a lazy dask graph).
+"""
 
 from __future__ import annotations
 
-import functools
-import warnings
 from numbers import Integral, Real
 
 import numpy as np
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.exceptions import ConvergenceWarning
+from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils import metadata_routing
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
-from tqdm import tqdm
 
-from . import _kernels, _model
-from ._backend import CPU as CPU_BACKEND
-from ._backend import DEVICES, get_backend, to_numpy
+from . import _model
+from ._backend import DEVICES
 from ._base import VolumeEstimatorMixin, map_volumes
+from ._engine import fit as _fit_engine
+from ._engine import posterior as _posterior
+from ._engine.fit import DegenerateFitWarning
 from ._intensity import MODES as BINNING_MODES
-from ._intensity import Binning, check_intensity_dtype, choose_binning
-from ._parallel import device_n_jobs, ordered_map, slab_budget
-from ._volume import as_volumes, check_finite, check_targets, is_lazy, parse_bytes
+from ._plan import device_n_jobs
+from ._validation import (
+    check_beta_prior,
+    check_intensity_range,
+    check_intensity_volume,
+    check_memory_budget,
+    check_targets,
+)
+from ._volume import as_volumes
 
 __all__ = ["DegenerateFitWarning", "NanoparticleMixture"]
 
-# Working bytes per voxel for the histogram passes (the uint8 slab plus the
-# background kernel's boolean masks) and for the in-memory posterior
-# (the uint8 slab and its float32 output). A slab that is mapped to bins
-# first (16-bit data) adds its raw voxels: see _mapping_bytes.
-_HISTOGRAM_BYTES_PER_VOXEL = 4
-_POSTERIOR_BYTES_PER_VOXEL = 5
-
-#: The binning of 8-bit data under binning="auto": every value is its own bin.
-_IDENTITY = Binning("range", 0, 255)
-_UINT16_MAX = 2**16 - 1
-# Above this fraction of voxels at or beyond the seed percentile, the data is
-# treated as saturated (see NanoparticleMixture._check_not_saturated).
-_SATURATED_FRACTION = 0.5
-
-
-def check_beta_prior(beta_prior):
-    """Validate a Beta prior ``(a, b)`` and return it as a tuple of floats."""
-    try:
-        values = tuple(float(v) for v in beta_prior)
-    except (TypeError, ValueError):
-        values = ()
-    if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
-        raise ValueError(
-            "beta_prior must be a pair (a, b) of finite numbers > 0, the shape parameters "
-            f"of the Beta prior on each slice's particle fraction; got {beta_prior!r}."
-        )
-    return values
-
-
-class DegenerateFitWarning(UserWarning):
-    """The fitted particle component is empty or collapsed: the model will find no particles."""
-
-
-def _refuse_colour(volume):
-    """Raise for an (Y, X, 3) or (Y, X, 4) array: an RGB(A) image, not a 3-slice volume."""
-    shape = volume.shape
-    if not volume.is_2d and shape[-1] in (3, 4) and min(shape[0], shape[1]) > shape[-1]:
-        raise ValueError(
-            f"{volume.name} has shape {tuple(shape)}: it looks like an RGB{'A' if shape[-1] == 4 else ''} "
-            "image (Y, X, channels), not a volume of planes. nanoseg needs one intensity channel: "
-            f"convert it, e.g. skimage.util.img_as_ubyte(skimage.color.rgb2gray({volume.name}"
-            f"{'[..., :3]' if shape[-1] == 4 else ''})), or take one channel, {volume.name}[..., 0]. "
-            "A real volume of 3 or 4 columns is refused too: transpose it to (Z, Y, X)."
-        )
-
-
-def check_intensity_volume(volume, *, allow_uint16=False):
-    """Raise a clear error unless `volume` holds 8-bit intensities (or 16-bit ones, if allowed).
-
-    Steps that work on 8-bit intensities only keep the default; the mixture,
-    which maps 16-bit data to its 256 bins itself, passes ``allow_uint16=True``.
-    """
-    _refuse_colour(volume)
-    if volume.dtype == np.uint8 or (allow_uint16 and volume.dtype == np.uint16):
-        return
-    if volume.in_memory:
-        check_finite(volume.array, volume.name)
-    if allow_uint16:
-        check_intensity_dtype(volume.dtype, volume.name)
-    if volume.dtype == np.uint16:
-        raise TypeError(
-            f"{volume.name} must hold 8-bit intensities (uint8) for this step; got uint16. "
-            "NanoparticleMixture takes 16-bit data directly (see its binning parameter); for this "
-            "step, map the data to 8 bits with one rule for the whole volume, e.g. "
-            "skimage.exposure.rescale_intensity(X, in_range=(low, high), out_range=np.uint8) "
-            "with the same low and high for every slab."
-        )
-    raise TypeError(
-        f"{volume.name} must hold 8-bit intensities (uint8); got {volume.dtype}. Convert it first, "
-        "e.g. with skimage.util.img_as_ubyte for images scaled to [0, 1], or by rescaling "
-        "your intensity range to 0-255."
-    )
-
-
-def check_intensity_range(intensity_range, binning="auto"):
-    """Validate `intensity_range` for `binning`; return ``(low, high)``, None for a missing bound."""
-    if intensity_range is None:
-        return None, None
-    try:
-        values = tuple(intensity_range)
-    except TypeError:
-        values = ()
-    if len(values) != 2 or not all(
-        v is None or isinstance(v, Integral) and not isinstance(v, (bool, np.bool_)) for v in values
-    ):
-        raise ValueError(
-            "intensity_range must be None or a pair (low, high) of integer intensities, either of "
-            f"which may be None for the observed minimum or maximum; got {intensity_range!r}."
-        )
-    low, high = (None if v is None else int(v) for v in values)
-    for name, value in (("low", low), ("high", high)):
-        if value is not None and not 0 <= value <= _UINT16_MAX:
-            raise ValueError(
-                f"intensity_range: {name} must be an intensity from 0 to {_UINT16_MAX}; got {value}."
-            )
-    if low is not None and high is not None and low > high:
-        raise ValueError(f"intensity_range: low ({low}) must not exceed high ({high}).")
-    if binning == "shift" and low not in (None, 0):
-        raise ValueError(
-            "binning='shift' always starts its first bin at intensity 0, so intensity_range cannot "
-            f"set low={low}: pass (None, high) or (0, high), or use binning='range'."
-        )
-    return low, high
-
-
-def _to_bins(backend, slab, binning):
-    """The bins of a slab of the backend: a uint8 slab under an identity binning as is.
-
-    Any other slab takes one lookup per voxel in the binning's table (64 KiB
-    for uint16), on the device that holds the slab.
-    """
-    if slab.dtype == np.uint8 and binning.is_identity:
-        return slab
-    return backend.to_device(binning.table(slab.dtype))[slab]
-
-
-def _mapping_bytes(volume, maps):
-    """Extra working bytes per voxel when `volume`'s slabs are mapped to bins: the raw slab."""
-    return volume.dtype.itemsize if maps or volume.dtype != np.uint8 else 0
+# Documented (and pickled) as part of this module.
+DegenerateFitWarning.__module__ = __name__
 
 
 class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
@@ -217,8 +110,9 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         a slab is never thinner than one input chunk. None means 128 MiB per
         job.
     n_jobs : int, default=None
-        Threads working on slabs at once. None or -1 means one per CPU; -2
-        all but one, and so on.
+        Threads working on slabs at once. None takes the ``n_jobs`` of an
+        enclosing :func:`joblib.parallel_config`, or else one per CPU; -1
+        means one per CPU, -2 all but one, and so on.
     posterior_dtype : {"float32", "float16"}, default="float32"
         dtype of the posterior. "float16" halves what a stored posterior
         takes; the lookup tables are rounded once to float16 (relative error
@@ -448,8 +342,8 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         self.verbose = verbose
 
     def _check_params(self):
-        self._validate_params()
-        parse_bytes(self.memory_budget)
+        """Checks beyond the parameter constraints (which `fit` validates on entry)."""
+        check_memory_budget(self.memory_budget)
         check_beta_prior(self.beta_prior)
         check_intensity_range(self.intensity_range, self.binning)
         if self.percentile_low != "otsu" and self.percentile_low > self.percentile_high:
@@ -459,33 +353,16 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
                 "background exclusion at the high one."
             )
 
-    def _slab_depth(self, volume, bytes_per_voxel, what):
-        depth = volume.slab_depth(bytes_per_voxel, slab_budget(self.memory_budget, self.n_jobs))
-        if self.verbose:
-            print(volume.describe_plan(depth, bytes_per_voxel, what))
-        return depth
-
     def _intensity_volumes(self, X):
         volumes, is_list = as_volumes(X)
         for volume in volumes:
             check_intensity_volume(volume, allow_uint16=True)
         return volumes, is_list
 
-    # With polarity="dark" the model sees intensities 255 - v: a histogram
-    # (or PMF) indexed by raw intensity is reversed to enter model space and
-    # reversed again to leave it. Copies keep the arrays contiguous, so sums
-    # over model space run exactly as they would for the bright model.
-    def _mirror(self, array):
-        if self.polarity == "dark":
-            return np.ascontiguousarray(np.asarray(array)[..., ::-1])
-        return array
-
-    def _mirror_level(self, level):
-        return 255 - level if self.polarity == "dark" else level
-
     def _n_jobs(self, backend, volume):
         return device_n_jobs(self.n_jobs, backend, on_device=volume.kind == "cupy")
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Learn the background and NP intensity PMFs from `X`.
 
@@ -523,265 +400,12 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         check_targets(y, volumes, is_list)
         backend = self._resolve_backend(volumes)
         n_jobs = min(self._n_jobs(backend, volume) for volume in volumes)
-        dark = self.polarity == "dark"
-        sampled = [np.arange(0, v.shape[0], self.sampling_step) for v in volumes]
-        n_slices = int(sum(s.size for s in sampled))
-        # 16-bit data (and 8-bit data given a binning) is mapped to bins slab by slab.
-        wide = any(volume.dtype == np.uint16 for volume in volumes)
-        maps = wide or not self._keeps_8bit_values()
-        work = [
-            (volume, group)
-            for volume, indices in zip(volumes, sampled)
-            for group in volume.slabs(
-                self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL + _mapping_bytes(volume, maps), "histograms"),
-                indices,
-            )
-        ]
-
-        if wide:
-            # Pass 1 for 16-bit data: the binning must be fixed before any slab
-            # is mapped, so this pass counts every raw value over all sampled
-            # slices (65,536 counters: 512 KiB per thread, whatever the
-            # volume's size). The per-slice histograms of the mapped data are
-            # counted in pass 2, which reads every slab anyway: no extra pass.
-            value_counts = self._value_counts(work, backend, n_jobs, n_slices)
-            binning = self._choose_binning(value_counts)
-            slice_hists = None
-            raw_stack_hist = binning.fold(value_counts)
-        else:
-            # Pass 1: every sampled slice's histogram (kept: 2 KiB a slice), by raw intensity.
-            def histograms(item):
-                volume, group = item
-                with backend.stream():
-                    return backend.to_host(_kernels.slice_histograms(backend, volume.read_slices(group, backend)))
-
-            slice_hists = []
-            with tqdm(total=n_slices, desc="Stack histogram", unit="slice", disable=not self.verbose) as bar:
-                for hists in ordered_map(histograms, work, n_jobs):
-                    slice_hists.append(hists)
-                    bar.update(len(hists))
-            slice_hists = np.concatenate(slice_hists)
-            value_counts = slice_hists.sum(axis=0)
-            if maps:
-                binning = self._choose_binning(value_counts)
-                slice_hists = binning.fold(slice_hists)
-            else:
-                binning = _IDENTITY
-            raw_stack_hist = slice_hists.sum(axis=0)
-        stack_hist = self._mirror(raw_stack_hist)
-        self._check_contrast(raw_stack_hist, value_counts, binning)
-        stack_pmf = _model.normalize_pmf(stack_hist, self.eps)
-        high = _model.percentile_intensity(stack_pmf, self.percentile_high)
-        if self.percentile_low == "otsu":
-            self._check_not_saturated(stack_hist, None, binning)
-            low = _model.otsu_intensity(stack_hist)
-            high = max(high, low)
-        else:
-            low = _model.percentile_intensity(stack_pmf, self.percentile_low)
-            self._check_not_saturated(stack_hist, low, binning)
-
-        # Pass 2: subtract each slice's excluded pixels from its histogram
-        # (for 16-bit data, count each mapped slice's histogram first).
-        firsts = np.cumsum([0] + [len(group) for _, group in work])
-
-        def background(numbered):
-            position, (volume, group) = numbered
-            first = firsts[position]
-            with backend.stream():
-                slab = _to_bins(backend, volume.read_slices(group, backend), binning)
-                if slice_hists is None:
-                    hists = _kernels.slice_histograms(backend, slab)
-                else:
-                    hists = slice_hists[first : first + len(group)]
-                background = _kernels.slab_background_histograms(
-                    backend, slab, low, high,
-                    min_seed_size=self.min_seed_size, halo_pad=self.halo_pad,
-                    hists=hists, dark=dark, halo=self.halo,
-                )
-                counted = backend.to_host(hists) if slice_hists is None else None
-                return backend.to_host(background).sum(axis=0), len(group), counted
-
-        background_hist = np.zeros(_model.N_BINS, dtype=np.int64)
-        counted_hists = []
-        with tqdm(total=n_slices, desc="Background histogram", unit="slice", disable=not self.verbose) as bar:
-            for hist, n, counted in ordered_map(background, enumerate(work), n_jobs):
-                background_hist += hist
-                counted_hists.append(counted)
-                bar.update(n)
-        if slice_hists is None:
-            slice_hists = np.concatenate(counted_hists)
-        if background_hist.sum() == 0:
-            side = "at or below" if dark else "at or above"
-            raise ValueError(
-                "No background voxels are left once particle seeds, their halos and voxels "
-                f"{side} {'intensity' if binning.is_identity else 'bin'} {self._mirror_level(high)} "
-                "are excluded. Lower halo_pad or "
-                "raise percentile_low / percentile_high."
-            )
-        raw_background_hist = background_hist
-        background_hist = self._mirror(background_hist)
-        background_pmf = _model.normalize_pmf(background_hist, self.eps)
-
-        result = _model.fit_particle_pmf(
-            stack_pmf,
-            background_pmf,
-            background_hist.sum() / stack_hist.sum(),
-            low,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            eps=self.eps,
-        )
-        if not result.converged:
-            warnings.warn(
-                f"EM did not converge within max_iter={self.max_iter} updates (last decrease of "
-                f"the negative log-likelihood above tol={self.tol}). Increase max_iter or tol.",
-                ConvergenceWarning,
-                stacklevel=2,
-            )
-
-        self._warn_if_degenerate(result.particle_pmf, low, high, result.background_weight, is_list)
-        particle_pmf = result.particle_pmf
-        if self.monotone_posterior:
-            particle_pmf = _model.monotone_particle_pmf(particle_pmf, background_pmf)
-
-        self.stack_histogram_ = raw_stack_hist
-        self.background_histogram_ = raw_background_hist
-        self.stack_pmf_ = self._mirror(stack_pmf)
-        self.background_pmf_ = self._mirror(background_pmf)
-        self.particle_pmf_ = self._mirror(particle_pmf)
-        self.low_intensity_ = self._mirror_level(low)
-        self.high_intensity_ = self._mirror_level(high)
-        self.background_weight_ = result.background_weight
-        self.neg_log_likelihood_ = result.neg_log_likelihood
-        self.n_iter_ = result.n_iter
-        self.converged_ = result.converged
-        self.n_slices_fit_ = n_slices
-        self.binning_mode_ = binning.mode
-        self.binning_low_ = int(binning.low)
-        self.binning_high_ = int(binning.high)
-        self.binning_shift_ = int(binning.shift)
+        attributes, slice_hists = _fit_engine.fit_mixture(self, volumes, is_list, backend, n_jobs)
+        for name, value in attributes.items():
+            setattr(self, name, value)
         return volumes, is_list, slice_hists
 
-    def _warn_if_degenerate(self, particle_pmf, low, high, background_weight, is_list):
-        """Warn when the particle component is empty, or collapsed to a single intensity
-        because the seed level met the background's exclusion level."""
-        peak = int(np.argmax(particle_pmf))
-        if low >= high and particle_pmf[peak] > 0.99:
-            level = self._mirror_level(peak)
-            cause = (
-                f"the seed level met the background's exclusion level and the particle intensity "
-                f"distribution collapsed onto one {'intensity' if self._keeps_8bit_values() else 'bin'} "
-                f"({level}): the brightest voxels are too few or all alike to describe particles"
-            )
-        elif 1.0 - background_weight < 1e-6:
-            cause = f"the particle component's weight is {1.0 - background_weight:.1e}, i.e. empty"
-        else:
-            return
-        remedy = (
-            "Crops pooled in one fit must share one intensity scale; when their brightness "
-            "differs, fit one model per crop (nanoseg.tuning.PerVolume, as nanoseg.tune does). "
-            if is_list
-            else ""
-        )
-        warnings.warn(
-            f"Degenerate fit: {cause}, so the posterior will find (almost) no particles. {remedy}"
-            "Try percentile_low='otsu' or a lower percentile_low, and check that the image holds "
-            "particles.",
-            DegenerateFitWarning,
-            stacklevel=3,
-        )
-
-    # -- binning ------------------------------------------------------------
-    def _keeps_8bit_values(self):
-        """True when 8-bit data keeps its values as bins (no binning asked for)."""
-        return self.binning == "auto" and self.intensity_range is None
-
-    def _value_counts(self, work, backend, n_jobs, n_slices):
-        """Counts of every 16-bit value over the slabs of `work`: (65536,) int64."""
-
-        def count(item):
-            volume, group = item
-            with backend.stream():
-                slab = volume.read_slices(group, backend)
-                total = backend.xp.zeros(_UINT16_MAX + 1, dtype=np.int64)
-                # Plane by plane: bincount widens its input to 64-bit integers,
-                # so this bounds that copy to one plane.
-                for plane in slab:
-                    total += backend.xp.bincount(plane.reshape(-1), minlength=_UINT16_MAX + 1)
-                return backend.to_host(total), len(group)
-
-        counts = np.zeros(_UINT16_MAX + 1, dtype=np.int64)
-        with tqdm(total=n_slices, desc="Intensity range", unit="slice", disable=not self.verbose) as bar:
-            for total, n in ordered_map(count, work, n_jobs):
-                counts += total
-                bar.update(n)
-        return counts
-
-    def _choose_binning(self, value_counts):
-        """The binning for the counts of every value (256 or 65536 of them) and the parameters."""
-        low, high = check_intensity_range(self.intensity_range, self.binning)
-        counts = np.zeros(_UINT16_MAX + 1, dtype=np.int64)
-        counts[: value_counts.size] = value_counts
-        return choose_binning(counts, np.uint16, mode=self.binning, low=low, high=high)
-
-    def _check_contrast(self, stack_hist, value_counts, binning):
-        """Refuse data whose sampled voxels all fall in one bin."""
-        present = np.flatnonzero(stack_hist)
-        if present.size >= 2:
-            return
-        values = np.flatnonzero(value_counts)
-        if values.size < 2:
-            raise ValueError(
-                f"X is constant: every sampled voxel has intensity {int(values[0])}, so there "
-                "is no contrast to separate particles from background. Check that the right "
-                "array (and channel) was passed."
-            )
-        raise ValueError(
-            f"Every sampled voxel falls in bin {int(present[0])}: its intensities, from "
-            f"{int(values[0])} to {int(values[-1])}, lie outside or at one end of the binning's "
-            f"range ({binning.mode!r} from {binning.low} to {binning.high}), so there is no contrast "
-            "left. Widen intensity_range, or leave it as None to use the observed range."
-        )
-
-    def _check_not_saturated(self, stack_hist, low, binning):
-        """Refuse data where most voxels tie at or beyond the seed percentile.
-
-        The seed threshold is the `percentile_low` percentile of the stack
-        histogram, so normally only ``100 - percentile_low`` % of the voxels
-        reach it. When most voxels share the brightest values (a saturated
-        or all-bright acquisition) the percentile collapses onto them, and the
-        model would call nearly the whole volume particles.
-        """
-        if low is None:
-            # percentile_low="otsu": the level follows the data, so a large
-            # share above it is no sign of saturation; most voxels piled up
-            # in the extreme occupied bin are.
-            low = int(np.flatnonzero(stack_hist)[-1])
-            expected, level = 0.0, "its extreme value"
-        else:
-            # Twice the expected share, so that a deliberately low
-            # percentile_low is not mistaken for saturation.
-            expected, level = (100.0 - self.percentile_low) / 100.0, f"its {self.percentile_low:g} percentile"
-        above = stack_hist[low:].sum() / stack_hist.sum()
-        if above <= max(_SATURATED_FRACTION, 2 * expected):
-            return
-        unit = "intensity" if binning.is_identity else "bin"
-        side = "at or below" if self.polarity == "dark" else "at or above"
-        raise ValueError(
-            f"X looks saturated: {100 * above:.1f} % of the sampled voxels are {side} {unit} "
-            f"{self._mirror_level(low)}, {level}, so particles "
-            "cannot be told from background. Check the acquisition's contrast and the polarity "
-            "(polarity='dark' for particles darker than background); for 16-bit data, set "
-            "intensity_range to the useful range."
-        )
-
-    def _fitted_binning(self):
-        """The binning fixed by `fit`."""
-        if not hasattr(self, "binning_mode_"):
-            # Unpickled from a version that took 8-bit data only: values were bins.
-            return _IDENTITY
-        return Binning(self.binning_mode_, int(self.binning_low_), int(self.binning_high_), int(self.binning_shift_))
-
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit_transform(self, X, y=None):
         """Fit, then return the posterior of `X`; reuses the fit's slice histograms.
 
@@ -805,39 +429,14 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         backend = self._resolve_backend(volumes)
         bounds = np.cumsum([0] + [volume.shape[0] for volume in volumes])
         return map_volumes(
-            lambda item: self._posterior(item[0], backend, slice_hists[item[1] : item[2]]),
+            lambda item: _posterior.posterior(
+                self, item[0], backend, self._n_jobs(backend, item[0]), hists=slice_hists[item[1] : item[2]]
+            ),
             list(zip(volumes, bounds[:-1], bounds[1:])),
             is_list,
         )
 
     # -- prediction -------------------------------------------------------
-    def _slice_histograms(self, volume, desc, backend):
-        binning = self._fitted_binning()
-        maps = not binning.is_identity
-        depth = self._slab_depth(volume, _HISTOGRAM_BYTES_PER_VOXEL + _mapping_bytes(volume, maps), "histograms")
-
-        def histograms(group):
-            with backend.stream():
-                slab = _to_bins(backend, volume.read(int(group[0]), int(group[-1]) + 1, backend), binning)
-                return backend.to_host(_kernels.slice_histograms(backend, slab))
-
-        parts = []
-        with tqdm(total=volume.shape[0], desc=desc, unit="slice", disable=not self.verbose) as bar:
-            for hists in ordered_map(histograms, volume.slabs(depth), self._n_jobs(backend, volume)):
-                parts.append(hists)
-                bar.update(len(hists))
-        return np.concatenate(parts)
-
-    def _weights(self, volume, backend, hists=None):
-        if hists is None:
-            hists = self._slice_histograms(volume, "Slice weights", backend)
-        # The MAP objective sums over intensities: evaluate it in model space,
-        # where its terms come in the same order for either polarity.
-        return _model.map_slice_weights(
-            self._mirror(hists), self._mirror(self.particle_pmf_), self._mirror(self.background_pmf_),
-            check_beta_prior(self.beta_prior), self.eps,
-        )
-
     def slice_weights(self, X):
         """MAP estimate of each slice's NP fraction under the Beta prior.
 
@@ -853,10 +452,17 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
             list input.
         """
         check_is_fitted(self)
+        self._validate_params()
         self._check_params()
         volumes, is_list = self._intensity_volumes(X)
         backend = self._resolve_backend(volumes)
-        return map_volumes(lambda volume: self._weights(volume, backend), volumes, is_list)
+        return map_volumes(
+            lambda volume: _posterior.slice_weights(
+                self, _posterior.slice_histograms(self, volume, "Slice weights", backend, self._n_jobs(backend, volume))
+            ),
+            volumes,
+            is_list,
+        )
 
     def posterior_luts(self, weights):
         """Posterior lookup tables for given per-slice NP fractions.
@@ -880,61 +486,6 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
             weights, self.particle_pmf_, self.background_pmf_, self.eps, dtype=np.dtype(self.posterior_dtype)
         )
 
-    def _posterior(self, volume, backend, hists=None, threshold=None):
-        """The posterior of one volume, or with a `threshold` its mask ``posterior >= threshold``.
-
-        A mask is looked up in boolean tables (each entry is the comparison
-        the float posterior would make), so no float voxel is ever written.
-        """
-        binning = self._fitted_binning()
-        maps = volume.dtype != np.uint8 or not binning.is_identity
-        if is_lazy(volume.array) and hists is None and not backend.is_gpu:
-            # The slice weights are computed inside the graph from the chunks
-            # the lookup reads anyway: one pass over the input, not two.
-            tables = _SliceTables(
-                self._mirror(self.particle_pmf_), self._mirror(self.background_pmf_),
-                check_beta_prior(self.beta_prior), self.eps, self.posterior_dtype, self.polarity == "dark",
-            )
-            source, binning = volume.to_dask(), binning if maps else None
-            if threshold is not None:
-                return volume.restore(_one_pass_mask(source, tables, binning, threshold))
-            posterior = volume.restore(_one_pass_posterior(source, tables, binning))
-            # NanoparticleLabeler thresholds this array through the tables
-            # (one byte a voxel) rather than through the float posterior.
-            posterior._nanoseg_mask = functools.partial(_one_pass_mask, source, tables, binning)
-            return posterior
-        luts = self.posterior_luts(self._weights(volume, backend, hists))
-        if threshold is not None:
-            luts = luts >= threshold
-        if is_lazy(volume.array):
-            return volume.restore(_lazy_posterior(volume.to_dask(), luts, backend.name, binning if maps else None))
-        if volume.kind == "cupy":
-            # Already on the GPU: one lookup over the whole volume, no copies
-            # (but the mapped volume, for 16-bit data).
-            tables = backend.to_device(luts)
-            slab = _to_bins(backend, volume.read(0, volume.shape[0], backend), binning)
-            return volume.restore(_kernels.apply_luts(backend, slab, tables))
-        out = np.empty(volume.shape, dtype=luts.dtype)
-        depth = self._slab_depth(volume, _POSTERIOR_BYTES_PER_VOXEL + _mapping_bytes(volume, maps), "posterior")
-        tables = backend.to_device(luts)
-        # The tables must be on the device before other threads' streams read them.
-        backend.synchronize()
-
-        def lookup(group):
-            start, stop = int(group[0]), int(group[-1]) + 1
-            with backend.stream():
-                if not backend.is_gpu:
-                    slab = _to_bins(backend, volume.read(start, stop), binning)
-                    _kernels.apply_luts(backend, slab, luts[start:stop], out=out[start:stop])
-                    return
-                slab = _to_bins(backend, volume.read(start, stop, backend), binning)
-                result = _kernels.apply_luts(backend, slab, tables[start:stop])
-                backend.to_host(result, out=out[start:stop])
-
-        for _ in ordered_map(lookup, volume.slabs(depth), self._n_jobs(backend, volume)):
-            pass
-        return volume.restore(out)
-
     def predict_proba(self, X):
         """Posterior probability that each voxel belongs to a nanoparticle.
 
@@ -953,12 +504,17 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         return self._map_posterior(X)
 
     def _map_posterior(self, X, threshold=None):
-        """:meth:`_posterior` (or its mask at `threshold`) of every volume of `X`."""
+        """The posterior (or its mask at `threshold`) of every volume of `X`."""
         check_is_fitted(self)
+        self._validate_params()
         self._check_params()
         volumes, is_list = self._intensity_volumes(X)
         backend = self._resolve_backend(volumes)
-        return map_volumes(lambda volume: self._posterior(volume, backend, threshold=threshold), volumes, is_list)
+        return map_volumes(
+            lambda volume: _posterior.posterior(self, volume, backend, self._n_jobs(backend, volume), threshold=threshold),
+            volumes,
+            is_list,
+        )
 
     def predict(self, X, *, threshold=0.5):
         """Which voxels have an NP posterior of at least `threshold`.
@@ -1008,128 +564,3 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         posterior : array or list of arrays, of dtype `posterior_dtype` (float32)
         """
         return self.predict_proba(X)
-
-
-def _apply_luts_block(block, luts, device="cpu", binning=None):
-    """Look one chunk up (mapped to bins first when a `binning` is given); on a
-    GPU, a host chunk is copied there and back."""
-    backend = get_backend(device)
-    if not backend.is_gpu:
-        block = to_numpy(block)
-        if binning is not None:
-            block = _to_bins(backend, block, binning)
-        return _kernels.apply_luts(backend, block, luts)
-    with backend.stream():
-        slab = backend.to_device(block)
-        if binning is not None:
-            slab = _to_bins(backend, slab, binning)
-        result = _kernels.apply_luts(backend, slab, backend.to_device(luts))
-        return result if backend.owns(block) else backend.to_host(result)
-
-
-def _lazy_posterior(source, luts, device="cpu", binning=None):
-    """Lazy per-slice lookup: one task per input chunk, on `device` ("cpu" or "cuda").
-
-    With a `binning`, each chunk is mapped to bins in its own task, so the
-    mapped volume never exists as a whole.
-    """
-    import dask.array as da
-
-    tables = da.from_array(luts, chunks=(source.chunks[0], luts.shape[1]))
-    options = {} if binning is None else {"binning": binning}
-    return da.blockwise(
-        _apply_luts_block, "zyx", source, "zyx", tables, "zv",
-        dtype=luts.dtype, concatenate=True, device=device, **options,
-    )
-
-
-class _SliceTables:
-    """Posterior lookup tables from slice histograms, as a small picklable callable.
-
-    Gives exactly ``posterior_luts(_weights(hists))`` of the fitted mixture:
-    each slice's MAP weight depends on its own histogram only, so tables
-    computed for a few slices at a time equal those computed for all at once.
-    The PMFs are stored in model space (mirrored for dark particles).
-    """
-
-    def __init__(self, particle_pmf, background_pmf, beta_prior, eps, dtype, dark, threshold=None):
-        self.particle_pmf = particle_pmf
-        self.background_pmf = background_pmf
-        self.beta_prior = beta_prior
-        self.eps = eps
-        self.posterior_dtype = np.dtype(dtype)
-        self.dark = dark
-        self.threshold = threshold
-
-    @property
-    def dtype(self):
-        """The tables' dtype: the posterior's, or bool once thresholded."""
-        return self.posterior_dtype if self.threshold is None else np.dtype(bool)
-
-    def thresholded(self, threshold):
-        """The same tables as ``posterior >= threshold`` masks (bool tables).
-
-        The comparison is the one a thresholded posterior makes (a table
-        entry is a voxel's posterior), so the masks are identical.
-        """
-        return _SliceTables(
-            self.particle_pmf, self.background_pmf, self.beta_prior, self.eps, self.posterior_dtype,
-            self.dark, float(threshold),
-        )
-
-    def _mirror(self, array):
-        return array[..., ::-1] if self.dark else array
-
-    def __call__(self, hists):
-        weights = _model.map_slice_weights(
-            self._mirror(hists), self.particle_pmf, self.background_pmf, self.beta_prior, self.eps
-        )
-        luts = _model.posterior_luts(
-            weights, self._mirror(self.particle_pmf), self._mirror(self.background_pmf), self.eps,
-            dtype=self.posterior_dtype,
-        )
-        return luts if self.threshold is None else luts >= self.threshold
-
-    def __dask_tokenize__(self):
-        return (
-            "nanoseg-slice-tables", self.particle_pmf.tobytes(), self.background_pmf.tobytes(),
-            tuple(self.beta_prior), self.eps, str(self.posterior_dtype), self.dark, self.threshold,
-        )
-
-
-def _block_histograms(block, binning=None):
-    """(n, 1, 1, 256) histograms of the slices of one (n, y, x) chunk, in bins."""
-    block = to_numpy(block)
-    if binning is not None:
-        block = _to_bins(CPU_BACKEND, block, binning)
-    return _kernels.slice_histograms(CPU_BACKEND, np.ascontiguousarray(block))[:, None, None, :]
-
-
-def _one_pass_posterior(source, tables, binning=None):
-    """Lazy posterior whose slice weights are part of the graph.
-
-    Each input chunk feeds two tasks: a histogram of its part of each slice,
-    summed over the slice's chunks into the slice's histogram, then turned
-    into the slices' lookup tables by `tables`; and the lookup itself. In
-    one computation dask reads each chunk once and frees it when both are
-    done, so any part of the posterior costs one read of the chunks it
-    covers (whole slices for the histograms) and memory stays per chunk.
-    """
-    import dask.array as da
-
-    options = {} if binning is None else {"binning": binning}
-    partial = da.blockwise(
-        _block_histograms, "zyxv", source, "zyx", new_axes={"v": _model.N_BINS},
-        adjust_chunks={"y": 1, "x": 1}, dtype=np.int64, **options,
-    )
-    hists = partial.sum(axis=(1, 2), dtype=np.int64)
-    luts = hists.map_blocks(tables, dtype=tables.dtype)
-    return da.blockwise(
-        _apply_luts_block, "zyx", source, "zyx", luts, "zv",
-        dtype=tables.dtype, concatenate=True, device="cpu", **options,
-    )
-
-
-def _one_pass_mask(source, tables, binning, threshold):
-    """Lazy ``posterior >= threshold`` of :func:`_one_pass_posterior`, through boolean tables."""
-    return _one_pass_posterior(source, tables.thresholded(threshold), binning)

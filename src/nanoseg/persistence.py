@@ -27,6 +27,17 @@ are those of the registry -- the file can only choose among them, never name
 a module to import -- and every estimator is rebuilt through its constructor,
 so its parameters go through the same validation as in ``fit``.
 
+nanoseg keeps this format rather than skops.io. skops.io 0.16.0 (tried with
+scikit-learn 1.9.1) also avoids pickle and round-trips nanoseg's estimators
+and pipelines of them, but it refuses to load a nanoseg model until the
+caller trusts, by module path, each nanoseg class in it and, for a
+classifier, scikit-learn's ``Tree`` or ``TreePredictor``. Trusting them is not safe: skops rebuilds trusted objects
+from the file's state without checking it -- a tree whose child index was
+edited out of range loaded, and ``predict_proba`` then crashed Python -- and
+bypasses the constructors (``tol=-1`` loaded without complaint). This format
+names classes from a fixed registry, checks every tree before building it,
+and validates parameters as ``fit`` does.
+
 Version policy
 --------------
 ``FORMAT_VERSION`` changes only when the layout of the file changes; a file
@@ -39,113 +50,36 @@ those of the model that was saved, so check them, or refit.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
 import sys
-import uuid
 import warnings
-import zipfile
-import zlib
 from importlib import import_module
 from pathlib import Path
 
-import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from . import _sklearn_arrays
+# The work is shared by private modules: _safe_format (the archive, its
+# document and array entries), _codec (estimator trees as JSON values and
+# arrays), _schemas (what is stored for each class) and _sklearn_arrays
+# (scikit-learn classifiers as plain arrays). This module owns the registry
+# and the public functions.
+from . import _codec, _safe_format, _schemas, _sklearn_arrays
+# The constants of the file format, importable from here too.
+from ._safe_format import DOCUMENT_ENTRY, FORMAT_NAME, FORMAT_VERSION  # noqa: F401
 
 __all__ = ["FORMAT_VERSION", "ModelVersionWarning", "load", "register_estimator", "save"]
 
-#: Name written in every model file, so that other JSON-in-zip files are told apart.
-FORMAT_NAME = "nanoseg-model"
-
-#: Version of the file layout that :func:`save` writes and the newest :func:`load` reads.
-FORMAT_VERSION = 1
-
-#: Archive entry that holds the JSON document.
-DOCUMENT_ENTRY = "nanoseg_model.json"
-
 # Classes a model file may name, keyed by the stable name written in the file.
 # Values are "module:qualified.name" strings, imported only when a file names
-# the class: entries may point at modules that are optional or not written yet.
-# To make a new estimator savable, add one line here (or call
-# register_estimator); its parameters and fitted attributes must be values
-# the format can hold (see _Writer.value).
-_REGISTRY = {
-    "NanoparticleMixture": "nanoseg.mixture:NanoparticleMixture",
-    "NanoparticleLabeler": "nanoseg.labeler:NanoparticleLabeler",
-    "GlobalThreshold": "nanoseg.baselines:GlobalThreshold",
-    "PosteriorSmoother": "nanoseg.preprocessing:PosteriorSmoother",
-    "BackgroundSubtractor": "nanoseg.preprocessing:BackgroundSubtractor",
-    "SliceEqualizer": "nanoseg.preprocessing:SliceEqualizer",
-    "ParticleSplitter": "nanoseg.splitting:ParticleSplitter",
-    "PerVolume": "nanoseg.tuning:PerVolume",
-    "PrefitMixture": "nanoseg.tuning:PrefitMixture",
-    "Pipeline": "sklearn.pipeline:Pipeline",
-    "FrozenEstimator": "sklearn.frozen:FrozenEstimator",
-    "NanoparticleClassifier": "nanoseg.classifier:NanoparticleClassifier",
-    # scikit-learn classifiers, for NanoparticleClassifier: their fitted
-    # state is converted to plain arrays by _sklearn_arrays, never pickled.
-    **_sklearn_arrays.CLASSES,
-}
+# the class, or classes given to register_estimator. To make a new estimator
+# savable, add its entry to _schemas.SCHEMAS (or call register_estimator).
+_REGISTRY = {name: schema.target for name, schema in _schemas.SCHEMAS.items()}
 
-# Expected fitted attributes of some registered classes: numpy dtype kinds
-# and shape (() for a scalar). A file must hold all of them or none (an
-# unfitted estimator), with these kinds and shapes.
-_HISTOGRAM = ("iu", (256,))
-_PMF = ("f", (256,))
-_INTEGER = ("iu", ())
-_REAL = ("f", ())
-_FLAG = ("b", ())
-_INTEGERS = ("iu", (None,))  # None: a dimension of any length
-_OPTIONAL_REAL = ("f?", ())  # "?": None is allowed too
-_NAMES = ("str", (None,))  # a list of str
-_CLASSIFIER = ("classifier", ())  # a fitted classifier of the registry
-_FITTED_ATTRIBUTES = {
-    "NanoparticleMixture": {
-        "stack_histogram_": _HISTOGRAM,
-        "background_histogram_": _HISTOGRAM,
-        "stack_pmf_": _PMF,
-        "background_pmf_": _PMF,
-        "particle_pmf_": _PMF,
-        "low_intensity_": _INTEGER,
-        "high_intensity_": _INTEGER,
-        "background_weight_": _REAL,
-        "neg_log_likelihood_": _REAL,
-        "n_iter_": _INTEGER,
-        "converged_": _FLAG,
-        "n_slices_fit_": _INTEGER,
-        # The map from intensities to bins (binning_mode_, a string, is
-        # checked by the mixture when the model is used).
-        "binning_low_": _INTEGER,
-        "binning_high_": _INTEGER,
-        "binning_shift_": _INTEGER,
-    },
-    "GlobalThreshold": {"threshold_": _INTEGER, "histogram_": _HISTOGRAM},
-    "NanoparticleClassifier": {
-        "estimator_": _CLASSIFIER,
-        "classes_": _INTEGERS,
-        "feature_names_": _NAMES,
-        "n_features_": _INTEGER,
-        "n_dims_": _INTEGER,
-        "particle_sign_": _INTEGER,
-        "gate_level_": _OPTIONAL_REAL,
-        "gate_recall_": _REAL,
-        "gate_fraction_": _REAL,
-        "n_samples_per_class_": _INTEGERS,
-    },
-}
+# save writes each array entry through this name, looked up at call time.
+_write_member = _safe_format.write_member
 
-# dtype kinds an array may have: booleans and numbers. Object, string, void
-# (structured) and datetime arrays are refused.
-_ARRAY_KINDS = "biufc"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
-_ATTRIBUTE = re.compile(r"[A-Za-z][A-Za-z0-9_]*_")
-# Zip entries get a fixed timestamp so that saving the same model twice
-# writes the same bytes.
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 class ModelVersionWarning(UserWarning):
@@ -276,115 +210,6 @@ def _resolve_class(name, where):
     return target
 
 
-def _fitted_state(estimator):
-    """Fitted attributes: public instance attributes ending in an underscore."""
-    return {
-        key: value
-        for key, value in vars(estimator).items()
-        if key.endswith("_") and not key.startswith("_")
-    }
-
-
-class _Writer:
-    """Encode an estimator tree as a JSON-compatible document plus named arrays."""
-
-    def __init__(self):
-        self.arrays = {}
-
-    def estimator(self, estimator, where):
-        name = _registered_name(type(estimator), where)
-        params = estimator.get_params(deep=False)
-        if name in _sklearn_arrays.CLASSES:
-            state = _sklearn_arrays.to_plain(name, estimator, where)
-        else:
-            state = _fitted_state(estimator)
-        return {
-            "class": name,
-            "params": {key: self.value(value, f"{where}.{key}") for key, value in params.items()},
-            "fitted": {key: self.value(value, f"{where}.{key}", fitted=True) for key, value in state.items()},
-        }
-
-    def value(self, value, where, fitted=False):
-        # Exact type checks: a subclass of int or str (an enum, say) would
-        # not come back as itself.
-        kind = type(value)
-        if value is None or kind in (bool, int, str):
-            return value
-        if kind is float:
-            return value if math.isfinite(value) else {"float": repr(value)}
-        if isinstance(value, (np.ndarray, np.generic)):
-            return self.array(value, where)
-        if kind is tuple:
-            return {"tuple": [self.value(v, f"{where}[{i}]", fitted) for i, v in enumerate(value)]}
-        if kind is list:
-            return [self.value(v, f"{where}[{i}]", fitted) for i, v in enumerate(value)]
-        if kind is dict and all(type(key) is str for key in value):
-            return {"dict": {key: self.value(v, f"{where}[{key!r}]", fitted) for key, v in value.items()}}
-        if isinstance(value, BaseEstimator):
-            return {"estimator": self.estimator(value, where)}
-        what = "fitted attribute" if fitted else "parameter"
-        raise TypeError(
-            f"The {what} {where} is a {kind.__module__}.{kind.__qualname__}, which cannot be "
-            "stored safely in a nanoseg model file. Model files hold None, booleans, numbers, "
-            "strings, lists, tuples, dicts with string keys, NumPy arrays and scalars of "
-            "booleans or numbers, and registered estimators."
-        )
-
-    def array(self, value, where):
-        array = np.asarray(value)
-        if array.dtype.kind not in _ARRAY_KINDS or array.dtype.hasobject:
-            raise TypeError(
-                f"{where} is a NumPy value of dtype {array.dtype}; nanoseg model files hold only "
-                "boolean and numeric arrays (never Python objects)."
-            )
-        self.arrays[where] = array
-        tag = "scalar" if isinstance(value, np.generic) else "ndarray"
-        return {tag: where, "dtype": array.dtype.str, "shape": list(array.shape)}
-
-
-def _zip_info(name):
-    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-    info.compress_type = zipfile.ZIP_DEFLATED
-    return info
-
-
-def _write_member(archive, key, array):
-    """Write one array as the ``.npy`` entry `key` of an open zip archive."""
-    with archive.open(_zip_info(key + ".npy"), "w", force_zip64=array.nbytes > 2**30) as member:
-        np.lib.format.write_array(member, array, allow_pickle=False)
-
-
-def _write_archive(fileobj, document, arrays):
-    with zipfile.ZipFile(fileobj, "w") as archive:
-        archive.writestr(_zip_info(DOCUMENT_ENTRY), document.encode("utf-8"))
-        for key, array in arrays.items():
-            _write_member(archive, key, array)
-
-
-def _publish(temporary, path, overwrite):
-    """Move the finished temporary file to `path` in one step."""
-    if overwrite:
-        os.replace(temporary, path)
-        return
-    try:
-        # A hard link fails if `path` exists, even when another process
-        # creates it meanwhile; the temporary name is removed afterwards.
-        os.link(temporary, path)
-    except FileExistsError:
-        raise _exists_error(path) from None
-    except OSError:
-        # File systems without hard links.
-        if os.path.lexists(path):
-            raise _exists_error(path) from None
-        os.replace(temporary, path)
-    else:
-        os.unlink(temporary)
-
-
-def _exists_error(path):
-    return FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path.")
-
-
 def save(estimator, path, *, overwrite=False):
     """Save an estimator (fitted or not) to a nanoseg model file.
 
@@ -446,259 +271,13 @@ def save(estimator, path, *, overwrite=False):
     """
     path = Path(os.fspath(path))
     if not overwrite and os.path.lexists(path):
-        raise _exists_error(path)
+        raise _safe_format.exists_error(path)
     # Encode everything before touching the disk: an estimator that cannot
     # be stored fails here, leaving nothing behind.
-    writer = _Writer()
-    root = writer.estimator(estimator, "estimator")
-    import sklearn
-
-    document = json.dumps(
-        {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "nanoseg_version": _nanoseg_version(),
-            "sklearn_version": sklearn.__version__,
-            "estimator": root,
-        },
-        indent=1,
-        allow_nan=False,
-    )
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    # os.open with O_EXCL and mode 0o666 gives the file the permissions a new
-    # file normally gets (the umask applies), unlike tempfile's 0o600.
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            _write_archive(stream, document, writer.arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-        _publish(temporary, path, overwrite)
-    finally:
-        if os.path.lexists(temporary):
-            os.unlink(temporary)
-
-
-# -- loading ---------------------------------------------------------------
-
-
-class _Reader:
-    """Rebuild an estimator tree from a decoded document and an open archive."""
-
-    def __init__(self, archive, source):
-        self.archive = archive
-        self.source = source
-        self.used = set()
-
-    def damaged(self, where, problem):
-        return ValueError(
-            f"The model file {self.source} is damaged or was edited: at {where}, {problem}. "
-            "Save the model again from the original estimator."
-        )
-
-    def estimator(self, node, where):
-        if not isinstance(node, dict) or set(node) != {"class", "params", "fitted"}:
-            raise self.damaged(where, "an estimator entry needs exactly 'class', 'params' and 'fitted'")
-        name = node["class"]
-        cls = _resolve_class(name, where)
-        params, fitted = node["params"], node["fitted"]
-        if not isinstance(params, dict) or not isinstance(fitted, dict):
-            raise self.damaged(where, "'params' and 'fitted' must be JSON objects")
-
-        accepted = cls._get_param_names()
-        unknown = sorted(set(params) - set(accepted))
-        if unknown:
-            raise ValueError(
-                f"The model file gives {name} (at {where}) the parameter(s) {unknown}, which this "
-                f"version of {name} does not have (it has {accepted}). The file was probably "
-                "written by another nanoseg version; refit the model with this one."
-            )
-        values = {key: self.value(value, f"{where}.{key}") for key, value in params.items()}
-        estimator = _build(cls, values, name, where)
-
-        state = {}
-        for key, value in fitted.items():
-            if not _ATTRIBUTE.fullmatch(key) or key in accepted or hasattr(cls, key):
-                raise self.damaged(where, f"{key!r} is not a possible fitted attribute of {name}")
-            state[key] = self.value(value, f"{where}.{key}")
-        self.check_fitted(name, state, where)
-        if name in _sklearn_arrays.CLASSES:
-            state = _sklearn_arrays.from_plain(
-                name, estimator, state, lambda key, problem: self.damaged(f"{where}.{key}", problem)
-            )
-        for key, value in state.items():
-            setattr(estimator, key, value)
-        return estimator
-
-    def check_fitted(self, name, state, where):
-        expected = _FITTED_ATTRIBUTES.get(name)
-        if not expected or not state:
-            return
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise self.damaged(where, f"the fitted {name} lacks the attribute(s) {missing}")
-        for key, (kinds, shape) in expected.items():
-            value = state[key]
-            if not _fits(value, kinds, shape):
-                described = (
-                    f"an array of shape {value.shape} and dtype {value.dtype}"
-                    if isinstance(value, np.ndarray)
-                    else f"{type(value).__name__} {value!r}"
-                )
-                raise self.damaged(f"{where}.{key}", f"expected {_wanted(kinds, shape)}, found {described}")
-
-    def value(self, node, where):
-        if node is None or type(node) in (bool, int, float, str):
-            return node
-        if isinstance(node, list):
-            return [self.value(v, f"{where}[{i}]") for i, v in enumerate(node)]
-        if not isinstance(node, dict):
-            raise self.damaged(where, f"unexpected JSON value {node!r}")
-        if "ndarray" in node or "scalar" in node:
-            return self.array(node, where)
-        if len(node) != 1:
-            raise self.damaged(where, f"unexpected JSON object with keys {sorted(node)}")
-        (tag, content), = node.items()
-        if tag == "tuple" and isinstance(content, list):
-            return tuple(self.value(v, f"{where}[{i}]") for i, v in enumerate(content))
-        if tag == "dict" and isinstance(content, dict):
-            return {key: self.value(v, f"{where}[{key!r}]") for key, v in content.items()}
-        if tag == "float" and content in ("nan", "inf", "-inf"):
-            return float(content)
-        if tag == "estimator":
-            return self.estimator(content, where)
-        raise self.damaged(where, f"unexpected JSON object {tag!r}")
-
-    def array(self, node, where):
-        tag = "scalar" if "scalar" in node else "ndarray"
-        key = node[tag]
-        if set(node) != {tag, "dtype", "shape"} or not isinstance(key, str):
-            raise self.damaged(where, "an array entry needs exactly its entry name, 'dtype' and 'shape'")
-        if key not in self.archive.files or key == DOCUMENT_ENTRY or key in self.used:
-            raise self.damaged(where, f"the array entry {key!r} is missing or used twice")
-        self.used.add(key)
-        # The .npy header first: dtype and shape are checked before any array
-        # memory is allocated or any data read.
-        try:
-            shape, dtype, size = self.entry_header(key)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-            raise self.damaged(where, f"the array entry {key!r} cannot be read ({err})") from err
-        if dtype.hasobject:
-            raise ValueError(
-                f"Refusing to load {self.source}: its entry {key!r} holds pickled Python "
-                "objects, which could run code when loaded. nanoseg model files never "
-                "contain them; this file was not written by nanoseg.persistence.save, or "
-                "was altered. Do not load it with pickle or joblib unless you trust its source."
-            )
-        if dtype.kind not in _ARRAY_KINDS:
-            raise self.damaged(
-                where, f"the array {key!r} has dtype {dtype}; only booleans and numbers are allowed"
-            )
-        if dtype.str != node["dtype"] or list(shape) != node["shape"]:
-            raise self.damaged(
-                where,
-                f"the array {key!r} has dtype {dtype} and shape {shape}, but the document "
-                f"records {node['dtype']!r} and {node['shape']!r}",
-            )
-        if math.prod(shape) * dtype.itemsize > size:
-            raise self.damaged(where, f"the array entry {key!r} is shorter than its shape requires")
-        try:
-            array = self.archive[key]
-        except (ValueError, MemoryError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-            raise self.damaged(where, f"the array entry {key!r} cannot be read ({err})") from err
-        if tag == "scalar":
-            if array.shape != ():
-                raise self.damaged(where, f"the scalar {key!r} is an array of shape {array.shape}")
-            return array[()]
-        return array
-
-    def entry_header(self, key):
-        """Shape, dtype and stored size of an ``.npy`` entry, from its header alone."""
-        info = self.archive.zip.getinfo(key + ".npy")
-        with self.archive.zip.open(info) as member:
-            version = np.lib.format.read_magic(member)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
-            elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-        return shape, dtype, info.file_size
-
-
-def _fits(value, kinds, shape):
-    """Whether a fitted value matches its schema entry in _FITTED_ATTRIBUTES."""
-    if kinds == "classifier":
-        return isinstance(value, ClassifierMixin)
-    if kinds == "str":
-        return type(value) is list and all(type(item) is str for item in value)
-    if value is None:
-        return "?" in kinds
-    if shape == ():
-        ok = type(value) in (bool, int, float) or isinstance(value, np.generic)
-    else:
-        ok = (
-            isinstance(value, np.ndarray)
-            and value.ndim == len(shape)
-            and all(size in (None, length) for size, length in zip(shape, value.shape))
-        )
-    return ok and np.asarray(value).dtype.kind in kinds.replace("?", "")
-
-
-def _wanted(kinds, shape):
-    if kinds == "classifier":
-        return "a fitted classifier"
-    if kinds == "str":
-        return "a list of strings"
-    what = "a scalar" if shape == () else f"an array of shape {tuple('any' if s is None else s for s in shape)}"
-    optional = " (or None)" if "?" in kinds else ""
-    return f"{what} of dtype kind {' or '.join(kinds.replace('?', ''))}{optional}"
-
-
-def _build(cls, params, name, where):
-    """Construct `cls` with `params` and run the class's own parameter validation."""
-    try:
-        estimator = cls(**params)
-        check = getattr(estimator, "_check_params", None)
-        if callable(check):
-            check()
-        elif hasattr(estimator, "_parameter_constraints"):
-            estimator._validate_params()
-        validate_steps = getattr(estimator, "_validate_steps", None)
-        if callable(validate_steps):
-            validate_steps()
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"The parameters the model file gives {name} (at {where}) are not valid: {err}"
-        ) from err
-    return estimator
-
-
-def _not_a_model(source, reason):
-    return ValueError(
-        f"{source} is not a nanoseg model file ({reason}). nanoseg.persistence.load reads only "
-        "files written by nanoseg.persistence.save. A joblib or pickle file can run arbitrary "
-        "code when loaded: open it with joblib.load only if you trust where it comes from."
-    )
-
-
-def _read_document(archive, source):
-    if DOCUMENT_ENTRY not in archive.files:
-        raise _not_a_model(source, f"it is a zip/npz archive without the entry {DOCUMENT_ENTRY!r}")
-    try:
-        raw = archive[DOCUMENT_ENTRY]
-        if not isinstance(raw, bytes):
-            raise ValueError("the document entry is not text")
-        document = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise _not_a_model(source, f"its document entry cannot be read as JSON: {err}") from err
-    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
-        raise _not_a_model(source, f"its document does not declare the format {FORMAT_NAME!r}")
-    return document
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not valid JSON")
+    encoder = _codec.Encoder(_registered_name)
+    root = encoder.estimator(estimator, "estimator")
+    document = _safe_format.document_text(root, _nanoseg_version())
+    _safe_format.write_file(path, document, encoder.arrays, overwrite=overwrite, write_member=_write_member)
 
 
 def load(path):
@@ -756,32 +335,13 @@ def load(path):
         return _load_stream(stream, os.fspath(path))
 
 
-def _describe_content(start):
-    """What a file that is not a zip archive looks like, from its first bytes."""
-    if not start:
-        return "it is empty"
-    if start.startswith(np.lib.format.MAGIC_PREFIX):
-        return "it is a single NumPy array (.npy), not an archive"
-    if start.startswith(b"\x80"):
-        return "it looks like a pickle or joblib file"
-    return "it is not a zip (.npz) archive"
-
-
 def _load_stream(stream, source):
-    start = stream.read(len(np.lib.format.MAGIC_PREFIX))
-    stream.seek(-len(start), os.SEEK_CUR)
-    if not start.startswith(b"PK\x03\x04"):
-        raise _not_a_model(source, _describe_content(start))
-    try:
-        archive = np.load(stream, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        reason = f"it cannot be read as a zip (.npz) archive, or it is damaged: {err}"
-        raise _not_a_model(source, reason) from err
+    archive = _safe_format.open_archive(stream, source)
     with archive:
-        document = _read_document(archive, source)
+        document = _safe_format.read_document(archive, source)
         version = document.get("format_version")
         if type(version) is not int or version < 1:
-            raise _not_a_model(source, f"its format version {version!r} is not a positive integer")
+            raise _safe_format.not_a_model(source, f"its format version {version!r} is not a positive integer")
         saved_with = document.get("nanoseg_version")
         if version > FORMAT_VERSION:
             raise ValueError(
@@ -790,13 +350,13 @@ def _load_stream(stream, source):
                 f"up to {FORMAT_VERSION}. Upgrade nanoseg to load it."
             )
         if saved_with != _nanoseg_version():
+            # stacklevel=3 points at the caller of load.
             warnings.warn(ModelVersionWarning(str(saved_with), _nanoseg_version()), stacklevel=3)
-        reader = _Reader(archive, source)
+        entries = _safe_format.ArrayEntries(archive, source)
+        decoder = _codec.Decoder(entries, _resolve_class)
         try:
-            estimator = reader.estimator(document.get("estimator"), "estimator")
+            estimator = decoder.estimator(document.get("estimator"), "estimator")
         except RecursionError as err:
-            raise reader.damaged("estimator", "its values are nested too deeply") from err
-        extra = sorted(set(archive.files) - reader.used - {DOCUMENT_ENTRY})
-        if extra:
-            raise reader.damaged("estimator", f"the archive holds entries no estimator uses: {extra}")
+            raise entries.damaged("estimator", "its values are nested too deeply") from err
+        entries.check_all_used("estimator")
     return estimator

@@ -22,15 +22,7 @@ them as an array. matplotlib is an optional dependency: install it with
 
 from __future__ import annotations
 
-import html
-import numbers
-from pathlib import Path
-
-import numpy as np
-from sklearn.base import clone
-from sklearn.utils.validation import check_is_fitted
-
-from ._volume import as_volume, is_dask_array, is_volume_list
+from . import _plot_classifier, _plot_common, _plot_model, _plot_particles, _plot_report, _plot_volume
 
 __all__ = [
     "plot_feature_importances",
@@ -44,11 +36,6 @@ __all__ = [
     "write_report",
 ]
 
-_MIXTURE_ATTRIBUTES = (
-    "stack_pmf_", "background_pmf_", "particle_pmf_", "background_weight_",
-    "low_intensity_", "high_intensity_", "stack_histogram_",
-)
-
 #: Thresholds tried by :func:`plot_threshold_sensitivity` by default (plus the
 #: labeler's own).
 DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -58,41 +45,6 @@ REPORT_FILES = (
     "index.html", "mixture.png", "slice_weights.png", "size_distribution.png",
     "overlay.png", "threshold_sensitivity.png",
 )
-
-
-# ---------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------
-
-
-def _require_matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as error:
-        raise ImportError(
-            'nanoseg.plotting needs matplotlib: install it with pip install "nanoseg[plot]" '
-            "(or pip install matplotlib)."
-        ) from error
-
-
-def _new_axes(ax):
-    """`ax`, or the Axes of a new pyplot figure."""
-    _require_matplotlib()
-    if ax is not None:
-        return ax
-    import matplotlib.pyplot as plt
-
-    return plt.subplots()[1]
-
-
-def _check_mixture(mixture):
-    check_is_fitted(mixture)
-    missing = [name for name in _MIXTURE_ATTRIBUTES if not hasattr(mixture, name)]
-    if missing:
-        raise TypeError(
-            f"Expected a fitted NanoparticleMixture; {type(mixture).__name__} has no "
-            f"{', '.join(missing)}."
-        )
 
 
 # ---------------------------------------------------------------------------
@@ -136,43 +88,8 @@ def plot_mixture(mixture, ax=None):
     >>> ax.get_yscale(), len(ax.lines)
     ('log', 5)
     """
-    _check_mixture(mixture)
-    ax = _new_axes(ax)
-    intensities = np.arange(mixture.stack_pmf_.size)
-    weight = float(mixture.background_weight_)
-    ax.plot(intensities, mixture.stack_pmf_, color="0.2", label="stack")
-    ax.plot(intensities, weight * mixture.background_pmf_, color="C0", label=f"background (weight {weight:.4f})")
-    ax.plot(
-        intensities, (1.0 - weight) * mixture.particle_pmf_, color="C3",
-        label=f"particles (weight {1.0 - weight:.2g})",
-    )
-    low, high = int(mixture.low_intensity_), int(mixture.high_intensity_)
-    ax.axvline(low, color="C2", linestyle="--", label=f"seed intensity {low}")
-    ax.axvline(high, color="C1", linestyle=":", label=f"never background from {high}")
-    ax.set_yscale("log")
-    # PMF bins are floored at `eps`; show down to one voxel's share instead.
-    n_voxels = max(1, int(np.sum(mixture.stack_histogram_)))
-    ax.set_ylim(0.5 / n_voxels, 2.0 * float(np.max(mixture.stack_pmf_)))
-    ax.set_xlim(0, intensities[-1])
-    ax.set_xlabel("intensity (grey level)")
-    ax.set_ylabel("probability")
-    ax.set_title("Intensity mixture")
-    ax.legend(fontsize="small")
-    return ax
-
-
-def _draw_slice_weights(ax, weights, stack_weight):
-    if isinstance(weights, list):
-        for i, crop in enumerate(weights):
-            ax.plot(np.arange(crop.size), crop, marker=".", label=f"crop {i}")
-    else:
-        ax.plot(np.arange(weights.size), weights, marker=".", color="C3", label="per slice (MAP)")
-    ax.axhline(stack_weight, color="0.5", linestyle="--", label=f"whole stack (EM), {stack_weight:.2g}")
-    ax.set_xlabel("slice (z)")
-    ax.set_ylabel("particle fraction")
-    ax.set_title("Particle fraction per slice")
-    ax.legend(fontsize="small")
-    return ax
+    _plot_model.check_mixture(mixture)
+    return _plot_model.draw_mixture(mixture, ax)
 
 
 def plot_slice_weights(mixture, X, ax=None):
@@ -207,43 +124,15 @@ def plot_slice_weights(mixture, X, ax=None):
     >>> ax.lines[0].get_ydata().shape
     (12,)
     """
-    _check_mixture(mixture)
+    _plot_model.check_mixture(mixture)
     weights = mixture.slice_weights(X)
-    return _draw_slice_weights(_new_axes(ax), weights, 1.0 - float(mixture.background_weight_))
+    ax = _plot_common.new_axes(ax)
+    return _plot_model.draw_slice_weights(ax, weights, 1.0 - float(mixture.background_weight_))
 
 
 # ---------------------------------------------------------------------------
 # labelling
 # ---------------------------------------------------------------------------
-
-
-def _check_thresholds(thresholds, labeler, max_thresholds):
-    if isinstance(max_thresholds, bool) or not isinstance(max_thresholds, numbers.Integral) or max_thresholds < 1:
-        raise ValueError(f"max_thresholds must be a positive integer; got {max_thresholds!r}.")
-    if thresholds is None:
-        thresholds = (*DEFAULT_THRESHOLDS, float(labeler.threshold))
-    values = np.unique(np.asarray(thresholds, dtype=np.float64).ravel())
-    if values.size == 0 or not np.all((values >= 0) & (values <= 1)):
-        raise ValueError(f"thresholds must be one or more numbers in [0, 1]; got {thresholds!r}.")
-    if values.size > max_thresholds:
-        # Keep the extremes and spread the rest evenly.
-        keep = np.unique(np.round(np.linspace(0, values.size - 1, max_thresholds)).astype(int))
-        values = values[keep]
-    return values
-
-
-def _particles_and_voxels(labels):
-    """(number of particles, number of particle voxels) of labels 1..K."""
-    if is_volume_list(labels):
-        counts = [_particles_and_voxels(crop) for crop in labels]
-        return sum(c[0] for c in counts), sum(c[1] for c in counts)
-    if is_dask_array(labels):
-        import dask
-        import dask.array as da
-
-        highest, voxels = dask.compute(labels.max(), da.count_nonzero(labels))
-        return int(highest), int(voxels)
-    return int(labels.max()), int(np.count_nonzero(labels))
 
 
 def plot_threshold_sensitivity(posterior, thresholds=None, *, labeler=None, max_thresholds=8, ax=None):
@@ -291,26 +180,9 @@ def plot_threshold_sensitivity(posterior, thresholds=None, *, labeler=None, max_
     >>> ax.lines[0].get_ydata().tolist()
     [2, 1, 0]
     """
-    from .labeler import NanoparticleLabeler
-
-    labeler = NanoparticleLabeler() if labeler is None else labeler
-    values = _check_thresholds(thresholds, labeler, max_thresholds)
-    ax = _new_axes(ax)
-    counts, voxels = [], []
-    for threshold in values:
-        labels = clone(labeler).set_params(threshold=float(threshold)).transform(posterior)
-        n_particles, n_voxels = _particles_and_voxels(labels)
-        counts.append(n_particles)
-        voxels.append(n_voxels)
-    ax.plot(values, counts, marker="o", color="C0", label="particles")
-    ax.set_xlabel("posterior threshold")
-    ax.set_ylabel("particles", color="C0")
-    ax.axvline(float(labeler.threshold), color="0.5", linestyle=":")
-    ax.set_title("Threshold sensitivity")
-    twin = ax.twinx()
-    twin.plot(values, voxels, marker="s", linestyle="--", color="C1", label="particle voxels")
-    twin.set_ylabel("particle voxels", color="C1")
-    return ax
+    return _plot_particles.draw_threshold_sensitivity(
+        posterior, thresholds, labeler, max_thresholds, ax, DEFAULT_THRESHOLDS
+    )
 
 
 def plot_size_distribution(table, ax=None, *, column="equivalent_diameter", bins="auto"):
@@ -341,55 +213,12 @@ def plot_size_distribution(table, ax=None, *, column="equivalent_diameter", bins
     >>> [int(bar.get_height()) for bar in ax.patches]
     [3, 0, 0, 1]
     """
-    if column not in getattr(table, "columns", ()):
-        available = ", ".join(map(str, getattr(table, "columns", [])))
-        raise ValueError(f"table has no column {column!r}; its columns are: {available or 'none'}.")
-    values = np.asarray(table[column], dtype=np.float64)
-    values = values[np.isfinite(values)]
-    ax = _new_axes(ax)
-    ax.set_xlabel(column.replace("_", " "))
-    ax.set_ylabel("particles")
-    ax.set_title(f"{values.size} particle{'s' if values.size != 1 else ''}")
-    if values.size == 0:
-        ax.text(0.5, 0.5, "no particles", ha="center", va="center", transform=ax.transAxes)
-        return ax
-    ax.hist(values, bins=bins, color="C0", edgecolor="white")
-    median = float(np.median(values))
-    ax.axvline(median, color="C3", linestyle="--", label=f"median {median:.3g}")
-    ax.legend(fontsize="small")
-    return ax
+    return _plot_particles.draw_size_distribution(table, ax, column, bins)
 
 
 # ---------------------------------------------------------------------------
 # images
 # ---------------------------------------------------------------------------
-
-
-def _busiest_plane(volume, threshold=None):
-    """Index of the plane with the most labelled voxels (the middle one if none).
-
-    With `threshold`, voxels count when they are at least `threshold` (for a
-    probability map) instead of when they are nonzero.
-    """
-
-    def count(block):
-        block = block.reshape(len(block), -1)
-        return np.count_nonzero(block if threshold is None else block >= threshold, axis=1)
-
-    counts = np.concatenate([
-        count(np.asarray(volume.read(int(g[0]), int(g[-1]) + 1)))
-        for g in volume.slabs(volume.slab_depth(volume.dtype.itemsize))
-    ])
-    return int(np.argmax(counts)) if counts.any() else volume.shape[0] // 2
-
-
-def _grey(plane):
-    """Image plane scaled to [0, 1] for display."""
-    plane = np.asarray(plane, dtype=np.float64) / (255.0 if plane.dtype == np.uint8 else 1.0)
-    if plane.dtype == np.float64 and (plane.min() < 0 or plane.max() > 1):
-        low, high = float(plane.min()), float(plane.max())
-        plane = (plane - low) / (high - low) if high > low else np.zeros_like(plane)
-    return plane
 
 
 def plot_overlay(image, labels, *, plane=None, ax=None, alpha=0.3):
@@ -428,130 +257,76 @@ def plot_overlay(image, labels, *, plane=None, ax=None, alpha=0.3):
     >>> plot_overlay(image, labels).get_title()
     'plane z = 2: 1 particle'
     """
-    from skimage.color import label2rgb
-    from skimage.segmentation import mark_boundaries
-
-    image_volume = as_volume(image, name="image")
-    label_volume = as_volume(labels, name="labels")
-    if tuple(image.shape) != tuple(labels.shape):
-        raise ValueError(
-            f"image has shape {tuple(image.shape)} but labels has shape {tuple(labels.shape)}; "
-            "pass the labels computed from this image."
-        )
-    if label_volume.dtype.kind not in "biu":
-        raise TypeError(f"labels must be integer labels or a boolean mask; got dtype {label_volume.dtype}.")
-    n_planes = label_volume.shape[0]
-    if label_volume.is_2d:
-        plane = 0
-    elif plane is None:
-        plane = _busiest_plane(label_volume)
-    elif isinstance(plane, bool) or not isinstance(plane, numbers.Integral) or not 0 <= plane < n_planes:
-        raise ValueError(f"plane must be an integer from 0 to {n_planes - 1}; got {plane!r}.")
-    plane = int(plane)
-    ids = label_volume.read(plane, plane + 1)[0].astype(np.int64)
-    grey = _grey(image_volume.read(plane, plane + 1)[0])
-    rgb = label2rgb(ids, image=grey, bg_label=0, bg_color=None, alpha=alpha, image_alpha=1.0)
-    rgb = mark_boundaries(rgb, ids, color=(1.0, 1.0, 0.0), mode="outer")
-    ax = _new_axes(ax)
-    ax.imshow(rgb, interpolation="nearest")
-    n_particles = np.unique(ids[ids > 0]).size
-    where = "image" if label_volume.is_2d else f"plane z = {plane}"
-    ax.set_title(f"{where}: {n_particles} particle{'s' if n_particles != 1 else ''}")
-    ax.set_xlabel("x (column)")
-    ax.set_ylabel("y (row)")
-    return ax
+    return _plot_volume.draw_overlay(image, labels, plane, ax, alpha)
 
 
-def _check_plane(plane, volume, default):
-    """The plane (z index) to show: 0 for an image, `default()` when None."""
-    if volume.is_2d:
-        return 0
-    if plane is None:
-        return int(default())
-    n_planes = volume.shape[0]
-    if isinstance(plane, bool) or not isinstance(plane, numbers.Integral) or not 0 <= plane < n_planes:
-        raise ValueError(f"plane must be an integer from 0 to {n_planes - 1}; got {plane!r}.")
-    return int(plane)
+def plot_probability(image, probability, labels=None, *, plane=None, axes=None, threshold=0.5):
+    """Show one plane of the image, its particle probability and the particles found.
 
+    The first panel is the image in grey, the second the probability map
+    (colour scale from 0 to 1, with a colour bar) and, with `labels`, the
+    third is the image with every particle outlined in yellow, so that
+    particles the labeler missed or merged stand out.
 
-def _panels(axes, n_panels, ncols, title=None):
-    """`n_panels` Axes: the first of `axes`, or a new figure's grid of them."""
-    _require_matplotlib()
-    if axes is not None:
-        flat = list(np.ravel(np.asarray(axes, dtype=object)))
-        if len(flat) < n_panels:
-            raise ValueError(f"axes holds {len(flat)} Axes but {n_panels} panels are drawn; pass at least {n_panels}.")
-        out = np.empty(n_panels, dtype=object)
-        out[:] = flat[:n_panels]
-        return out
-    import matplotlib.pyplot as plt
+    Parameters
+    ----------
+    image : (Z, Y, X) or (Y, X) array
+        The image (NumPy, zarr or dask); only the plane shown is read.
+    probability : array of float
+        A probability map of the same shape, such as
+        :meth:`NanoparticleClassifier.predict_proba <nanoseg.NanoparticleClassifier.predict_proba>`
+        or the mixture's posterior.
+    labels : array of int or bool, optional
+        Particle labels (or a mask) of the same shape, for instance from
+        :class:`~nanoseg.NanoparticleLabeler`.
+    plane : int, optional
+        Plane (z index) to show. By default the plane with the most particle
+        voxels in `labels` or, without labels, the most voxels of
+        probability at least `threshold` (found in one pass over that
+        array). Ignored for 2D input.
+    axes : sequence of matplotlib.axes.Axes, optional
+        Where to draw: two Axes, three with `labels`; a new figure when None.
+    threshold : float, optional
+        Only used to choose the plane when neither `plane` nor `labels` is
+        given.
 
-    ncols = max(1, min(int(ncols), n_panels))
-    nrows = -(-n_panels // ncols)
-    figure, grid = plt.subplots(
-        nrows, ncols, figsize=(3.4 * ncols, 3.2 * nrows), squeeze=False, layout="constrained"
-    )
-    for unused in grid.ravel()[n_panels:]:
-        unused.set_axis_off()
-    if title:
-        figure.suptitle(title)
-    return grid.ravel()[:n_panels]
+    Returns
+    -------
+    axes : ndarray of matplotlib.axes.Axes
+        The image, the probability map and, with `labels`, the outlined
+        particles. Each shows one image; the colour bar is an extra Axes of
+        the figure.
 
+    Raises
+    ------
+    ValueError
+        If the shapes differ or `plane` is out of range.
+    TypeError
+        If `probability` is not a float (or boolean) array, or `labels` not
+        integer labels or a mask.
 
-def _where(volume, plane):
-    return "image" if volume.is_2d else f"plane z = {plane}"
+    See Also
+    --------
+    plot_overlay : One plane with the particles coloured and outlined.
+    plot_threshold_sensitivity : How the particles change with the threshold.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from nanoseg.plotting import plot_probability
+    >>> image = np.zeros((3, 8, 8), dtype=np.uint8)
+    >>> probability = np.zeros((3, 8, 8), dtype=np.float32)
+    >>> probability[1, 2:5, 2:5] = 0.9
+    >>> labels = (probability > 0.5).astype(np.uint32)
+    >>> [ax.get_title() for ax in plot_probability(image, probability, labels)]
+    ['plane z = 1', 'particle probability', '1 particle']
+    """
+    return _plot_volume.draw_probability(image, probability, labels, plane, axes, threshold)
 
 
 # ---------------------------------------------------------------------------
 # the pixel classifier
 # ---------------------------------------------------------------------------
-
-
-def _check_classifier(classifier):
-    if not hasattr(classifier, "features_of"):
-        raise TypeError(
-            f"Expected a fitted NanoparticleClassifier; {type(classifier).__name__} has no features_of."
-        )
-    check_is_fitted(classifier, "estimator_")
-
-
-def _family(name):
-    """Feature family of a column name: ``gaussian@0x2x2`` -> ``gaussian``, ``hessian_1@0x1x1`` -> ``hessian``."""
-    key = name.split("@")[0]
-    return "hessian" if key.startswith("hessian_") else key
-
-
-def _default_features(names):
-    """One column per family: its middle scale (the first Hessian eigenvalue)."""
-    chosen = []
-    for family in dict.fromkeys(_family(name) for name in names):
-        columns = [n for n in names if _family(n) == family]
-        if family == "hessian":
-            first = columns[0].split("@")[0]
-            columns = [n for n in columns if n.split("@")[0] == first]
-        chosen.append(columns[len(columns) // 2])
-    return chosen
-
-
-def _select_features(selection, names):
-    if isinstance(selection, str):
-        selection = [selection]
-    chosen = []
-    for entry in selection:
-        if entry in names:
-            matches = [entry]
-        else:
-            matches = [n for n in names if entry in (_family(n), n.split("@")[0])]
-        if not matches:
-            raise ValueError(
-                f"The classifier has no feature {entry!r}; give names from its feature_names_ "
-                f"({', '.join(names)}) or a family such as 'dog'."
-            )
-        chosen.extend(matches)
-    chosen = list(dict.fromkeys(chosen))
-    if not chosen:
-        raise ValueError("names selects no feature; give at least one name from feature_names_.")
-    return chosen
 
 
 def plot_features(classifier, image, names=None, *, plane=None, axes=None, ncols=3):
@@ -619,26 +394,7 @@ def plot_features(classifier, image, names=None, *, plane=None, axes=None, ncols
     >>> [ax.get_title() for ax in axes]
     ['intensity', 'gaussian@...', 'gaussian@...', 'gaussian@...']
     """
-    _require_matplotlib()
-    _check_classifier(classifier)
-    feature_names = list(classifier.feature_names_)
-    shown = _default_features(feature_names) if names is None else _select_features(names, feature_names)
-    volume = as_volume(image, name="image")
-    plane = _check_plane(plane, volume, lambda: volume.shape[0] // 2)
-    features = np.asarray(classifier.features_of(image))
-    if not volume.is_2d:
-        features = features[:, plane]
-    title = "Features of the image" if volume.is_2d else f"Features of plane z = {plane}"
-    axes = _panels(axes, len(shown), ncols, title=title)
-    for ax, name in zip(axes, shown):
-        values = features[feature_names.index(name)]
-        finite = values[np.isfinite(values)]
-        low, high = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
-        ax.imshow(values, cmap="magma", vmin=low, vmax=high, interpolation="nearest")
-        ax.set_title(name, fontsize="medium")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return axes
+    return _plot_classifier.draw_features(classifier, image, names, plane, axes, ncols)
 
 
 def plot_feature_importances(classifier, ax=None, *, max_features=None):
@@ -696,196 +452,12 @@ def plot_feature_importances(classifier, ax=None, *, max_features=None):
     >>> len(ax.patches)
     5
     """
-    _check_classifier(classifier)
-    if max_features is not None and (
-        isinstance(max_features, bool) or not isinstance(max_features, numbers.Integral) or max_features < 1
-    ):
-        raise ValueError(f"max_features must be a positive integer; got {max_features!r}.")
-    estimator = classifier.estimator_
-    if not hasattr(estimator, "feature_importances_"):
-        raise TypeError(
-            f"{type(estimator).__name__} has no feature_importances_; use "
-            "sklearn.inspection.permutation_importance on the rows of features_of instead."
-        )
-    importances = np.asarray(estimator.feature_importances_, dtype=np.float64)
-    names = list(classifier.feature_names_)
-    order = np.argsort(-importances, kind="stable")[:max_features]
-    ax = _new_axes(ax)
-    positions = np.arange(order.size)
-    ax.barh(positions, importances[order], color="C0")
-    ax.set_yticks(positions, [names[i] for i in order], fontsize="small")
-    ax.invert_yaxis()
-    ax.set_xlabel("importance (mean decrease in impurity)")
-    shown = f"{order.size} of {importances.size}" if order.size < importances.size else f"{importances.size}"
-    ax.set_title(f"Feature importances ({shown} features)")
-    return ax
-
-
-def plot_probability(image, probability, labels=None, *, plane=None, axes=None, threshold=0.5):
-    """Show one plane of the image, its particle probability and the particles found.
-
-    The first panel is the image in grey, the second the probability map
-    (colour scale from 0 to 1, with a colour bar) and, with `labels`, the
-    third is the image with every particle outlined in yellow, so that
-    particles the labeler missed or merged stand out.
-
-    Parameters
-    ----------
-    image : (Z, Y, X) or (Y, X) array
-        The image (NumPy, zarr or dask); only the plane shown is read.
-    probability : array of float
-        A probability map of the same shape, such as
-        :meth:`NanoparticleClassifier.predict_proba <nanoseg.NanoparticleClassifier.predict_proba>`
-        or the mixture's posterior.
-    labels : array of int or bool, optional
-        Particle labels (or a mask) of the same shape, for instance from
-        :class:`~nanoseg.NanoparticleLabeler`.
-    plane : int, optional
-        Plane (z index) to show. By default the plane with the most particle
-        voxels in `labels` or, without labels, the most voxels of
-        probability at least `threshold` (found in one pass over that
-        array). Ignored for 2D input.
-    axes : sequence of matplotlib.axes.Axes, optional
-        Where to draw: two Axes, three with `labels`; a new figure when None.
-    threshold : float, optional
-        Only used to choose the plane when neither `plane` nor `labels` is
-        given.
-
-    Returns
-    -------
-    axes : ndarray of matplotlib.axes.Axes
-        The image, the probability map and, with `labels`, the outlined
-        particles. Each shows one image; the colour bar is an extra Axes of
-        the figure.
-
-    Raises
-    ------
-    ValueError
-        If the shapes differ or `plane` is out of range.
-    TypeError
-        If `probability` is not a float (or boolean) array, or `labels` not
-        integer labels or a mask.
-
-    See Also
-    --------
-    plot_overlay : One plane with the particles coloured and outlined.
-    plot_threshold_sensitivity : How the particles change with the threshold.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from nanoseg.plotting import plot_probability
-    >>> image = np.zeros((3, 8, 8), dtype=np.uint8)
-    >>> probability = np.zeros((3, 8, 8), dtype=np.float32)
-    >>> probability[1, 2:5, 2:5] = 0.9
-    >>> labels = (probability > 0.5).astype(np.uint32)
-    >>> [ax.get_title() for ax in plot_probability(image, probability, labels)]
-    ['plane z = 1', 'particle probability', '1 particle']
-    """
-    from skimage.segmentation import mark_boundaries
-
-    _require_matplotlib()
-    image_volume = as_volume(image, name="image")
-    probability_volume = as_volume(probability, name="probability")
-    arrays = {"probability": probability} if labels is None else {"probability": probability, "labels": labels}
-    for name, array in arrays.items():
-        if tuple(array.shape) != tuple(image.shape):
-            raise ValueError(
-                f"image has shape {tuple(image.shape)} but {name} has shape {tuple(array.shape)}; "
-                f"pass the {name} computed from this image."
-            )
-    if probability_volume.dtype.kind not in "fb":
-        raise TypeError(f"probability must be a float (or boolean) array; got dtype {probability_volume.dtype}.")
-    label_volume = None if labels is None else as_volume(labels, name="labels")
-    if label_volume is not None and label_volume.dtype.kind not in "biu":
-        raise TypeError(f"labels must be integer labels or a boolean mask; got dtype {label_volume.dtype}.")
-    if label_volume is not None:
-        plane = _check_plane(plane, image_volume, lambda: _busiest_plane(label_volume))
-    else:
-        plane = _check_plane(plane, image_volume, lambda: _busiest_plane(probability_volume, threshold))
-    axes = _panels(axes, 2 if labels is None else 3, 3)
-    grey = _grey(np.asarray(image_volume.read(plane, plane + 1)[0]))
-    axes[0].imshow(grey, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    axes[0].set_title(_where(image_volume, plane))
-    values = np.asarray(probability_volume.read(plane, plane + 1)[0], dtype=np.float32)
-    shown = axes[1].imshow(values, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
-    axes[1].set_title("particle probability")
-    axes[1].figure.colorbar(shown, ax=axes[1], shrink=0.8)
-    if label_volume is not None:
-        ids = np.asarray(label_volume.read(plane, plane + 1)[0]).astype(np.int64)
-        outlined = mark_boundaries(np.dstack([grey] * 3), ids, color=(1.0, 1.0, 0.0), mode="outer")
-        axes[2].imshow(outlined, interpolation="nearest")
-        n_particles = np.unique(ids[ids > 0]).size
-        axes[2].set_title(f"{n_particles} particle{'s' if n_particles != 1 else ''}")
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return axes
+    return _plot_classifier.draw_feature_importances(classifier, ax, max_features)
 
 
 # ---------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------
-
-
-def _save(draw, path):
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
-    draw(figure.subplots())
-    figure.savefig(path, dpi=100)
-
-
-def _summary_html(mixture, image, table, weights, images):
-    n_particles = len(table)
-    rows = [
-        ("Particles", f"{n_particles}"),
-        ("Image shape", " x ".join(str(int(s)) for s in image.shape)),
-        ("Seed intensity (low_intensity_)", f"{int(mixture.low_intensity_)}"),
-        ("Never background from (high_intensity_)", f"{int(mixture.high_intensity_)}"),
-        ("Background weight", f"{float(mixture.background_weight_):.6f}"),
-        ("EM updates, converged", f"{getattr(mixture, 'n_iter_', '?')}, {getattr(mixture, 'converged_', '?')}"),
-    ]
-    flat = np.concatenate([np.atleast_1d(w) for w in weights]) if isinstance(weights, list) else weights
-    rows.append(("Particle fraction per slice", f"{flat.min():.3g} to {flat.max():.3g}"))
-    quantiles = (5, 25, 50, 75, 95)
-    size_rows = ""
-    for column in ("equivalent_diameter", "volume", "area"):
-        if column in getattr(table, "columns", ()) and n_particles:
-            values = np.percentile(np.asarray(table[column], dtype=np.float64), quantiles)
-            cells = "".join(f"<td>{v:.4g}</td>" for v in values)
-            size_rows += f"<tr><th>{html.escape(column.replace('_', ' '))}</th>{cells}</tr>\n"
-    body = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
-    header = "".join(f"<th>{q} %</th>" for q in quantiles)
-    sizes = (
-        f"<h2>Particle sizes (quantiles, spacing units)</h2>\n<table>\n<tr><th></th>{header}</tr>\n{size_rows}</table>"
-        if size_rows
-        else "<p>No particle sizes to summarise.</p>"
-    )
-    figures = "\n".join(f'<figure><img src="{name}" alt="{html.escape(name)}"></figure>' for name in images)
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>nanoseg report: {n_particles} particles</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; }}
-table {{ border-collapse: collapse; margin-bottom: 1em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }}
-img {{ max-width: 48%; float: left; margin: 0 1% 1em 0; }}
-</style>
-</head>
-<body>
-<h1>nanoseg report</h1>
-<p>{n_particles} particles found.</p>
-<table>
-{body}
-</table>
-{sizes}
-{figures}
-</body>
-</html>
-"""
 
 
 def write_report(directory, *, mixture, image, labels, table, posterior=None, labeler=None, overwrite=False):
@@ -950,21 +522,15 @@ def write_report(directory, *, mixture, image, labels, table, posterior=None, la
     ...     sorted(p.name for p in index.parent.iterdir())
     ['index.html', 'mixture.png', 'overlay.png', 'size_distribution.png', 'slice_weights.png']
     """
-    _require_matplotlib()
-    _check_mixture(mixture)
-    directory = Path(directory)
-    existing = [name for name in REPORT_FILES if (directory / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{directory} already holds a report ({', '.join(existing)}); pass overwrite=True "
-            "to replace it, or choose another directory."
-        )
-    directory.mkdir(parents=True, exist_ok=True)
+    _plot_common.require_matplotlib()
+    _plot_model.check_mixture(mixture)
+    directory = _plot_report.prepare_directory(directory, REPORT_FILES, overwrite)
     weights = mixture.slice_weights(image)
     stack_weight = 1.0 - float(mixture.background_weight_)
+    # Drawn through the public functions, so the report follows their defaults.
     drawings = {
         "mixture.png": lambda ax: plot_mixture(mixture, ax=ax),
-        "slice_weights.png": lambda ax: _draw_slice_weights(ax, weights, stack_weight),
+        "slice_weights.png": lambda ax: _plot_model.draw_slice_weights(ax, weights, stack_weight),
         "size_distribution.png": lambda ax: plot_size_distribution(table, ax=ax),
         "overlay.png": lambda ax: plot_overlay(image, labels, ax=ax),
     }
@@ -972,12 +538,7 @@ def write_report(directory, *, mixture, image, labels, table, posterior=None, la
         drawings["threshold_sensitivity.png"] = lambda ax: plot_threshold_sensitivity(
             posterior, labeler=labeler, ax=ax
         )
-    # A report replaced without a posterior must not keep the old sensitivity plot.
-    stale = directory / "threshold_sensitivity.png"
-    if posterior is None and stale.exists():
-        stale.unlink()
-    for name, draw in drawings.items():
-        _save(draw, directory / name)
+    _plot_report.save_figures(directory, drawings, REPORT_FILES)
     index = directory / "index.html"
-    index.write_text(_summary_html(mixture, image, table, weights, list(drawings)), encoding="utf-8")
+    index.write_text(_plot_report.summary_html(mixture, image, table, weights, list(drawings)), encoding="utf-8")
     return index

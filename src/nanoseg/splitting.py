@@ -17,28 +17,10 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils._param_validation import Interval
 
 from ._base import VolumeEstimatorMixin, map_volumes
+from ._spacing import check_spacing
 from ._volume import as_volumes, is_lazy
 
 __all__ = ["split_touching", "ParticleSplitter"]
-
-
-def _spacing(spacing, ndim):
-    """Voxel size per axis as floats, (z, y, x) or (y, x); None is isotropic."""
-    if spacing is None:
-        return (1.0,) * ndim
-    values = np.atleast_1d(np.asarray(spacing, dtype=float))
-    if values.ndim != 1 or values.size not in (1, 2, 3) or (values.size == 2 and ndim == 3):
-        raise ValueError(
-            f"spacing must be one number or one per axis, (z, y, x) or (y, x); got {spacing!r} "
-            f"for a {ndim}D input."
-        )
-    if values.size == 1:
-        values = np.repeat(values, ndim)
-    elif values.size == 3 and ndim == 2:
-        values = values[1:]
-    if not np.all(np.isfinite(values) & (values > 0)):
-        raise ValueError(f"spacing must hold finite numbers > 0; got {spacing!r}.")
-    return tuple(float(v) for v in values)
 
 
 def _footprint(min_distance, spacing):
@@ -117,9 +99,9 @@ def split_touching(labels, *, spacing=None, min_distance=2, footprint=None, comp
         2D (Y, X) or 3D (Z, Y, X) labels, 0 for background, or a boolean mask
         (then each connected set of voxels is split on its own terms).
     spacing : float or sequence of float, optional
-        Voxel size per axis (z, y, x) in physical units; a 2D input uses the
-        last two entries of a 3-entry value. None means isotropic voxels.
-        Only the ratios matter.
+        Voxel size per axis (z, y, x) in physical units; a 2D input takes
+        (y, x) or uses the last two entries of a 3-entry value. One number,
+        or None, means isotropic voxels. Only the ratios matter.
     min_distance : int, optional
         Minimum distance between the centres of two particles, in voxels of
         the finest axis (with ``spacing=(50, 10, 10)``, 2 means 20 nm; along
@@ -179,7 +161,7 @@ def split_touching(labels, *, spacing=None, min_distance=2, footprint=None, comp
     """
     labels = _check_labels(labels)
     ndim = labels.ndim
-    spacing = _spacing(spacing, ndim)
+    spacing = check_spacing(spacing, ndim=ndim, drop_z=True, allow_none=True, allow_scalar=True, warn=False)
     if isinstance(min_distance, bool) or not isinstance(min_distance, Integral | Real) or not (
         np.isfinite(min_distance) and min_distance >= 1
     ):
@@ -318,7 +300,9 @@ class ParticleSplitter(VolumeEstimatorMixin, TransformerMixin, BaseEstimator):
                 )
             labels = volume.restore(volume.read(0, volume.shape[0]))
             arrays.append(_check_labels(labels, volume.name))
-            _spacing(self.spacing, labels.ndim)
+            check_spacing(
+                self.spacing, ndim=labels.ndim, drop_z=True, allow_none=True, allow_scalar=True, warn=False
+            )
         return arrays, is_list
 
     def fit(self, X, y=None):

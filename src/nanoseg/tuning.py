@@ -30,7 +30,8 @@ from sklearn.utils import check_random_state
 
 from ._search import SharedGridSearchCV
 from ._tuning_steps import PerVolume, PrefitMixture
-from ._volume import as_volumes, check_targets, is_volume_list
+from ._validation import check_targets
+from ._volume import as_volumes, is_volume_list
 from .mixture import NanoparticleMixture
 
 __all__ = ["PerVolume", "PrefitMixture", "default_search_space", "tune", "tuning_pipeline"]

@@ -24,7 +24,7 @@ import scipy.ndimage as ndi
 
 from .._backend import CPU
 from .._ops.filters import compute_features, support
-from .._parallel import ordered_map
+from .._plan import ordered_map
 from .overlap import map_overlap
 
 #: Tile edge (voxels, in the plane) by which the gate's voxels are grouped into crops.

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._spacing import check_spacing
+
 #: Feature families, in the order their columns appear.
 FEATURES = ("intensity", "gaussian", "dog", "gradient", "hessian", "contrast")
 
@@ -100,24 +102,26 @@ def voxel_sigmas(sigmas, spacing, is_2d):
     sigmas : sequence of float
         Scales, in the units of `spacing` (or voxels when `spacing` is None).
     spacing : sequence of float or None
-        Voxel size (z, y, x), or (y, x) for images.
+        Voxel size (z, y, x), or for images (y, x) or (z, y, x) with z
+        ignored; None means 1 along every axis. Checked by
+        :func:`nanoseg._spacing.check_spacing`.
     is_2d : bool
         Images are filtered within the plane (z sigma 0).
 
     Returns
     -------
     tuple of (float, float, float)
+
+    Raises
+    ------
+    ValueError
+        If `spacing` is not a valid voxel size for the dimensionality.
     """
-    if spacing is None:
-        spacing = (1.0, 1.0, 1.0)
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) == 2:
-        spacing = (spacing[0], *spacing)  # z unused for images
-    out = []
-    for sigma in sigmas:
-        z, y, x = (float(sigma) / s for s in spacing)
-        out.append((0.0 if is_2d else z, y, x))
-    return tuple(out)
+    if is_2d:
+        y, x = check_spacing(spacing, ndim=2, drop_z=True, allow_none=True, warn=False)
+        return tuple((0.0, float(sigma) / y, float(sigma) / x) for sigma in sigmas)
+    spacing = check_spacing(spacing, ndim=3, allow_none=True, warn=False)
+    return tuple(tuple(float(sigma) / s for s in spacing) for sigma in sigmas)
 
 
 def _radius(sigma):

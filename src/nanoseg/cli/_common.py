@@ -300,6 +300,7 @@ def _make_mixture(args):
         options["intensity_range"] = tuple(options["intensity_range"])
     mixture = NanoparticleMixture(**options, verbose=_progress(args))
     _set_performance([mixture], args)
+    mixture._validate_params()
     mixture._check_params()
     return mixture
 

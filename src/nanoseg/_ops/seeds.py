@@ -1,78 +1,35 @@
-"""Per-slice and per-slab image kernels, written against a :class:`Backend`.
+"""Seeds and the background histogram: which pixels of a slice are surely background.
 
-These are the only functions that touch voxels. Each takes the backend
-first so that the same code serves every array library; inputs are arrays
-of that backend, outputs too unless stated.
+The mixture learns its background from the pixels far from any bright seed:
+seed pixels (above the low level) form 8-connected components per slice; the
+bounding box of each large enough one, grown by a halo, is excluded, and so
+is every pixel at or above the high level. This module holds every variant
+of that step side by side:
 
-On the CPU, histograms and lookups take compiled loops (:mod:`nanoseg._jit`)
-and sparse seeds are grouped as pixel lists; those shortcuts are tested
-against the generic code below, which is also what runs on a GPU. The generic
-code uses only operations that NumPy/SciPy and CuPy/cupyx spell alike, and
-every result that depends on numbering (labels) is renumbered explicitly, so
-both backends give identical outputs.
+* the compiled CPU loop (:func:`excluded_box_histograms`), which finds the
+  seeds, groups them with a union-find and counts the boxed pixels in one
+  pass per slice, for several seed levels at once;
+* the generic slab code, written against a backend (NumPy or CuPy): seeds
+  labelled per slice, boxes from sorts of the seed voxels, boxes painted
+  with a summed-area table (:func:`slab_background_histograms`);
+* the "dilation" halo, which excludes the neighbourhood of the seed pixels
+  rather than their boxes (:func:`dilated_seed_exclusion`).
+
+Levels are given in model space: with ``dark=True`` the model sees ``255 - v``
+and the tests are mirrored, so no voxel is ever inverted.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from skimage.morphology import ball, disk
 
-from . import _backend, _jit, _sparse
-from ._model import N_BINS
-
-
-def _fast(backend):
-    """The backend's hand-written device kernels, when enabled."""
-    return backend.fast if _backend.FAST_KERNELS else None
-
-
-def histogram(backend, values):
-    """256-bin histogram (int64) of uint8 `values` of any shape.
-
-    On the CPU, pairs of bytes are counted as 16-bit words (65536 bins) and
-    folded back to 256 bins: half as many elements for ``bincount``, which
-    roughly doubles its speed; the counts are exact.
-    """
-    xp = backend.xp
-    if backend.name == "cpu" and _jit.available():
-        return _jit.slice_histograms(values.reshape(1, -1))[0]
-    if _fast(backend) is not None:
-        return _fast(backend).plane_histograms(values.reshape(1, -1))[0]
-    flat = values.reshape(-1)
-    if backend.name != "cpu" or flat.size < 2**16:
-        return xp.bincount(flat, minlength=N_BINS).astype(np.int64, copy=False)
-    flat = np.ascontiguousarray(flat)
-    even = flat.size - flat.size % 2
-    pairs = np.bincount(flat[:even].view(np.uint16), minlength=N_BINS * N_BINS)
-    pairs = pairs.reshape(N_BINS, N_BINS)
-    hist = pairs.sum(axis=0) + pairs.sum(axis=1)
-    if even < flat.size:
-        hist[flat[-1]] += 1
-    return hist.astype(np.int64, copy=False)
-
-
-def slice_histograms(backend, slab):
-    """Histogram of every slice of a (n, Y, X) uint8 slab: (n, 256) int64."""
-    xp = backend.xp
-    if backend.name == "cpu" and _jit.available():
-        return _jit.slice_histograms(slab)
-    if _fast(backend) is not None:
-        return _fast(backend).plane_histograms(slab)
-    out = xp.empty((slab.shape[0], N_BINS), dtype=np.int64)
-    for i in range(slab.shape[0]):
-        out[i] = histogram(backend, slab[i])
-    return out
-
-
-def masked_slice_histograms(backend, slab, mask):
-    """Histogram of the voxels of each slice of `slab` where `mask` is True: (n, 256) int64."""
-    xp = backend.xp
-    if _fast(backend) is not None:
-        return _fast(backend).plane_histograms(slab, mask)
-    out = xp.empty((slab.shape[0], N_BINS), dtype=np.int64)
-    for i in range(slab.shape[0]):
-        out[i] = xp.bincount(slab[i][mask[i]], minlength=N_BINS)
-    return out
+from .._model import N_BINS
+from . import _numba
+from ._numba import _k_find, _k_grow, _k_union  # noqa: F401 - called by the compiled loop
+from .components import label_set
+from .histogram import histogram, masked_slice_histograms, slice_histograms
 
 
 def above(backend, values, level):
@@ -122,7 +79,7 @@ def _seed_boxes(backend, seeds, min_seed_size):
     n_cols = seeds.shape[1]
     flat = np.flatnonzero(seeds) if backend.name == "cpu" else None
     if flat is not None and flat.size <= SPARSE_SEED_FRACTION * seeds.size:
-        ids, count = _sparse.label(flat, seeds.shape, 2)
+        ids, count = label_set(flat, seeds.shape, 2)
         if count == 0:
             return np.empty((0, 4), dtype=np.int64)
         order = np.argsort(ids, kind="stable")
@@ -149,6 +106,173 @@ def _seed_boxes(backend, seeds, min_seed_size):
         [[found[i - 1][0].start, found[i - 1][0].stop, found[i - 1][1].start, found[i - 1][1].stop] for i in keep],
         dtype=np.int64,
     ).reshape(-1, 4)
+
+
+
+def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out):
+    """Histogram of the pixels inside the grown seed boxes, for several seed levels.
+
+    image: (Y, X) uint8, C-contiguous. Level l seeds the pixels with
+    values in firsts[l]..firsts[l] + spans[l] (the caller orders the
+    levels so that each one's seeds are a subset of the first one's).
+    n_seeds: number of seeds of the first level when known (from the
+    slice's histogram), else -1. out: (levels, 256) int64, overwritten.
+    """
+    n_rows, n_cols = image.shape
+    flat = image.reshape(-1)
+    out[:] = 0
+    if firsts.size == 0:
+        return out
+    # Seeds of the widest level, row by row. Blocks of 64 pixels with no
+    # seed are skipped after one vectorised test.
+    first = np.uint8(firsts[0])
+    span = np.uint8(spans[0])
+    n_all = n_seeds
+    if n_all < 0:
+        n_all = 0
+        for p in range(flat.size):
+            n_all += np.uint8(flat[p] - first) <= span
+    all_cols = np.empty(n_all, dtype=np.int32)
+    all_starts = np.empty(n_rows + 1, dtype=np.int64)
+    k = 0
+    for row in range(n_rows):
+        all_starts[row] = k
+        base = row * n_cols
+        c = 0
+        while c < n_cols:
+            stop = min(c + 64, n_cols)
+            hit = 0
+            for q in range(base + c, base + stop):
+                hit += np.uint8(flat[q] - first) <= span
+            if hit:
+                for q in range(c, stop):
+                    if np.uint8(flat[base + q] - first) <= span:
+                        if k == all_cols.size:  # more seeds than announced: never write past the end
+                            all_cols = _k_grow(all_cols, k)
+                        all_cols[k] = q
+                        k += 1
+            c = stop
+    all_starts[n_rows] = k
+    n_all = k
+    cols = np.empty(n_all, dtype=np.int32)
+    starts = np.empty(n_rows + 1, dtype=np.int64)
+    parent = np.empty(n_all, dtype=np.int64)
+    size = np.empty(n_all, dtype=np.int64)
+    row_min = np.empty(n_all, dtype=np.int64)
+    row_max = np.empty(n_all, dtype=np.int64)
+    col_min = np.empty(n_all, dtype=np.int64)
+    col_max = np.empty(n_all, dtype=np.int64)
+    for level in range(firsts.size):
+        first = np.uint8(firsts[level])
+        span = np.uint8(spans[level])
+        n = 0
+        for row in range(n_rows):
+            starts[row] = n
+            base = row * n_cols
+            for i in range(all_starts[row], all_starts[row + 1]):
+                if np.uint8(flat[base + all_cols[i]] - first) <= span:
+                    cols[n] = all_cols[i]
+                    n += 1
+        starts[n_rows] = n
+        if n == 0:
+            continue
+        # 8-connected components: each seed joins its left neighbour and
+        # the up to three seeds above it, found with a pointer that only
+        # moves forward through the row above.
+        for i in range(n):
+            parent[i] = i
+        for row in range(n_rows):
+            above = starts[row - 1] if row > 0 else 0
+            for i in range(starts[row], starts[row + 1]):
+                c = cols[i]
+                if i > starts[row] and cols[i - 1] == c - 1:
+                    _k_union(parent, i, i - 1)
+                if row > 0:
+                    while above < starts[row] and cols[above] < c - 1:
+                        above += 1
+                    t = above
+                    while t < starts[row] and cols[t] <= c + 1:
+                        _k_union(parent, i, t)
+                        t += 1
+        # Size and bounding box of each component, kept at its root.
+        for i in range(n):
+            size[i] = 0
+        for row in range(n_rows):
+            for i in range(starts[row], starts[row + 1]):
+                root = _k_find(parent, i)
+                c = cols[i]
+                if size[root] == 0:
+                    row_min[root] = row
+                    col_min[root] = c
+                    col_max[root] = c
+                else:
+                    col_min[root] = min(col_min[root], c)
+                    col_max[root] = max(col_max[root], c)
+                row_max[root] = row
+                size[root] += 1
+        # Count every pixel of the union of the grown boxes once.
+        painted = np.zeros(flat.size, dtype=np.uint8)
+        for i in range(n):
+            if parent[i] != i or size[i] < min_size:
+                continue
+            r0 = max(row_min[i] - pad, 0)
+            r1 = min(row_max[i] + 1 + pad, n_rows)
+            c0 = max(col_min[i] - pad, 0)
+            c1 = min(col_max[i] + 1 + pad, n_cols)
+            for row in range(r0, r1):
+                base = row * n_cols
+                for q in range(base + c0, base + c1):
+                    if painted[q] == 0:
+                        painted[q] = 1
+                        out[level, flat[q]] += 1
+    return out
+
+
+
+@functools.cache
+def _compiled():
+    return _numba.compile_into(globals(), (*_numba.SHARED_KERNELS, "_k_excluded_box_histograms"))
+
+
+def seed_ranges(lows, dark):
+    """Seed tests ``first <= v <= first + span`` on raw values for model-space levels `lows`.
+
+    A pixel seeds at level ``low`` when its model intensity is above ``low``:
+    ``v > low``, or ``255 - v > low`` for dark particles. Levels at which
+    nothing can seed give an empty range, marked by a negative span.
+    """
+    lows = np.asarray(lows, dtype=np.int64)
+    clipped = np.clip(lows, -1, 255)
+    spans = 254 - clipped
+    firsts = np.zeros_like(clipped) if dark else clipped + 1
+    firsts[spans < 0] = 0
+    return firsts, spans
+
+
+def excluded_box_histograms(image, lows, *, min_seed_size, halo_pad, dark=False, hist=None):
+    """(len(lows), 256) histograms of the pixels in the grown seed boxes of a 2D slice.
+
+    See :func:`background_histogram` for the boxes; one row
+    per level of `lows` (model space). Levels are processed from the lowest,
+    whose seeds include every other level's. The slice's histogram `hist`,
+    when given, tells how many seeds there are, which saves a pass.
+    """
+    lows = np.asarray(lows, dtype=np.int64)
+    order = np.argsort(lows, kind="stable")
+    firsts, spans = seed_ranges(lows[order], dark)
+    usable = spans >= 0  # levels with no possible seed exclude nothing
+    out = np.zeros((lows.size, 256), dtype=np.int64)
+    if usable.any():
+        image = np.ascontiguousarray(image)
+        found = np.zeros((int(usable.sum()), 256), dtype=np.int64)
+        first, span = int(firsts[usable][0]), int(spans[usable][0])
+        n_seeds = -1 if hist is None else int(np.asarray(hist)[first : first + span + 1].sum())
+        _compiled()["_k_excluded_box_histograms"](
+            image, firsts[usable], spans[usable], int(min_seed_size), int(halo_pad), n_seeds, found
+        )
+        out[order[usable]] = found
+    return out
+
 
 
 def background_histogram(backend, image, low, high, *, min_seed_size, halo_pad, hist=None, dark=False):
@@ -182,8 +306,8 @@ def background_histogram(backend, image, low, high, *, min_seed_size, halo_pad, 
         )[0]
     if hist is None:
         hist = histogram(backend, image)
-    if _jit.available():
-        boxes = _jit.excluded_box_histograms(
+    if _numba.available():
+        boxes = excluded_box_histograms(
             image, [low], min_seed_size=min_seed_size, halo_pad=halo_pad, dark=dark, hist=hist
         )
         return drop_bright(hist - boxes[0], high, dark)
@@ -372,120 +496,3 @@ def paint_boxes(backend, boxes, shape, pad):
     covered = xp.cumsum(xp.cumsum(corners, axis=1, dtype=np.int32), axis=2, dtype=np.int32)
     return covered[:, :n_rows, :n_cols] > 0
 
-
-def apply_luts(backend, slab, luts, out=None):
-    """Look every voxel of a (n, Y, X) uint8 slab up in its slice's table.
-
-    Parameters
-    ----------
-    slab : (n, Y, X) uint8 array
-    luts : (n, 256) array
-        One table per slice; the output has its dtype.
-    out : array, optional
-        Where to write the result.
-    """
-    xp = backend.xp
-    if out is None:
-        out = xp.empty(slab.shape, dtype=luts.dtype)
-    if backend.name == "cpu" and _jit.available() and out.flags.c_contiguous:
-        return _jit.apply_luts(slab, luts, out)
-    for i in range(slab.shape[0]):
-        xp.take(luts[i], slab[i], out=out[i])
-    return out
-
-
-def footprint(radius, ndim):
-    """Ball (3D) or disk (2D) of `radius` voxels as a boolean array."""
-    return (ball(radius) if ndim == 3 else disk(radius)).astype(bool)
-
-
-def close_mask(backend, mask, radius):
-    """Binary closing with a ball/disk of `radius`; radius 0 returns `mask`.
-
-    Outside the array counts as background for the dilation and as
-    foreground for the erosion (scikit-image's ``mode="ignore"``), so the
-    closing only ever adds voxels, also at the borders.
-    """
-    if radius == 0:
-        return mask
-    ndi = backend.ndi
-    structure = backend.xp.asarray(footprint(radius, mask.ndim))
-    dilated = ndi.binary_dilation(mask, structure=structure)
-    return ndi.binary_erosion(dilated, structure=structure, border_value=1)
-
-
-def connectivity_structure(ndim, connectivity):
-    """Neighbourhood with `connectivity` as in :func:`skimage.measure.label`."""
-    from scipy.ndimage import generate_binary_structure
-
-    return generate_binary_structure(ndim, connectivity)
-
-
-def label_mask(backend, mask, connectivity):
-    """Connected components of `mask`, numbered in raster order.
-
-    scipy numbers components by their first voxel in raster order; other
-    backends' labels are renumbered so (see :func:`raster_order`).
-
-    Returns
-    -------
-    labels : int32 array
-    n : int
-    """
-    structure = backend.xp.asarray(connectivity_structure(mask.ndim, connectivity))
-    labels, n = backend.ndi.label(mask, structure=structure)
-    n = int(n)
-    if backend.is_gpu and n > 1:
-        flat = backend.xp.flatnonzero(labels)
-        table = raster_order(backend, flat, labels.reshape(-1)[flat], n)
-        labels = table[labels]
-    return labels, n
-
-
-def label_voxels(backend, mask, connectivity):
-    """Connected components of `mask` as voxel lists, numbered in raster order.
-
-    Returns
-    -------
-    flat : (m,) int64 array of the backend
-        Sorted flat indices of the foreground voxels.
-    ids : (m,) int32 array of the backend
-        Their labels, 1..n.
-    n : int
-    """
-    structure = backend.xp.asarray(connectivity_structure(mask.ndim, connectivity))
-    labels, n = backend.ndi.label(mask, structure=structure)
-    n = int(n)
-    flat = backend.xp.flatnonzero(labels)
-    ids = labels.reshape(-1)[flat]
-    if backend.is_gpu and n > 1:
-        ids = raster_order(backend, flat, ids, n)[ids]
-    return flat.astype(np.int64, copy=False), ids.astype(np.int32, copy=False), n
-
-
-def raster_order(backend, flat, ids, n):
-    """Table renumbering labels 1..n by the raster order of each one's first voxel.
-
-    Parameters
-    ----------
-    flat : (m,) integer array
-        Sorted flat indices of the labelled voxels.
-    ids : (m,) integer array
-        Their labels; every label 1..n occurs.
-
-    Returns
-    -------
-    table : (n + 1,) array of the ids' dtype
-        ``table[old] = new``, with ``table[0] = 0``.
-    """
-    xp = backend.xp
-    total = int(flat[-1]) + 1
-    # Sorting (label, position) pairs puts each label's first voxel at the
-    # start of its run; ranking those first voxels gives the raster order.
-    pairs = xp.sort(ids.astype(np.int64) * total + flat)
-    labels = pairs // total
-    starts = xp.concatenate([xp.ones(1, dtype=bool), labels[1:] != labels[:-1]])
-    firsts = pairs[starts] % total  # first voxel of labels 1..n, in label order
-    table = xp.zeros(n + 1, dtype=ids.dtype)
-    table[xp.argsort(firsts) + 1] = xp.arange(1, n + 1, dtype=ids.dtype)
-    return table

@@ -1,0 +1,241 @@
+"""The mixture's posterior: per-slice lookup tables applied to every voxel.
+
+Each slice's MAP particle fraction turns the fitted PMFs into a 256-entry
+posterior table (:mod:`nanoseg._model`), and the posterior of a voxel is its
+slice's table at its intensity (bin). Three ways to run it:
+
+* in memory (NumPy): slabs of whole planes looked up on threads, into one
+  output array;
+* on a GPU: slabs copied there and back on several streams, or a CuPy
+  volume looked up where it is;
+* lazily (zarr, dask): a dask graph. On the CPU the slice weights are part
+  of the graph (:func:`one_pass_posterior`): each chunk feeds its slice's
+  histogram and the lookup, so computing any part of the posterior reads its
+  chunks once.
+
+With a `threshold`, boolean tables (each entry the comparison the float
+posterior would make) give the mask ``posterior >= threshold`` directly: no
+float voxel is ever written.
+
+The functions take the fitted estimator itself as `model`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import _model
+from .._backend import CPU, get_backend, to_numpy
+from .._model import mirror
+from .._ops.histogram import slice_histograms as _slice_histograms
+from .._ops.lookup import apply_luts, to_bins
+from .._plan import HISTOGRAM_BYTES_PER_VOXEL, POSTERIOR_BYTES_PER_VOXEL, mapping_bytes, ordered_map, slab_depth
+from .._validation import check_beta_prior
+from .._volume import is_lazy
+from .fit import fitted_binning
+
+
+def _dark(model):
+    return model.polarity == "dark"
+
+
+def slice_histograms(model, volume, desc, backend, n_jobs):
+    """The histogram of every slice of `volume`, by the fitted bins: (Z, 256) int64."""
+    binning = fitted_binning(model)
+    maps = not binning.is_identity
+    depth = slab_depth(
+        volume, HISTOGRAM_BYTES_PER_VOXEL + mapping_bytes(volume, maps),
+        memory_budget=model.memory_budget, n_in_flight=n_jobs, verbose=model.verbose, what="histograms",
+    )
+
+    def histograms(group):
+        with backend.stream():
+            slab = to_bins(backend, volume.read(int(group[0]), int(group[-1]) + 1, backend), binning)
+            return backend.to_host(_slice_histograms(backend, slab))
+
+    parts = []
+    with tqdm(total=volume.shape[0], desc=desc, unit="slice", disable=not model.verbose) as bar:
+        for hists in ordered_map(histograms, volume.slabs(depth), n_jobs):
+            parts.append(hists)
+            bar.update(len(hists))
+    return np.concatenate(parts)
+
+
+def slice_weights(model, hists):
+    """MAP particle fraction of each slice with histograms `hists` (by bin)."""
+    # The MAP objective sums over intensities: evaluate it in model space,
+    # where its terms come in the same order for either polarity.
+    dark = _dark(model)
+    return _model.map_slice_weights(
+        mirror(hists, dark), mirror(model.particle_pmf_, dark), mirror(model.background_pmf_, dark),
+        check_beta_prior(model.beta_prior), model.eps,
+    )
+
+
+def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
+    """The posterior of one volume, or with a `threshold` its mask ``posterior >= threshold``.
+
+    `hists` are the volume's slice histograms when already known (from the
+    fit); otherwise they are counted first, or, for a lazy volume on the
+    CPU, inside the graph.
+    """
+    binning = fitted_binning(model)
+    maps = volume.dtype != np.uint8 or not binning.is_identity
+    if is_lazy(volume.array) and hists is None and not backend.is_gpu:
+        # The slice weights are computed inside the graph from the chunks
+        # the lookup reads anyway: one pass over the input, not two.
+        tables = SliceTables(
+            mirror(model.particle_pmf_, _dark(model)), mirror(model.background_pmf_, _dark(model)),
+            check_beta_prior(model.beta_prior), model.eps, model.posterior_dtype, _dark(model), threshold,
+        )
+        return volume.restore(one_pass_posterior(volume.to_dask(), tables, binning if maps else None))
+    if hists is None:
+        hists = slice_histograms(model, volume, "Slice weights", backend, n_jobs)
+    luts = model.posterior_luts(slice_weights(model, hists))
+    if threshold is not None:
+        luts = luts >= threshold
+    if is_lazy(volume.array):
+        return volume.restore(lazy_posterior(volume.to_dask(), luts, backend.name, binning if maps else None))
+    if volume.kind == "cupy":
+        # Already on the GPU: one lookup over the whole volume, no copies
+        # (but the mapped volume, for 16-bit data).
+        tables = backend.to_device(luts)
+        slab = to_bins(backend, volume.read(0, volume.shape[0], backend), binning)
+        return volume.restore(apply_luts(backend, slab, tables))
+    return volume.restore(_posterior_in_memory(model, volume, backend, n_jobs, luts, binning, maps))
+
+
+def _posterior_in_memory(model, volume, backend, n_jobs, luts, binning, maps):
+    """Look a NumPy volume up slab by slab, on threads (copied to the GPU and back there)."""
+    out = np.empty(volume.shape, dtype=luts.dtype)
+    depth = slab_depth(
+        volume, POSTERIOR_BYTES_PER_VOXEL + mapping_bytes(volume, maps),
+        memory_budget=model.memory_budget, n_in_flight=n_jobs, verbose=model.verbose, what="posterior",
+    )
+    tables = backend.to_device(luts)
+    # The tables must be on the device before other threads' streams read them.
+    backend.synchronize()
+
+    def lookup(group):
+        start, stop = int(group[0]), int(group[-1]) + 1
+        with backend.stream():
+            if not backend.is_gpu:
+                slab = to_bins(backend, volume.read(start, stop), binning)
+                apply_luts(backend, slab, luts[start:stop], out=out[start:stop])
+                return
+            slab = to_bins(backend, volume.read(start, stop, backend), binning)
+            result = apply_luts(backend, slab, tables[start:stop])
+            backend.to_host(result, out=out[start:stop])
+
+    for _ in ordered_map(lookup, volume.slabs(depth), n_jobs):
+        pass
+    return out
+
+
+def apply_luts_block(block, luts, device="cpu", binning=None):
+    """Look one chunk up (mapped to bins first when a `binning` is given); on a
+    GPU, a host chunk is copied there and back."""
+    backend = get_backend(device)
+    if not backend.is_gpu:
+        block = to_numpy(block)
+        if binning is not None:
+            block = to_bins(backend, block, binning)
+        return apply_luts(backend, block, luts)
+    with backend.stream():
+        slab = backend.to_device(block)
+        if binning is not None:
+            slab = to_bins(backend, slab, binning)
+        result = apply_luts(backend, slab, backend.to_device(luts))
+        return result if backend.owns(block) else backend.to_host(result)
+
+
+def lazy_posterior(source, luts, device="cpu", binning=None):
+    """Lazy per-slice lookup: one task per input chunk, on `device` ("cpu" or "cuda").
+
+    With a `binning`, each chunk is mapped to bins in its own task, so the
+    mapped volume never exists as a whole.
+    """
+    import dask.array as da
+
+    tables = da.from_array(luts, chunks=(source.chunks[0], luts.shape[1]))
+    options = {} if binning is None else {"binning": binning}
+    return da.blockwise(
+        apply_luts_block, "zyx", source, "zyx", tables, "zv",
+        dtype=luts.dtype, concatenate=True, device=device, **options,
+    )
+
+
+class SliceTables:
+    """Posterior lookup tables from slice histograms, as a small picklable callable.
+
+    Gives exactly the fitted mixture's ``posterior_luts`` of the slices' MAP weights
+    (or, with a `threshold`, those tables ``>= threshold``):
+    each slice's MAP weight depends on its own histogram only, so tables
+    computed for a few slices at a time equal those computed for all at once.
+    The PMFs are stored in model space (mirrored for dark particles).
+    """
+
+    def __init__(self, particle_pmf, background_pmf, beta_prior, eps, dtype, dark, threshold=None):
+        self.particle_pmf = particle_pmf
+        self.background_pmf = background_pmf
+        self.beta_prior = beta_prior
+        self.eps = eps
+        self.posterior_dtype = np.dtype(dtype)
+        self.dark = dark
+        self.threshold = threshold
+
+    @property
+    def dtype(self):
+        """The tables' dtype: the posterior's, or bool once thresholded."""
+        return self.posterior_dtype if self.threshold is None else np.dtype(bool)
+
+    def __call__(self, hists):
+        weights = _model.map_slice_weights(
+            mirror(hists, self.dark), self.particle_pmf, self.background_pmf, self.beta_prior, self.eps
+        )
+        luts = _model.posterior_luts(
+            weights, mirror(self.particle_pmf, self.dark), mirror(self.background_pmf, self.dark), self.eps,
+            dtype=self.posterior_dtype,
+        )
+        return luts if self.threshold is None else luts >= self.threshold
+
+    def __dask_tokenize__(self):
+        return (
+            "nanoseg-slice-tables", self.particle_pmf.tobytes(), self.background_pmf.tobytes(),
+            tuple(self.beta_prior), self.eps, str(self.posterior_dtype), self.dark, self.threshold,
+        )
+
+
+def block_histograms(block, binning=None):
+    """(n, 1, 1, 256) histograms of the slices of one (n, y, x) chunk, in bins."""
+    block = to_numpy(block)
+    if binning is not None:
+        block = to_bins(CPU, block, binning)
+    return _slice_histograms(CPU, np.ascontiguousarray(block))[:, None, None, :]
+
+
+def one_pass_posterior(source, tables, binning=None):
+    """Lazy posterior whose slice weights are part of the graph.
+
+    Each input chunk feeds two tasks: a histogram of its part of each slice,
+    summed over the slice's chunks into the slice's histogram, then turned
+    into the slices' lookup tables by `tables`; and the lookup itself. In
+    one computation dask reads each chunk once and frees it when both are
+    done, so any part of the posterior costs one read of the chunks it
+    covers (whole slices for the histograms) and memory stays per chunk.
+    """
+    import dask.array as da
+
+    options = {} if binning is None else {"binning": binning}
+    partial = da.blockwise(
+        block_histograms, "zyxv", source, "zyx", new_axes={"v": _model.N_BINS},
+        adjust_chunks={"y": 1, "x": 1}, dtype=np.int64, **options,
+    )
+    hists = partial.sum(axis=(1, 2), dtype=np.int64)
+    luts = hists.map_blocks(tables, dtype=tables.dtype)
+    return da.blockwise(
+        apply_luts_block, "zyx", source, "zyx", luts, "zv",
+        dtype=tables.dtype, concatenate=True, device="cpu", **options,
+    )
+

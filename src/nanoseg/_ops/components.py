@@ -1,0 +1,206 @@
+"""Connected components of particle masks: dense and sparse, NumPy, numba and CuPy.
+
+Every variant numbers components by the raster order of their first voxel,
+as :func:`scipy.ndimage.label` does, so all of them give identical labels:
+
+* dense (:func:`label_mask`, :func:`label_voxels`): ``ndimage.label`` on any
+  backend; cupyx numbers differently, so its labels are renumbered
+  (:func:`raster_order`);
+* sparse (:func:`label_set`), for a sorted set of foreground voxels: a
+  compiled union-find with one forward pointer per neighbour offset, or the
+  components of the graph joining set members one offset apart
+  (scipy.sparse.csgraph). Because the set is sorted, a component's first
+  member is its first voxel in raster order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from scipy.ndimage import generate_binary_structure
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from . import _numba
+from ._numba import _k_find, _k_union  # noqa: F401 - called by the compiled loop
+from .voxel_sets import coords_of, members, shift
+
+
+def connectivity_structure(ndim, connectivity):
+    """Neighbourhood with `connectivity` as in :func:`skimage.measure.label`."""
+    return generate_binary_structure(ndim, connectivity)
+
+
+def label_mask(backend, mask, connectivity):
+    """Connected components of `mask`, numbered in raster order.
+
+    scipy numbers components by their first voxel in raster order; other
+    backends' labels are renumbered so (see :func:`raster_order`).
+
+    Returns
+    -------
+    labels : int32 array
+    n : int
+    """
+    structure = backend.xp.asarray(connectivity_structure(mask.ndim, connectivity))
+    labels, n = backend.ndi.label(mask, structure=structure)
+    n = int(n)
+    if backend.is_gpu and n > 1:
+        flat = backend.xp.flatnonzero(labels)
+        table = raster_order(backend, flat, labels.reshape(-1)[flat], n)
+        labels = table[labels]
+    return labels, n
+
+
+def label_voxels(backend, mask, connectivity):
+    """Connected components of `mask` as voxel lists, numbered in raster order.
+
+    Returns
+    -------
+    flat : (m,) int64 array of the backend
+        Sorted flat indices of the foreground voxels.
+    ids : (m,) int32 array of the backend
+        Their labels, 1..n.
+    n : int
+    """
+    structure = backend.xp.asarray(connectivity_structure(mask.ndim, connectivity))
+    labels, n = backend.ndi.label(mask, structure=structure)
+    n = int(n)
+    flat = backend.xp.flatnonzero(labels)
+    ids = labels.reshape(-1)[flat]
+    if backend.is_gpu and n > 1:
+        ids = raster_order(backend, flat, ids, n)[ids]
+    return flat.astype(np.int64, copy=False), ids.astype(np.int32, copy=False), n
+
+
+def raster_order(backend, flat, ids, n):
+    """Table renumbering labels 1..n by the raster order of each one's first voxel.
+
+    Parameters
+    ----------
+    flat : (m,) integer array
+        Sorted flat indices of the labelled voxels.
+    ids : (m,) integer array
+        Their labels; every label 1..n occurs.
+
+    Returns
+    -------
+    table : (n + 1,) array of the ids' dtype
+        ``table[old] = new``, with ``table[0] = 0``.
+    """
+    xp = backend.xp
+    total = int(flat[-1]) + 1
+    # Sorting (label, position) pairs puts each label's first voxel at the
+    # start of its run; ranking those first voxels gives the raster order.
+    pairs = xp.sort(ids.astype(np.int64) * total + flat)
+    labels = pairs // total
+    starts = xp.concatenate([xp.ones(1, dtype=bool), labels[1:] != labels[:-1]])
+    firsts = pairs[starts] % total  # first voxel of labels 1..n, in label order
+    table = xp.zeros(n + 1, dtype=ids.dtype)
+    table[xp.argsort(firsts) + 1] = xp.arange(1, n + 1, dtype=ids.dtype)
+    return table
+
+
+
+def _k_label_set(flat, shape, offsets):
+    """Connected components of the sorted voxel set `flat` in an array of `shape`.
+
+    offsets: (k, 3) neighbour offsets that come before a voxel in raster
+    order (half the neighbourhood). Returns (ids 1..count in raster order
+    of each component's first voxel, count).
+    """
+    n_planes, n_rows, n_cols = shape
+    plane = n_rows * n_cols
+    n = flat.size
+    k = offsets.shape[0]
+    parent = np.arange(n)
+    # One forward-only pointer per offset: the neighbours of successive
+    # voxels are at increasing positions.
+    pointers = np.zeros(k, dtype=np.int64)
+    steps = np.empty(k, dtype=np.int64)
+    for o in range(k):
+        steps[o] = offsets[o, 0] * plane + offsets[o, 1] * n_cols + offsets[o, 2]
+    for i in range(n):
+        p = flat[i]
+        z = p // plane
+        y = (p - z * plane) // n_cols
+        x = p - z * plane - y * n_cols
+        for o in range(k):
+            zz = z + offsets[o, 0]
+            yy = y + offsets[o, 1]
+            xx = x + offsets[o, 2]
+            if not (0 <= zz < n_planes and 0 <= yy < n_rows and 0 <= xx < n_cols):
+                continue
+            target = p + steps[o]
+            j = pointers[o]
+            while j < i and flat[j] < target:
+                j += 1
+            pointers[o] = j
+            if j < i and flat[j] == target:
+                _k_union(parent, i, j)
+    ids = np.empty(n, dtype=np.int32)
+    count = 0
+    for i in range(n):
+        root = _k_find(parent, i)
+        if root == i:
+            count += 1
+            ids[i] = count
+        else:
+            ids[i] = ids[root]
+    return ids, count
+
+
+
+@functools.cache
+def _compiled():
+    return _numba.compile_into(globals(), ("_k_find", "_k_union", "_k_label_set"))
+
+
+def compiled_label_set(flat, shape, offsets):
+    """Components of the sorted set `flat` joined by the earlier-in-raster-order
+    `offsets` (2D or 3D), by the compiled loop: (ids, count)."""
+    shape, offsets = _numba.as_3d(shape, offsets)
+    return _compiled()["_k_label_set"](flat, shape, offsets)
+
+
+def label_set(flat, shape, connectivity):
+    """Connected components of the set `flat`, numbered in raster order.
+
+    Returns
+    -------
+    ids : (n,) int32
+        Component of each member, 1..count.
+    count : int
+    """
+    n = flat.size
+    if n == 0:
+        return np.zeros(0, dtype=np.int32), 0
+    ndim = len(shape)
+    structure = generate_binary_structure(ndim, connectivity)
+    offsets = np.argwhere(structure) - 1
+    if _numba.available():
+        # Each edge once, from a voxel to its neighbours before it in raster order.
+        before = offsets[[tuple(o) < (0,) * ndim for o in offsets]]
+        ids, count = compiled_label_set(np.asarray(flat, dtype=np.int64), tuple(shape), before)
+        return ids, int(count)
+    shape = np.asarray(shape)
+    # Each undirected edge once: offsets after the centre in raster order.
+    offsets = offsets[[tuple(o) > (0,) * ndim for o in offsets]]
+    coords = coords_of(flat, tuple(shape))
+    rows, cols = [], []
+    for offset in offsets:
+        neighbours, inside = shift(coords, offset, shape)
+        member = members(flat, neighbours)
+        rows.append(np.flatnonzero(inside)[member])
+        cols.append(np.searchsorted(flat, neighbours[member]))
+    rows = np.concatenate(rows)
+    cols = np.concatenate(cols)
+    graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(n, n))
+    count, component = connected_components(graph, directed=False)
+    # Number components by their first member, i.e. their first voxel in raster order.
+    ids, first = np.unique(component, return_index=True)
+    rank = np.empty(count, dtype=np.int32)
+    rank[ids[np.argsort(first, kind="stable")]] = np.arange(1, count + 1, dtype=np.int32)
+    return rank[component], int(count)
+

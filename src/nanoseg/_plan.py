@@ -1,0 +1,111 @@
+"""Planning slab work: threads, slabs in flight per device, bytes per slab.
+
+Slab work is dominated by compiled code that releases the GIL (numba
+kernels, NumPy sorts and searches, zarr decoding), so threads scale without
+copying data between processes. Results come back in submission order, with
+a bounded number of slabs in flight, so that memory stays bounded and
+order-dependent merging (such as labels across slab faces) can follow along.
+
+``n_jobs`` has one meaning in every estimator: the number of slabs worked
+on at once, on threads. None takes the ``n_jobs`` of an enclosing
+:func:`joblib.parallel_config` when there is one, and otherwise every CPU;
+negative values count back from the number of CPUs (``-1`` all, ``-2`` all
+but one). Searches that run candidates in several processes
+(:func:`nanoseg.tune`) set each candidate's ``n_jobs`` to 1, so nested
+parallelism never oversubscribes the machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: Default target bytes of working memory per slab (the estimators'
+#: ``memory_budget=None``). Slabs hold whole planes and are aligned to the
+#: input's chunks along Z; a single chunk deeper than the budget is still read
+#: whole, so memory is bounded by max(slab, chunk).
+SLAB_BYTES = 128 * 2**20
+
+# Working bytes per voxel of each pass, used to size its slabs.
+#: Histogram passes: the uint8 slab plus the background kernel's boolean masks.
+HISTOGRAM_BYTES_PER_VOXEL = 4
+#: In-memory posterior: the uint8 slab and its float32 output.
+POSTERIOR_BYTES_PER_VOXEL = 5
+#: Labelling a slab: the float32 posterior and its mask (lazy inputs arrive
+#: as the mask alone). The dense fallback for masks above the sparse fraction
+#: needs about twice as much (two morphology temporaries and int32 labels).
+LABEL_BYTES_PER_VOXEL = 6
+
+#: Slabs in flight on a GPU. Two or three threads already overlap one slab's
+#: copies with another's kernels; more would only take device memory.
+GPU_SLABS_IN_FLIGHT = 4
+
+
+def mapping_bytes(volume, maps):
+    """Extra working bytes per voxel when `volume`'s slabs are mapped to bins: the raw slab."""
+    return volume.dtype.itemsize if maps or volume.dtype != "uint8" else 0
+
+
+def effective_n_jobs(n_jobs):
+    """Threads for `n_jobs` (see the module's note on its meaning)."""
+    n_cpus = os.cpu_count() or 1
+    if n_jobs is None:
+        from joblib.parallel import get_active_backend
+
+        _, configured = get_active_backend()
+        if configured is None:
+            return n_cpus
+        n_jobs = configured
+    if n_jobs < 0:
+        return max(1, n_cpus + 1 + n_jobs)
+    return max(1, int(n_jobs))
+
+
+def device_n_jobs(n_jobs, backend, on_device=False):
+    """Slabs in flight on `backend`.
+
+    On the CPU, :func:`effective_n_jobs`. On a GPU at most
+    :data:`GPU_SLABS_IN_FLIGHT`, and one for data already there (no copies
+    to overlap).
+    """
+    n = effective_n_jobs(n_jobs)
+    if not backend.is_gpu:
+        return n
+    return 1 if on_device else min(n, GPU_SLABS_IN_FLIGHT)
+
+
+def slab_budget(memory_budget, n_in_flight):
+    """Bytes for one slab: `memory_budget` shared by the `n_in_flight` slabs.
+
+    None keeps each slab at the default :data:`SLAB_BYTES`.
+    """
+    from ._validation import check_memory_budget
+
+    total = check_memory_budget(memory_budget)
+    return None if total is None else max(1, total // max(1, int(n_in_flight)))
+
+
+def ordered_map(function, items, n_jobs):
+    """Yield ``function(item)`` for each item, in order, with `n_jobs` threads.
+
+    Through joblib's threading backend, at most `n_jobs` items are
+    dispatched ahead of the one being consumed.
+    """
+    if n_jobs <= 1:
+        yield from map(function, items)
+        return
+    from joblib import Parallel, delayed
+
+    parallel = Parallel(n_jobs=n_jobs, backend="threading", return_as="generator", pre_dispatch="n_jobs")
+    yield from parallel(delayed(function)(item) for item in items)
+
+
+def slab_depth(volume, bytes_per_voxel, *, memory_budget, n_in_flight, verbose=False, what="pass"):
+    """Slices per slab of `volume` for a pass needing `bytes_per_voxel` working bytes.
+
+    The budget is shared by the `n_in_flight` slabs; with `verbose`, the
+    plan is printed.
+    """
+    depth = volume.slab_depth(bytes_per_voxel, slab_budget(memory_budget, n_in_flight))
+    if verbose:
+        print(volume.describe_plan(depth, bytes_per_voxel, what))
+    return depth

@@ -1,0 +1,91 @@
+"""Figures of one plane of a volume, for :mod:`nanoseg.plotting`.
+
+The image with its particles coloured and outlined, and the image beside
+its particle probability map (and the particles found). Only the plane shown
+is read, so the inputs may be zarr or dask arrays larger than memory;
+scikit-image is imported only when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._plot_common import busiest_plane, check_plane, grey, new_axes, panels, require_matplotlib, where
+from ._volume import as_volume
+
+
+def _same_shape(image, name, array, hint):
+    if tuple(array.shape) != tuple(image.shape):
+        raise ValueError(
+            f"image has shape {tuple(image.shape)} but {name} has shape {tuple(array.shape)}; {hint}"
+        )
+
+
+def _check_labels_dtype(label_volume):
+    if label_volume.dtype.kind not in "biu":
+        raise TypeError(f"labels must be integer labels or a boolean mask; got dtype {label_volume.dtype}.")
+
+
+def _particles(ids):
+    """``"N particle(s)"`` for the labels of one plane."""
+    n_particles = np.unique(ids[ids > 0]).size
+    return f"{n_particles} particle{'s' if n_particles != 1 else ''}"
+
+
+def draw_overlay(image, labels, plane, ax, alpha):
+    """Draw one plane with its particles coloured and outlined; see ``plot_overlay``."""
+    from skimage.color import label2rgb
+    from skimage.segmentation import mark_boundaries
+
+    image_volume = as_volume(image, name="image")
+    label_volume = as_volume(labels, name="labels")
+    _same_shape(image, "labels", labels, "pass the labels computed from this image.")
+    _check_labels_dtype(label_volume)
+    plane = check_plane(plane, label_volume, lambda: busiest_plane(label_volume))
+    ids = label_volume.read(plane, plane + 1)[0].astype(np.int64)
+    shown = grey(image_volume.read(plane, plane + 1)[0])
+    rgb = label2rgb(ids, image=shown, bg_label=0, bg_color=None, alpha=alpha, image_alpha=1.0)
+    rgb = mark_boundaries(rgb, ids, color=(1.0, 1.0, 0.0), mode="outer")
+    ax = new_axes(ax)
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_title(f"{where(label_volume, plane)}: {_particles(ids)}")
+    ax.set_xlabel("x (column)")
+    ax.set_ylabel("y (row)")
+    return ax
+
+
+def draw_probability(image, probability, labels, plane, axes, threshold):
+    """Draw image, probability map and outlined particles; see ``plot_probability``."""
+    from skimage.segmentation import mark_boundaries
+
+    require_matplotlib()
+    image_volume = as_volume(image, name="image")
+    probability_volume = as_volume(probability, name="probability")
+    arrays = {"probability": probability} if labels is None else {"probability": probability, "labels": labels}
+    for name, array in arrays.items():
+        _same_shape(image, name, array, f"pass the {name} computed from this image.")
+    if probability_volume.dtype.kind not in "fb":
+        raise TypeError(f"probability must be a float (or boolean) array; got dtype {probability_volume.dtype}.")
+    label_volume = None if labels is None else as_volume(labels, name="labels")
+    if label_volume is not None:
+        _check_labels_dtype(label_volume)
+        plane = check_plane(plane, image_volume, lambda: busiest_plane(label_volume))
+    else:
+        plane = check_plane(plane, image_volume, lambda: busiest_plane(probability_volume, threshold))
+    axes = panels(axes, 2 if labels is None else 3, 3)
+    shown = grey(np.asarray(image_volume.read(plane, plane + 1)[0]))
+    axes[0].imshow(shown, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    axes[0].set_title(where(image_volume, plane))
+    values = np.asarray(probability_volume.read(plane, plane + 1)[0], dtype=np.float32)
+    mapped = axes[1].imshow(values, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+    axes[1].set_title("particle probability")
+    axes[1].figure.colorbar(mapped, ax=axes[1], shrink=0.8)
+    if label_volume is not None:
+        ids = np.asarray(label_volume.read(plane, plane + 1)[0]).astype(np.int64)
+        outlined = mark_boundaries(np.dstack([shown] * 3), ids, color=(1.0, 1.0, 0.0), mode="outer")
+        axes[2].imshow(outlined, interpolation="nearest")
+        axes[2].set_title(_particles(ids))
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return axes
