@@ -62,8 +62,24 @@ def _k_union(parent, a, b):
 
 
 
+def _k_coords(p, shape):
+    # (z, y, x) of the flat index `p` into a C-ordered array of `shape`.
+    plane = shape[1] * shape[2]
+    z = p // plane
+    y = (p - z * plane) // shape[2]
+    return z, y, p - z * plane - y * shape[2]
+
+
+def _k_inside(z, y, x, offset, shape):
+    # Whether (z, y, x) shifted by the (3,) `offset` stays inside `shape`.
+    z += offset[0]
+    y += offset[1]
+    x += offset[2]
+    return 0 <= z < shape[0] and 0 <= y < shape[1] and 0 <= x < shape[2]
+
+
 #: The shared helpers, callees first.
-SHARED_KERNELS = ("_k_grow", "_k_find", "_k_union")
+SHARED_KERNELS = ("_k_grow", "_k_find", "_k_union", "_k_coords", "_k_inside")
 
 
 @functools.cache

@@ -23,7 +23,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from . import _numba
-from ._numba import _k_find, _k_union  # noqa: F401 - called by the compiled loop
+from ._numba import _k_coords, _k_find, _k_inside, _k_union  # noqa: F401 - called by the compiled loop
 from .voxel_sets import coords_of, members, shift
 
 
@@ -110,7 +110,7 @@ def _k_label_set(flat, shape, offsets):
     order (half the neighbourhood). Returns (ids 1..count in raster order
     of each component's first voxel, count).
     """
-    n_planes, n_rows, n_cols = shape
+    n_rows, n_cols = shape[1], shape[2]
     plane = n_rows * n_cols
     n = flat.size
     k = offsets.shape[0]
@@ -123,14 +123,9 @@ def _k_label_set(flat, shape, offsets):
         steps[o] = offsets[o, 0] * plane + offsets[o, 1] * n_cols + offsets[o, 2]
     for i in range(n):
         p = flat[i]
-        z = p // plane
-        y = (p - z * plane) // n_cols
-        x = p - z * plane - y * n_cols
+        z, y, x = _k_coords(p, shape)
         for o in range(k):
-            zz = z + offsets[o, 0]
-            yy = y + offsets[o, 1]
-            xx = x + offsets[o, 2]
-            if not (0 <= zz < n_planes and 0 <= yy < n_rows and 0 <= xx < n_cols):
+            if not _k_inside(z, y, x, offsets[o], shape):
                 continue
             target = p + steps[o]
             j = pointers[o]
@@ -154,7 +149,7 @@ def _k_label_set(flat, shape, offsets):
 
 @functools.cache
 def _compiled():
-    return _numba.compile_into(globals(), ("_k_find", "_k_union", "_k_label_set"))
+    return _numba.compile_into(globals(), ("_k_find", "_k_union", "_k_coords", "_k_inside", "_k_label_set"))
 
 
 def compiled_label_set(flat, shape, offsets):

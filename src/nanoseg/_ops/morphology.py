@@ -23,7 +23,7 @@ import numpy as np
 from skimage.morphology import ball, disk
 
 from . import _numba
-from ._numba import _k_grow  # noqa: F401 - called by the compiled loop
+from ._numba import _k_coords, _k_grow, _k_inside  # noqa: F401 - called by the compiled loop
 from .voxel_sets import Neighbourhood, members, shift, sorted_unique
 
 
@@ -56,7 +56,8 @@ def _k_close_set(state, fg, offsets):
     Outside the array counts as foreground for the erosion. Returns the
     closed set, sorted.
     """
-    n_planes, n_rows, n_cols = state.shape
+    shape = state.shape
+    n_rows, n_cols = shape[1], shape[2]
     plane = n_rows * n_cols
     flat = state.reshape(-1)
     k = offsets.shape[0]
@@ -67,14 +68,9 @@ def _k_close_set(state, fg, offsets):
     n_added = 0
     for i in range(fg.size):
         p = fg[i]
-        z = p // plane
-        y = (p - z * plane) // n_cols
-        x = p - z * plane - y * n_cols
+        z, y, x = _k_coords(p, shape)
         for o in range(k):
-            zz = z + offsets[o, 0]
-            yy = y + offsets[o, 1]
-            xx = x + offsets[o, 2]
-            if 0 <= zz < n_planes and 0 <= yy < n_rows and 0 <= xx < n_cols:
+            if _k_inside(z, y, x, offsets[o], shape):
                 q = p + steps[o]
                 if flat[q] == 0:
                     flat[q] = 2
@@ -86,16 +82,10 @@ def _k_close_set(state, fg, offsets):
     n_kept = 0
     for i in range(n_added):
         p = added[i]
-        z = p // plane
-        y = (p - z * plane) // n_cols
-        x = p - z * plane - y * n_cols
+        z, y, x = _k_coords(p, shape)
         keep = True
         for o in range(k):
-            zz = z + offsets[o, 0]
-            yy = y + offsets[o, 1]
-            xx = x + offsets[o, 2]
-            inside = 0 <= zz < n_planes and 0 <= yy < n_rows and 0 <= xx < n_cols
-            if inside and flat[p + steps[o]] == 0:
+            if _k_inside(z, y, x, offsets[o], shape) and flat[p + steps[o]] == 0:
                 keep = False
                 break
         if keep:
@@ -119,7 +109,7 @@ def _k_close_set(state, fg, offsets):
 
 @functools.cache
 def _compiled():
-    return _numba.compile_into(globals(), ("_k_grow", "_k_close_set"))
+    return _numba.compile_into(globals(), ("_k_grow", "_k_coords", "_k_inside", "_k_close_set"))
 
 
 def compiled_close_set(state, flat, offsets):

@@ -231,7 +231,7 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
 
 @functools.cache
 def _compiled():
-    return _numba.compile_into(globals(), (*_numba.SHARED_KERNELS, "_k_excluded_box_histograms"))
+    return _numba.compile_into(globals(), ("_k_grow", "_k_find", "_k_union", "_k_excluded_box_histograms"))
 
 
 def seed_ranges(lows, dark):
