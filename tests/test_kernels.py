@@ -160,3 +160,21 @@ def test_kernels_compile_without_a_writable_cache_folder():
     result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "32"
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf, 1.5, -0.25])
+def test_threshold_probabilities_equals_numpy(kernel_path, dtype, bad):
+    from nanoseg._ops.threshold import threshold_probabilities
+
+    rng = np.random.default_rng(5)
+    values = rng.random((3, 17, 19)).astype(dtype)
+    values[0, 0, :3] = (0.0, 1.0, 0.5)
+    if bad is not None:
+        values[2, 4, 6] = bad
+    for threshold in (0.0, 0.5, 1.0):
+        mask, valid = threshold_probabilities(values, threshold)
+        np.testing.assert_array_equal(mask, values >= threshold)
+        assert valid == (bad is None)
+    strided = values[:, ::2, 1::3]
+    np.testing.assert_array_equal(threshold_probabilities(strided, 0.5)[0], strided >= 0.5)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from .._backend import get_backend, to_numpy
 from .._ops.components import label_mask, label_set, label_voxels
 from .._ops.morphology import close_mask, close_set, footprint
+from .._ops.threshold import threshold_probabilities
 from .._ops.voxel_sets import members, shift
 from .._plan import LABEL_BYTES_PER_VOXEL, ordered_map
 from .._validation import check_probabilities
@@ -58,9 +59,12 @@ def mask_from_posterior(data, threshold, name="X", check=True):
     """
     if data.dtype == bool:
         return data
-    if check:
-        check_probabilities(data, name)
-    return data >= threshold
+    if not check:
+        return data >= threshold
+    mask, valid = threshold_probabilities(data, threshold)
+    if not valid:
+        check_probabilities(data, name)  # raises, saying what is wrong
+    return mask
 
 
 #: Largest slab (in voxels) labelled on a GPU: cupyx labels with 32-bit indices.

@@ -149,7 +149,7 @@ def warm_up():
     """
     if not available():
         return False
-    from . import components, histogram, lookup, morphology, seeds
+    from . import components, histogram, lookup, morphology, seeds, threshold
 
     image = np.zeros((4, 8), dtype=np.uint8)
     image[1, 1:3] = 200
@@ -161,4 +161,6 @@ def warm_up():
     flat = np.flatnonzero(mask)
     closed = morphology.compiled_close_set(mask.view(np.uint8).copy(), flat, np.zeros((1, 3), dtype=np.int64))
     components.compiled_label_set(closed, mask.shape, -np.eye(3, dtype=np.int64))
+    for dtype in (np.float32, np.float64):
+        threshold.threshold_probabilities(np.zeros((1, 2, 2), dtype), 0.5)
     return True
