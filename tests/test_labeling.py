@@ -217,3 +217,33 @@ def test_plane_cache_passes_errors_on():
     cache = labeling_module.PlaneCache(compute, np.ones(4, dtype=int))
     with pytest.raises(OSError, match="unreadable chunk"):
         cache.read(0, 4)
+
+
+def test_lazy_slabs_run_one_block_at_a_time_per_thread(small_slabs):
+    """With dask's threaded scheduler, n_jobs slabs in flight mean at most n_jobs blocks at once."""
+    import threading
+    import time
+
+    import dask
+    import dask.array as da
+
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def watched(block):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        return block
+
+    rng = np.random.default_rng(0)
+    posterior = (rng.random((16, 32, 32)) > 0.97).astype(np.float32)
+    lazy = da.from_array(posterior, chunks=(1, 16, 16)).map_blocks(watched, dtype=np.float32)
+    small_slabs(4 * 32 * 32 * 6)
+    expected = NanoparticleLabeler(min_size=1).transform(posterior)
+    with dask.config.set(scheduler="threads", num_workers=4):
+        labels = NanoparticleLabeler(min_size=1, n_jobs=2).transform(lazy)
+        np.testing.assert_array_equal(labels.compute(), expected)
+    assert most[0] <= 2

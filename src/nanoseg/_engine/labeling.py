@@ -334,7 +334,24 @@ class SlabLabeler:
             self.depth = depth
         self.bounds = [(z0, min(z0 + depth, n_slices)) for z0 in range(0, n_slices, depth)]
         self._lazy_mask = None if volume.in_memory else self.lazy_mask()
+        self._compute_options = {} if self._lazy_mask is None else self._slab_compute_options()
         self._planes = None
+
+    def _slab_compute_options(self):
+        """How each thread computes its slab of a lazy input.
+
+        With dask's local threaded scheduler, every slab computed on one of
+        the `n_jobs` threads would start a pool of its own, so that n_jobs x
+        n_cores tasks (each holding its blocks) run at once: the synchronous
+        scheduler keeps one task per thread, and memory to n_jobs slabs.
+        Any other scheduler (a distributed client) is left to do its work.
+        """
+        import dask.threaded
+        from dask.base import get_scheduler
+
+        if self.n_jobs > 1 and get_scheduler(collections=[self._lazy_mask]) is dask.threaded.get:
+            return {"scheduler": "sync"}
+        return {}
 
     def halo_bounds(self, start, stop):
         halo = 2 * self.settings.radius
@@ -363,7 +380,7 @@ class SlabLabeler:
         if self._lazy_mask is not None:
             if self._planes is not None:
                 return self._planes.read(lo, hi)
-            return self._lazy_mask[lo:hi].compute()
+            return self._lazy_mask[lo:hi].compute(**self._compute_options)
         # In-memory inputs were validated whole by the estimator. A host
         # posterior is thresholded on the host: the mask is 4x smaller to upload.
         backend = self.backend if self.volume.kind == "cupy" else None
@@ -409,7 +426,7 @@ class SlabLabeler:
                 for start, stop in self.bounds:
                     lo, hi = self.halo_bounds(start, stop)
                     uses[lo:hi] += 1
-                self._planes = PlaneCache(lambda lo, hi: self._lazy_mask[lo:hi].compute(), uses)
+                self._planes = PlaneCache(lambda lo, hi: self._lazy_mask[lo:hi].compute(**self._compute_options), uses)
             results = ordered_map(self.read_and_label, range(len(self.bounds)), self.n_jobs)
             for (start, stop), (flat, ids, count) in zip(self.bounds, results):
                 plan.offsets.append(offset)
