@@ -24,6 +24,7 @@ import scipy.ndimage as ndi
 
 from .._backend import CPU
 from .._ops.filters import compute_features, support
+from .._ops.histogram import slice_histograms
 from .._plan import ordered_map
 from .overlap import map_overlap
 
@@ -52,6 +53,9 @@ def histogram(volume, n_jobs=1):
 
     def count(indices):
         slab = volume.read(int(indices[0]), int(indices[-1]) + 1)
+        if slab.dtype == np.uint8:
+            # The compiled per-slice histograms: several times np.bincount's speed.
+            return slice_histograms(CPU, slab.reshape(slab.shape[0], -1)).sum(axis=0)
         return np.bincount(slab.ravel(), minlength=n_values)
 
     total = np.zeros(n_values, dtype=np.int64)
