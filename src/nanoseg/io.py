@@ -23,9 +23,7 @@ Conventions
 
 from __future__ import annotations
 
-import bisect
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +44,7 @@ from ._ngff import AXES, ngff_metadata, ome_image
 # check_spacing and the unit-slip warning have always been importable from here.
 from ._spacing import PLAUSIBLE_SPACING_NM, check_spacing, check_spacing_fits, warn_unlikely_spacing  # noqa: F401
 from ._volume import is_dask_array
+from ._zarr_store import _read_slab, _remove, _source_edges, _store_path, array_options, slab_bounds
 
 logger = logging.getLogger("nanoseg")
 
@@ -332,12 +331,6 @@ def is_complete(path):
 # ---------------------------------------------------------------------------
 
 
-def _store_path(array):
-    """Filesystem path of a zarr array's store, or None."""
-    root = getattr(getattr(array, "store", None), "root", None)
-    return None if root is None else Path(root) / getattr(array, "path", "")
-
-
 def _is_unfinished(path):
     """Whether `path` is a store that nanoseg started writing but never finished."""
     if not path.is_dir() or not _is_zarr_store(path):
@@ -441,54 +434,6 @@ def _default_chunks(array, shape):
     return tuple(min(c, s) for c, s in zip(DEFAULT_CHUNKS[-len(shape):], shape))
 
 
-def _source_edges(array, n_slices):
-    """Indices along the first axis where reading the source can stop without waste."""
-    if is_dask_array(array):
-        return np.cumsum(array.chunks[0]).tolist()
-    if isinstance(array, zarr.Array):
-        depth = int(array.chunks[0])
-        return [*range(depth, n_slices, depth), n_slices]
-    return list(range(1, n_slices + 1))
-
-
-def slab_bounds(edges, chunk_depth, max_depth):
-    """Cut [0, n) at source `edges` into slabs of at most `max_depth` slices.
-
-    Cuts prefer multiples of the output's `chunk_depth` (whole chunks are
-    written once); a slab is as deep as needed to reach the next edge.
-    """
-    edges = sorted({int(e) for e in edges})
-    n_slices = edges[-1]
-    aligned = [e for e in edges if e % chunk_depth == 0 or e == n_slices]
-    bounds, start = [], 0
-    while start < n_slices:
-        stop = None
-        for candidates in (aligned, edges):
-            below = bisect.bisect_right(candidates, start + max_depth) - 1
-            if below >= 0 and candidates[below] > start:
-                stop = candidates[below]
-                break
-        if stop is None:
-            stop = edges[bisect.bisect_right(edges, start)]
-        bounds.append((start, stop))
-        start = stop
-    return bounds
-
-
-def _read_slab(array, start, stop):
-    data = array[start:stop]
-    if is_dask_array(data):
-        data = data.compute()
-    return np.asarray(data)
-
-
-def _remove(path):
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 def write_ome_zarr(
     path,
     array,
@@ -559,7 +504,12 @@ def write_ome_zarr(
     -----
     The ``"nanoseg"`` attribute is written first with ``"complete": false``
     and set to true only after the last voxel is written; readers in this
-    module refuse a store left incomplete.
+    module refuse a store left incomplete. Chunks are compressed with zstd
+    at level 1 (no shuffle): on sparse uint32 labels and uint8 images it
+    measured as fast as zarr's default (zstd level 3) and as small (within
+    1 %, 7 % smaller at 1 % particle voxels), where blosc with bit-shuffle
+    was slower and 2.5-9 times larger on labels. All-zero chunks are not
+    stored (``write_empty_chunks=False``).
 
     Examples
     --------
@@ -617,7 +567,8 @@ def write_ome_zarr(
         attributes={"ome": ngff_metadata(spacing, kind, name), "nanoseg": marker},
     )
     target = root.create_array(
-        "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0, dimension_names=AXES[-len(shape):]
+        "0", shape=shape, dtype=dtype, chunks=chunks, fill_value=0, dimension_names=AXES[-len(shape):],
+        **array_options(),
     )
     # Slabs are whole planes of a volume, or bands of whole rows of a 2D image.
     line_bytes = int(np.prod(shape[1:])) * dtype.itemsize
