@@ -29,6 +29,7 @@ from ._engine.classify import (
 from ._engine.fit import fitted_binning
 from ._ops.filters import FEATURES, FeatureSpec, check_features, support, voxel_sigmas
 from ._plan import effective_n_jobs, slab_budget
+from ._spacing import check_spacing
 from ._validation import check_intensity_volume, check_memory_budget
 from ._volume import as_volumes, is_lazy, is_volume_list
 
@@ -252,11 +253,8 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         check_memory_budget(self.memory_budget)
         check_features(self.features)
         if self.spacing is not None:
-            spacing = np.asarray(self.spacing, dtype=float)
-            if spacing.ndim != 1 or spacing.size not in (2, 3) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-                raise ValueError(
-                    f"spacing must be 2 or 3 positive voxel sizes (z, y, x) or (y, x); got {self.spacing!r}."
-                )
+            # Any unit (sigmas are in the units of spacing): no nanometre warning.
+            check_spacing(self.spacing, ndim=None, warn=False)
         if self.sigmas is not None:
             sigmas = np.asarray(self.sigmas, dtype=float)
             if sigmas.ndim != 1 or sigmas.size == 0 or not np.all(np.isfinite(sigmas)) or np.any(sigmas <= 0):
