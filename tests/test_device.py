@@ -376,6 +376,27 @@ def test_threads_per_device():
     assert device_n_jobs(8, FAKE_GPU, on_device=True) == 1
 
 
+def test_n_jobs_none_follows_joblib_parallel_config():
+    import os
+
+    import joblib
+
+    assert device_n_jobs(None, CPU) == (os.cpu_count() or 1)
+    with joblib.parallel_config(n_jobs=1):
+        assert device_n_jobs(None, CPU) == 1
+    with joblib.parallel_config(n_jobs=3):
+        assert device_n_jobs(None, CPU) == 3
+        assert device_n_jobs(5, CPU) == 5  # an explicit value wins
+
+
+def test_slab_budget_is_shared_by_the_slabs_in_flight():
+    from nanoseg._plan import slab_budget
+
+    assert slab_budget(None, 4) is None
+    assert slab_budget("400MiB", GPU_SLABS_IN_FLIGHT) == 400 * 2**20 // GPU_SLABS_IN_FLIGHT
+    assert slab_budget(1000, 3) == 333
+
+
 def whole_volume_labels(mask, radius, connectivity, min_size):
     if radius:
         mask = closing(mask, ball(radius) if mask.ndim == 3 else np.ones((3, 3), bool), mode="ignore")

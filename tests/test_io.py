@@ -410,3 +410,17 @@ def test_convert_tiff_folder(tmp_path):
     assert spacing == (50.0, 10.0, 10.0) and image.chunks == (2, 9, 9)
     with pytest.raises(ValueError, match="inside the input"):
         convert(folder, folder / "out.zarr", spacing=(50, 10, 10))
+
+
+def test_written_arrays_use_zstd_and_skip_empty_chunks(tmp_path):
+    labels = np.zeros((4, 32, 32), dtype=np.uint32)
+    labels[1, 3:6, 3:6] = 7
+    written = nio.write_ome_zarr(tmp_path / "labels.zarr", labels, spacing=(50, 10, 10), kind="labels",
+                                 chunks=(1, 32, 32), progress=False)
+    compressors = written.metadata.codecs[1:]
+    assert [type(c).__name__ for c in compressors] == ["ZstdCodec"]
+    assert compressors[0].level == 1
+    # One chunk holds a particle: only it is stored.
+    stored = [p for p in (tmp_path / "labels.zarr" / "0").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(stored) == 1
+    np.testing.assert_array_equal(written[:], labels)
