@@ -6,6 +6,7 @@ import pytest
 import zarr
 from zarr.storage import MemoryStore, WrapperStore
 
+import nanoseg._engine.fit as fit_engine
 import nanoseg._engine.labeling as labeling_module
 import nanoseg._engine.posterior as posterior_engine
 from nanoseg import NanoparticleLabeler, NanoparticleMixture, _model
@@ -134,14 +135,25 @@ def test_zarr_is_read_slab_by_slab_never_whole(volume_20x96x112, small_slabs, mo
         return out
 
     monkeypatch.setattr(zarr.Array, "__getitem__", spy_getitem)
+    # Two passes (stack histogram, background histogram), each slice once per pass.
+    monkeypatch.setattr(fit_engine, "ONE_READ", False)
     store.reads.clear()
-    mixture = NanoparticleMixture().fit(z)
-    # Two passes (stack histogram, background histogram), each chunk once per pass.
-    assert len(store.reads) == 2 * n_chunks
+    two_pass = NanoparticleMixture().fit(z)
+    assert sum(requested) == 2 * shape[0]
     all_keys = set(store.reads)
     assert len(all_keys) == n_chunks
-    assert all(store.reads.count(key) == 2 for key in all_keys)
     assert requested and max(requested) < shape[0]
+    # One read: each slice once, when every slab's predicted levels hold the
+    # final one (here forced: every level predicted). The same model.
+    monkeypatch.setattr(fit_engine, "ONE_READ", True)
+    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own: list(range(-1, 257)))
+    requested.clear()
+    store.reads.clear()
+    mixture = NanoparticleMixture().fit(z)
+    assert sum(requested) == shape[0] and max(requested) < shape[0]
+    assert set(store.reads) == all_keys
+    for name in ("stack_histogram_", "background_histogram_", "particle_pmf_"):
+        np.testing.assert_array_equal(getattr(mixture, name), getattr(two_pass, name))
 
     store.reads.clear()
     requested.clear()
@@ -185,7 +197,9 @@ def test_lazy_labels_with_and_without_kept_slabs(volume_20x96x112, reference, ke
 def test_memory_budget_sets_slabs_not_results(volume_20x96x112, reference, capsys):
     mixture, posterior, labels = reference
     plane = volume_20x96x112.shape[1] * volume_20x96x112.shape[2]
-    small = NanoparticleMixture(memory_budget=2 * plane * 5, n_jobs=1, verbose=True).fit(volume_20x96x112)
+    # The one-read fit keeps one slab to the end: one job's slab and that
+    # one share the budget.
+    small = NanoparticleMixture(memory_budget=2 * 2 * plane * 5, n_jobs=1, verbose=True).fit(volume_20x96x112)
     np.testing.assert_array_equal(small.particle_pmf_, mixture.particle_pmf_)
     np.testing.assert_array_equal(small.transform(volume_20x96x112), posterior)
     tiny = NanoparticleLabeler(min_size=3, memory_budget="1KiB", verbose=True).transform(posterior)
@@ -193,8 +207,8 @@ def test_memory_budget_sets_slabs_not_results(volume_20x96x112, reference, capsy
     out = capsys.readouterr().out
     assert "histograms: X 20 x 96 x 112 (numpy), slabs of 2 slice(s)" in out
     assert "labelling: X 20 x 96 x 112 (numpy), slabs of 1 slice(s)" in out
-    # Two jobs share the budget: each slab gets half.
-    NanoparticleMixture(memory_budget=4 * plane * 4, n_jobs=2, verbose=True).fit(volume_20x96x112)
+    # Two jobs and the held slab share the budget: each slab gets a third.
+    NanoparticleMixture(memory_budget=6 * plane * 4, n_jobs=2, verbose=True).fit(volume_20x96x112)
     assert "slabs of 2 slice(s)" in capsys.readouterr().out
 
 

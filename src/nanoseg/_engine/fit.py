@@ -8,12 +8,22 @@ histogram. EM (:mod:`nanoseg._model`) then fits the particle PMF. Both passes
 read slabs of whole planes on threads (:mod:`nanoseg._plan`); memory is
 bounded by the slab size.
 
+For 8-bit data on the CPU (no binning, box halos, compiled kernels) the two
+passes share one read: while a slab's histograms are counted, its seed boxes
+are counted too, at the seed levels that the histograms read so far predict
+(the seed level is a percentile of the whole stack histogram, so it is only
+known at the end). Once the stack histogram is complete, every slab that
+predicted the final level contributes its counts as they are; any other
+slab is read again. The fitted model is the same either way, voxel for
+voxel; only the number of reads differs.
+
 The functions take the estimator itself as `model` and read only its
 hyper-parameters.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -23,9 +33,10 @@ from tqdm import tqdm
 from .. import _model
 from .._intensity import Binning, choose_binning
 from .._model import mirror, mirror_level
+from .._ops import _numba
 from .._ops.histogram import slice_histograms
 from .._ops.lookup import to_bins
-from .._ops.seeds import slab_background_histograms
+from .._ops.seeds import drop_bright, excluded_box_histograms, slab_background_histograms
 from .._plan import HISTOGRAM_BYTES_PER_VOXEL, mapping_bytes, ordered_map, slab_depth
 from .._validation import check_intensity_range
 
@@ -35,6 +46,9 @@ UINT16_MAX = 2**16 - 1
 # Above this fraction of voxels at or beyond the seed percentile, the data is
 # treated as saturated (see check_not_saturated).
 SATURATED_FRACTION = 0.5
+#: Fit 8-bit data in one read where possible (see the module's docstring);
+#: False always reads twice. Both give the same model (the tests compare them).
+ONE_READ = True
 
 
 class DegenerateFitWarning(UserWarning):
@@ -70,18 +84,21 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
     # 16-bit data (and 8-bit data given a binning) is mapped to bins slab by slab.
     wide = any(volume.dtype == np.uint16 for volume in volumes)
     maps = wide or not keeps_8bit_values(model)
+    # The one-read fit holds one slab to the end (see _histogram_and_seed_pass).
+    once = _reads_once(model, backend, maps)
     work = [
         (volume, group)
         for volume, indices in zip(volumes, sampled)
         for group in volume.slabs(
             slab_depth(
                 volume, HISTOGRAM_BYTES_PER_VOXEL + mapping_bytes(volume, maps),
-                memory_budget=model.memory_budget, n_in_flight=n_jobs, verbose=model.verbose, what="histograms",
+                memory_budget=model.memory_budget, n_in_flight=n_jobs + once, verbose=model.verbose, what="histograms",
             ),
             indices,
         )
     ]
     progress = {"total": n_slices, "unit": "slice", "disable": not model.verbose}
+    predicted = None
 
     if wide:
         # Pass 1 for 16-bit data: the binning must be fixed before any slab
@@ -93,6 +110,13 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
         binning = _choose_binning(model, value_counts)
         slice_hists = None
         raw_stack_hist = binning.fold(value_counts)
+    elif once:
+        # Passes 1 and 2 in one read: the histograms, and each slab's seed
+        # boxes at its predicted seed levels (settled below).
+        slice_hists, predicted = _histogram_and_seed_pass(model, work, backend, n_jobs, progress)
+        value_counts = slice_hists.sum(axis=0)
+        binning = IDENTITY
+        raw_stack_hist = value_counts
     else:
         # Pass 1: every sampled slice's histogram (kept: 2 KiB a slice), by raw intensity.
         slice_hists = _slice_histogram_pass(work, backend, n_jobs, progress)
@@ -109,15 +133,20 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
     high = _model.percentile_intensity(stack_pmf, model.percentile_high)
     if model.percentile_low == "otsu":
         check_not_saturated(model, stack_hist, None, binning)
-        low = _model.otsu_intensity(stack_hist)
+        low = seed_level(model, stack_hist)
         high = max(high, low)
     else:
-        low = _model.percentile_intensity(stack_pmf, model.percentile_low)
+        low = seed_level(model, stack_hist)
         check_not_saturated(model, stack_hist, low, binning)
 
-    raw_background_hist, counted = _background_pass(
-        model, work, backend, n_jobs, progress, binning, slice_hists, low, high
-    )
+    if predicted is None:
+        raw_background_hist, counted = _background_pass(
+            model, work, backend, n_jobs, progress, binning, slice_hists, low, high
+        )
+    else:
+        raw_background_hist, counted = _settle_background(
+            model, work, backend, n_jobs, progress, slice_hists, predicted, low, high
+        )
     if slice_hists is None:
         slice_hists = counted
     if raw_background_hist.sum() == 0:
@@ -165,6 +194,148 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
         "binning_shift_": int(binning.shift),
     }
     return attributes, slice_hists
+
+
+def seed_level(model, stack_hist):
+    """The seed level, in model space, of a stack histogram `stack_hist` (model space).
+
+    The `percentile_low` percentile of its PMF, or its Otsu threshold.
+    """
+    if model.percentile_low == "otsu":
+        return _model.otsu_intensity(stack_hist)
+    return _model.percentile_intensity(_model.normalize_pmf(stack_hist, model.eps), model.percentile_low)
+
+
+def _reads_once(model, backend, maps):
+    """Whether the fit of 8-bit data counts histograms and seed boxes in one read."""
+    return ONE_READ and not maps and model.halo == "box" and backend.name == "cpu" and _numba.available()
+
+
+def _predicted_level(model, raw_hist, dark):
+    """The seed level that the raw histogram `raw_hist` of part of the stack predicts, or None."""
+    if np.count_nonzero(raw_hist) < 2:
+        return None  # a constant part predicts nothing (Otsu needs two values)
+    return seed_level(model, mirror(raw_hist, dark))
+
+
+#: Most seed levels a slab counts its seed boxes at in the one-read fit.
+#: On 2048 x 2048 planes each level costs about 5 % of reading and counting
+#: the slab again.
+MAX_PREDICTED_LEVELS = 5
+
+
+def _candidate_levels(so_far, own):
+    """Seed levels a slab counts its boxes at, from the level that the
+    histograms read so far predict (`so_far`) and the slab's own (`own`).
+
+    A percentile of the stack lies between the slabs' own percentiles, so
+    the stack's level is looked for between the two and one level beyond
+    (a prediction from part of the stack is often one level off). At most
+    :data:`MAX_PREDICTED_LEVELS` levels are kept, nearest `so_far` first.
+    """
+    known = [level for level in (so_far, own) if level is not None]
+    if not known:
+        return []
+    centre = known[0]
+    span = range(min(known) - 1, max(known) + 2)
+    return sorted(sorted(span, key=lambda level: abs(level - centre))[:MAX_PREDICTED_LEVELS])
+
+
+def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
+    """Passes 1 and 2 of 8-bit data in one read.
+
+    Returns every sampled slice's histogram, by raw intensity, and for each
+    slab of `work` its predicted seed levels with the summed histograms of
+    the pixels its seed boxes exclude at each of them (see
+    :func:`_candidate_levels`). The slab read first has no histograms to
+    predict from: it is held, and its boxes are counted once the level is
+    known (:func:`_settle_background`).
+    """
+    dark = model.polarity == "dark"
+    lock = threading.Lock()
+    counted = np.zeros(_model.N_BINS, dtype=np.int64)
+    # Slabs are read in an order that spreads over the stack from the start
+    # (first, last, middle, quarters, ...), so that the levels predicted early
+    # already see both ends of a stack whose intensities drift along z.
+    order = spread_order(len(work))
+
+    def read(position):
+        nonlocal counted
+        volume, group = work[position]
+        slab = volume.read_slices(group, backend)
+        hists = slice_histograms(backend, slab)
+        own = hists.sum(axis=0)
+        with lock:
+            counted = counted + own
+            so_far = counted
+        if position == order[0]:
+            return hists, ([], None, slab)
+        levels = _candidate_levels(_predicted_level(model, so_far, dark), _predicted_level(model, own, dark))
+        return hists, (levels, _excluded_histograms(model, slab, hists, levels), None)
+
+    parts, predicted = [None] * len(work), [None] * len(work)
+    with tqdm(desc="Histograms and seeds", **progress) as bar:
+        for position, (hists, prediction) in zip(order, ordered_map(read, order, n_jobs)):
+            parts[position] = hists
+            predicted[position] = prediction
+            bar.update(len(hists))
+    return np.concatenate(parts), predicted
+
+
+def _excluded_histograms(model, slab, hists, levels):
+    """(len(levels), 256): the summed histograms of the pixels that the
+    seed boxes of `slab`'s slices exclude at each model-space level."""
+    excluded = np.zeros((len(levels), _model.N_BINS), dtype=np.int64)
+    if levels:
+        for image, hist in zip(slab, hists):
+            excluded += excluded_box_histograms(
+                image, levels, min_seed_size=model.min_seed_size, halo_pad=model.halo_pad,
+                dark=model.polarity == "dark", hist=hist,
+            )
+    return excluded
+
+
+def spread_order(n):
+    """0..n-1 in the order first, last, middle, quarters, eighths, ...
+
+    After the last, the floors of ``n`` times the van der Corput fractions
+    1/2, 1/4, 3/4, 1/8, ...
+    """
+    if n <= 2:
+        return list(range(n))
+    bits = int(n - 1).bit_length()
+    # With 2**bits >= n fractions, spaced 1 / 2**bits <= 1 / n, every
+    # integer below n is the floor of at least one of them.
+    fractions = [int(format(i, f"0{bits}b")[::-1], 2) / 2**bits for i in range(2**bits)]
+    return list(dict.fromkeys([0, n - 1] + [int(f * n) for f in fractions]))
+
+
+def _settle_background(model, work, backend, n_jobs, progress, slice_hists, predicted, low, high):
+    """The background histogram from the one-read pass, once the seed level `low` is known.
+
+    Slabs that predicted `low` give their slices' histograms minus their
+    excluded pixels at `low`; the held slab has its boxes counted at `low`
+    now; the others are read again (pass 2 on them alone).
+    """
+    dark = model.polarity == "dark"
+    firsts = np.cumsum([0] + [len(group) for _, group in work])
+    total = np.zeros(_model.N_BINS, dtype=np.int64)
+    missed = []
+    for position, (levels, excluded, held) in enumerate(predicted):
+        hists = slice_hists[firsts[position] : firsts[position + 1]]
+        if held is not None:
+            levels, excluded = [low], _excluded_histograms(model, held, hists, [low])
+        if low in levels:
+            total += hists.sum(axis=0) - excluded[levels.index(low)]
+        else:
+            missed.append(position)
+    total = drop_bright(total, high, dark)
+    if missed:
+        again = [work[position] for position in missed]
+        hists = np.concatenate([slice_hists[firsts[position] : firsts[position + 1]] for position in missed])
+        progress = dict(progress, total=len(hists))
+        total += _background_pass(model, again, backend, n_jobs, progress, IDENTITY, hists, low, high)[0]
+    return total, None
 
 
 def _slice_histogram_pass(work, backend, n_jobs, progress):

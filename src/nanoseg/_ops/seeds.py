@@ -132,26 +132,33 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
         n_all = 0
         for p in range(flat.size):
             n_all += np.uint8(flat[p] - first) <= span
-    all_cols = np.empty(n_all, dtype=np.int32)
+    # Room for one more block of seeds than announced, so that a block's
+    # pixels can be stored without a test each (see below).
+    all_cols = np.empty(n_all + 64, dtype=np.int32)
     all_starts = np.empty(n_rows + 1, dtype=np.int64)
     k = 0
+    # Unsigned indices: with signed ones the compiler must allow for
+    # negative (from the end) indexing and does not vectorise the test.
+    width = np.uint64(n_cols)
+    block = np.uint64(64)
     for row in range(n_rows):
         all_starts[row] = k
-        base = row * n_cols
-        c = 0
-        while c < n_cols:
-            stop = min(c + 64, n_cols)
-            hit = 0
+        base = np.uint64(row) * width
+        for c in range(np.uint64(0), width, block):
+            stop = min(c + block, width)
+            # The block's smallest value shifted by `first` (with uint8
+            # wrap-around) is within `span` when any pixel seeds.
+            least = np.uint8(255)
             for q in range(base + c, base + stop):
-                hit += np.uint8(flat[q] - first) <= span
-            if hit:
+                least = min(least, np.uint8(flat[q] - first))
+            if least <= span:
+                while k + 64 > all_cols.size:  # more seeds than announced: never write past the end
+                    all_cols = _k_grow(all_cols, k)
+                # Every pixel's column is written and kept only when it
+                # seeds: no branch to mispredict.
                 for q in range(c, stop):
-                    if np.uint8(flat[base + q] - first) <= span:
-                        if k == all_cols.size:  # more seeds than announced: never write past the end
-                            all_cols = _k_grow(all_cols, k)
-                        all_cols[k] = q
-                        k += 1
-            c = stop
+                    all_cols[k] = np.int32(q)
+                    k += np.uint8(flat[base + q] - first) <= span
     all_starts[n_rows] = k
     n_all = k
     cols = np.empty(n_all, dtype=np.int32)
@@ -162,6 +169,9 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
     row_max = np.empty(n_all, dtype=np.int64)
     col_min = np.empty(n_all, dtype=np.int64)
     col_max = np.empty(n_all, dtype=np.int64)
+    # painted[q] == level + 1 marks a pixel already counted at this level:
+    # one array for all levels, cleared only when the marks run out.
+    painted = np.zeros(flat.size if n_all else 0, dtype=np.uint8)
     for level in range(firsts.size):
         first = np.uint8(firsts[level])
         span = np.uint8(spans[level])
@@ -211,7 +221,9 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
                 row_max[root] = row
                 size[root] += 1
         # Count every pixel of the union of the grown boxes once.
-        painted = np.zeros(flat.size, dtype=np.uint8)
+        if level and level % 255 == 0:
+            painted[:] = 0
+        stamp = np.uint8(level % 255 + 1)
         for i in range(n):
             if parent[i] != i or size[i] < min_size:
                 continue
@@ -222,8 +234,8 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
             for row in range(r0, r1):
                 base = row * n_cols
                 for q in range(base + c0, base + c1):
-                    if painted[q] == 0:
-                        painted[q] = 1
+                    if painted[q] != stamp:
+                        painted[q] = stamp
                         out[level, flat[q]] += 1
     return out
 

@@ -1,0 +1,138 @@
+"""The mixture's one-read fit of 8-bit data: the model of the two-pass fit, from fewer reads."""
+
+import numpy as np
+import pytest
+
+import nanoseg._engine.fit as fit_engine
+from nanoseg import NanoparticleMixture
+from nanoseg._ops import seeds
+from nanoseg.datasets import make_phantom
+
+from test_kernels import plain_background_histogram
+
+FITTED = (
+    "stack_histogram_", "background_histogram_", "stack_pmf_", "background_pmf_", "particle_pmf_",
+    "low_intensity_", "high_intensity_", "background_weight_", "neg_log_likelihood_", "n_iter_",
+)
+
+
+@pytest.fixture(scope="module")
+def drifting():
+    """A stack whose brightness drifts strongly along z: slabs predict different levels."""
+    return make_phantom((36, 80, 96), n_particles=50, drift=10.0, random_state=5)[0]
+
+
+class SliceCounter:
+    """Counts the slices each background pass (pass 2) is given."""
+
+    def __init__(self, monkeypatch):
+        self.slices = 0
+        original = fit_engine._background_pass
+
+        def counting(model, work, *args):
+            self.slices += sum(len(group) for _, group in work)
+            return original(model, work, *args)
+
+        monkeypatch.setattr(fit_engine, "_background_pass", counting)
+
+
+def fit_both(volume, monkeypatch, **params):
+    """The same mixture fitted with the two-pass fit and the one-read fit."""
+    monkeypatch.setattr(fit_engine, "ONE_READ", False)
+    two = NanoparticleMixture(tol=1e-6, **params).fit(volume)
+    monkeypatch.setattr(fit_engine, "ONE_READ", True)
+    one = NanoparticleMixture(tol=1e-6, **params).fit(volume)
+    return two, one
+
+
+def assert_same_model(a, b):
+    for name in FITTED:
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"polarity": "dark"},
+        {"percentile_low": "otsu"},
+        {"percentile_low": 97.0, "min_seed_size": 3, "halo_pad": 2},
+        {"sampling_step": 3},
+        {"n_jobs": 1},
+    ],
+)
+@pytest.mark.parametrize("budget", [None, 96 * 80 * 4 * 2 * 3])
+def test_one_read_gives_the_two_pass_model(drifting, monkeypatch, params, budget):
+    volume = 255 - drifting if params.get("polarity") == "dark" else drifting
+    two, one = fit_both(volume, monkeypatch, memory_budget=budget, **params)
+    assert_same_model(two, one)
+
+
+def test_mispredicted_slabs_are_read_again(drifting, monkeypatch):
+    """Slabs whose predicted levels miss the final one are read a second
+    time, and only those; the slab held to the end never is."""
+    budget = 96 * 80 * 4 * 4 * 3  # slabs of 4 slices: 9 slabs
+    monkeypatch.setattr(fit_engine, "ONE_READ", False)
+    two = NanoparticleMixture(tol=1e-6, memory_budget=budget).fit(drifting)
+    monkeypatch.setattr(fit_engine, "ONE_READ", True)
+
+    counter = SliceCounter(monkeypatch)
+    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own: [300])  # never right
+    assert_same_model(two, NanoparticleMixture(tol=1e-6, memory_budget=budget).fit(drifting))
+    assert counter.slices == drifting.shape[0] - 4  # all but the held slab
+
+    counter = SliceCounter(monkeypatch)
+    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own: list(range(-1, 257)))
+    assert_same_model(two, NanoparticleMixture(tol=1e-6, memory_budget=budget).fit(drifting))
+    assert counter.slices == 0
+
+
+def test_a_volume_in_one_slab_is_read_once(drifting, monkeypatch):
+    counter = SliceCounter(monkeypatch)
+    two, one = fit_both(drifting, monkeypatch)
+    assert_same_model(two, one)
+    assert counter.slices == drifting.shape[0]  # the two-pass fit's pass 2 only
+
+
+@pytest.mark.parametrize("params", [{"binning": "range"}, {"halo": "dilation"}])
+def test_binned_data_and_dilation_halos_keep_two_passes(drifting, monkeypatch, params):
+    counter = SliceCounter(monkeypatch)
+    NanoparticleMixture(tol=1e-6, **params).fit(drifting)
+    assert counter.slices == drifting.shape[0]
+
+
+def test_candidate_levels():
+    assert fit_engine._candidate_levels(None, None) == []
+    assert fit_engine._candidate_levels(150, None) == [149, 150, 151]
+    assert fit_engine._candidate_levels(150, 150) == [149, 150, 151]
+    assert fit_engine._candidate_levels(150, 152) == [149, 150, 151, 152, 153]
+    # Capped, nearest the level of the histograms read so far.
+    capped = fit_engine._candidate_levels(150, 170)
+    assert len(capped) == fit_engine.MAX_PREDICTED_LEVELS and 150 in capped and 170 not in capped
+    assert fit_engine._candidate_levels(150, 130) == [147, 148, 149, 150, 151]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 8, 9, 33])
+def test_spread_order_is_a_permutation_starting_at_both_ends(n):
+    order = fit_engine.spread_order(n)
+    assert sorted(order) == list(range(n))
+    if n > 2:
+        assert order[:3] == [0, n - 1, n // 2]
+
+
+@pytest.mark.parametrize("dark", [False, True])
+@pytest.mark.parametrize("shape", [(37, 200), (64, 64), (5, 129)])
+def test_several_seed_levels_at_once_match_one_at_a_time(shape, dark):
+    """Every level of one call of the compiled kernel equals the plain
+    seed-box histogram at that level (blocks of 64 pixels straddle rows)."""
+    rng = np.random.default_rng(sum(shape))
+    from scipy import ndimage as ndi
+
+    image = (ndi.gaussian_filter(rng.normal(size=shape), 1.5) * 300 + 128).clip(0, 255).astype(np.uint8)
+    model_image = 255 - image if dark else image
+    levels = [int(np.percentile(model_image, q)) for q in (90, 93, 96, 98, 99.5)] + [-1, 254, 255, 400]
+    counted = seeds.excluded_box_histograms(image, levels, min_seed_size=3, halo_pad=2, dark=dark)
+    hist = np.bincount(model_image.ravel(), minlength=256)
+    for level, row in zip(levels, counted):
+        expected = hist - plain_background_histogram(model_image, level, 256, 3, 2)
+        np.testing.assert_array_equal(row[::-1] if dark else row, expected, err_msg=str(level))
