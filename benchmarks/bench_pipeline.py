@@ -38,10 +38,11 @@ sys.path.insert(0, str(HERE))
 from make_volume import make_volume
 
 REF_STAGES = ["ref-fit", "ref-posterior", "ref-labels"]
-NS_STAGES = ["ns-fit", "ns-posterior-mask", "ns-posterior-zarr", "ns-labels"]
+NS_STAGES = ["read-once", "ns-fit", "ns-posterior-mask", "ns-posterior-zarr", "ns-labels", "ns-end-to-end"]
 
 #: (stage key, row label, implementation, what it does), in table order.
 ROWS = [
+    ("read-once", "read the input once", "-", "every plane decoded once on two threads, nothing computed"),
     ("ref-fit", "fit", "reference", "two passes over the zarr slices + EM"),
     ("ns-fit", "fit", "nanoseg", "NanoparticleMixture().fit(zarr)"),
     ("ref-posterior", "posterior", "reference", "per-slice MAP + LUT, written to zarr float16"),
@@ -50,6 +51,8 @@ ROWS = [
     ("ref-labels", "labels", "reference", "whole posterior zarr loaded, close, label, filter, write"),
     ("ns-labels", "labels", "nanoseg", "Labeler().transform(mixture.transform(raw zarr)), written to zarr"),
 ]
+#: The end-to-end stage: fit and labels in one fresh process, first calls included.
+ONE_PROCESS = "ns-end-to-end"
 #: Which reference stage a nanoseg stage is compared with.
 COUNTERPART = {
     "ns-fit": "ref-fit",
@@ -242,7 +245,23 @@ def table_rows(result):
             ("end to end", impl, f"{wall:.2f}", f"{process:.2f}", f"{n / wall / 1e6:.0f}", f"{peak:.0f}",
              speed, f"raw zarr -> labels zarr: {what}")
         )
+    if ONE_PROCESS in stages:
+        s = stages[ONE_PROCESS]
+        speed = f"{totals['reference'][0] / s['wall_s']:.1f}x" if "reference" in totals else ""
+        rows.append(
+            ("end to end, one process", "nanoseg", f"{s['wall_s']:.2f}", f"{s['process_s']:.2f}",
+             f"{n / s['wall_s'] / 1e6:.0f}", f"{s['peak_rss_mib']:.0f}", speed,
+             "fit, then labels to zarr, in one fresh process; numba cache loads and first calls in the clock")
+        )
     return rows
+
+
+def nanoseg_end_to_end(stages):
+    """nanoseg's end-to-end seconds: the one-process stage where it ran, else fit + labels."""
+    if ONE_PROCESS in stages:
+        return stages[ONE_PROCESS]["wall_s"]
+    keys = END_TO_END["nanoseg"]
+    return sum(stages[k]["wall_s"] for k in keys) if all(k in stages for k in keys) else None
 
 
 HEADERS = ("stage", "implementation", "wall s", "process s", "Mvox/s", "peak RSS MiB", "speed-up", "what runs")
@@ -347,10 +366,11 @@ def targets(results):
     for r in results:
         s, n = r["stages"], r["n_voxels"]
         tag = f"{r['size_gvox']:g} Gvox"
-        if "ref-fit" in s and all(k in s for k in END_TO_END["nanoseg"]):
+        ours = nanoseg_end_to_end(s)
+        if all(k in s for k in END_TO_END["reference"]) and ours is not None:
             ref = sum(s[k]["wall_s"] for k in END_TO_END["reference"])
-            ours = sum(s[k]["wall_s"] for k in END_TO_END["nanoseg"])
-            out.append((tag, "end to end speed-up", ">= 30x", f"{ref / ours:.1f}x", ref / ours >= 30))
+            what = "end to end speed-up" + (" (one process)" if ONE_PROCESS in s else "")
+            out.append((tag, what, ">= 30x", f"{ref / ours:.1f}x", ref / ours >= 30))
         for key, what, goal in [
             ("ns-fit", "fit from zarr", 500),
             ("ns-posterior-mask", "lazy posterior + mask", 1000),
@@ -359,6 +379,9 @@ def targets(results):
             if key in s:
                 rate = n / s[key]["wall_s"] / 1e6
                 out.append((tag, what, f">= {goal} Mvox/s", f"{rate:.0f} Mvox/s", rate >= goal))
+        if "ns-fit" in s and "read-once" in s:
+            ratio = s["ns-fit"]["wall_s"] / s["read-once"]["wall_s"]
+            out.append((tag, "fit / one read of the input", "<= 1.5x", f"{ratio:.2f}x", ratio <= 1.5))
         ns_peak = max(s[k]["peak_rss_mib"] for k in NS_STAGES if k in s)
         ok = ns_peak <= 1024 if r["n_voxels"] >= 1e9 else None
         out.append((tag, "nanoseg peak RSS (any stage)", "<= 1024 MiB at 1 Gvox, flat", f"{ns_peak:.0f} MiB", ok))
@@ -368,12 +391,11 @@ def targets(results):
 
 def flatness(results):
     """Across sizes: nanoseg's end-to-end time per voxel and peak RSS, largest over smallest."""
-    keys = END_TO_END["nanoseg"]
-    sized = [r for r in results if all(k in r["stages"] for k in keys)]
+    sized = [r for r in results if nanoseg_end_to_end(r["stages"]) is not None]
     if len(sized) < 2:
         return []
     tags = ", ".join(f"{r['size_gvox']:g}" for r in sized) + " Gvox"
-    per_voxel = [sum(r["stages"][k]["wall_s"] for k in keys) / r["n_voxels"] * 1e9 for r in sized]
+    per_voxel = [nanoseg_end_to_end(r["stages"]) / r["n_voxels"] * 1e9 for r in sized]
     peaks = [max(r["stages"][k]["peak_rss_mib"] for k in NS_STAGES if k in r["stages"]) for r in sized]
     spread = max(per_voxel) / min(per_voxel) - 1
     growth = max(peaks) / min(peaks) - 1
