@@ -230,6 +230,17 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     (65,536 counters) instead of per-slice histograms, which the second pass
     then counts on the mapped slabs.
 
+    **One read to fit.** The seed level is a percentile of the whole stack
+    histogram, known only once every sampled slice is counted, so the
+    published method reads the data twice. For 8-bit data on the CPU (no
+    `binning` or `intensity_range`, ``halo="box"``) `fit` reads it once:
+    while a slab's histograms are counted, its seed boxes are counted at the
+    few seed levels that the histograms read so far predict, and slabs whose
+    prediction missed the final level are read again. The fitted model is
+    the same, to the bit, as with two passes; only the number of reads
+    differs (one on stacks whose brightness is steady along z; a few slabs
+    more where it drifts).
+
     **Out of core.** zarr and dask inputs are read slab by slab (whole planes,
     aligned to the chunks along Z) and never loaded whole; their posterior is
     returned as a lazy dask array. On the CPU its slice weights are computed
