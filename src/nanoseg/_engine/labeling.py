@@ -38,6 +38,7 @@ from .._ops.threshold import threshold_probabilities
 from .._ops.voxel_sets import members, shift
 from .._plan import LABEL_BYTES_PER_VOXEL, ordered_map
 from .._validation import check_probabilities
+from .graph_windows import GraphWindows
 
 #: Bytes of sparse slab labels a lazy labelling keeps from its analysis pass
 #: (12 bytes per foreground voxel: 256 MiB is 22 million particle voxels).
@@ -335,6 +336,14 @@ class SlabLabeler:
         self.bounds = [(z0, min(z0 + depth, n_slices)) for z0 in range(0, n_slices, depth)]
         self._lazy_mask = None if volume.in_memory else self.lazy_mask()
         self._compute_options = {} if self._lazy_mask is None else self._slab_compute_options()
+        self._windows = None
+        if self._lazy_mask is not None:
+            # Slabs come from culled windows of the graph, so that a slab's
+            # cost does not grow with the volume's depth.
+            self._windows = GraphWindows(
+                self._lazy_mask, longest=depth + 4 * radius, depth=depth,
+                n_cached=n_jobs + 1, compute_options=self._compute_options,
+            )
         self._planes = None
 
     def _slab_compute_options(self):
@@ -380,7 +389,7 @@ class SlabLabeler:
         if self._lazy_mask is not None:
             if self._planes is not None:
                 return self._planes.read(lo, hi)
-            return self._lazy_mask[lo:hi].compute(**self._compute_options)
+            return self._windows.compute(lo, hi)
         # In-memory inputs were validated whole by the estimator. A host
         # posterior is thresholded on the host: the mask is 4x smaller to upload.
         backend = self.backend if self.volume.kind == "cupy" else None
@@ -426,7 +435,7 @@ class SlabLabeler:
                 for start, stop in self.bounds:
                     lo, hi = self.halo_bounds(start, stop)
                     uses[lo:hi] += 1
-                self._planes = PlaneCache(lambda lo, hi: self._lazy_mask[lo:hi].compute(**self._compute_options), uses)
+                self._planes = PlaneCache(self._windows.compute, uses)
             results = ordered_map(self.read_and_label, range(len(self.bounds)), self.n_jobs)
             for (start, stop), (flat, ids, count) in zip(self.bounds, results):
                 plan.offsets.append(offset)
