@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._spacing import check_spacing
+from . import sparse_gaussian
 
 #: Feature families, in the order their columns appear.
 FEATURES = ("intensity", "gaussian", "dog", "gradient", "hessian", "contrast")
@@ -233,6 +234,19 @@ def _second(stencil, g, i, j):
     )
 
 
+def _read_points(stencil, spec, axes):
+    """Flat indices of every voxel the features of `spec` read at the stencil's voxels:
+    the voxels themselves and, for derivatives, their (clamped) neighbours."""
+    offsets = [(0, 0, 0)]
+    if "gradient" in spec.features or "hessian" in spec.features:
+        offsets += [_unit(axis, step) for axis in axes for step in (1, -1)]
+    if "hessian" in spec.features:
+        offsets += [
+            _add(_unit(i, a), _unit(j, b)) for k, i in enumerate(axes) for j in axes[k + 1 :] for a in (1, -1) for b in (1, -1)
+        ]
+    return np.unique(np.concatenate([stencil.flat if not any(o) else stencil.index(o) for o in offsets]))
+
+
 def compute_features(backend, image, spec, extra=None, where=None):
     """Features of chosen voxels of a (Z, Y, X) float32 image.
 
@@ -262,10 +276,25 @@ def compute_features(backend, image, spec, extra=None, where=None):
     axes = (0, 1, 2) if spec.ndim == 3 else (1, 2)
     stencil = _Stencil(xp, image.shape, where)
     smoothed = {}
+    # Few chosen voxels (a gated crop): smooth only where the features read,
+    # with the same values as the dense filter (see sparse_gaussian).
+    points = None
+    if where is not None and backend.name == "cpu" and sparse_gaussian.available():
+        points = sparse_gaussian.Points(image.shape, _read_points(stencil, spec, axes))
+        if points.row_fraction > sparse_gaussian.MAX_ROW_FRACTION:
+            points = None
+
+    def smooth(source, sigma):
+        if not any(sigma) or points is None:
+            return _gaussian(ndi, source, sigma)
+        # Only the voxels the features read get values; nothing reads the rest.
+        out = np.zeros(source.shape, dtype=np.float32)
+        out.reshape(-1)[points.flat] = sparse_gaussian.gaussian_at(source, sigma, points, TRUNCATE)
+        return out
 
     def gaussian(sigma):
         if sigma not in smoothed:
-            smoothed[sigma] = _gaussian(ndi, image, sigma)
+            smoothed[sigma] = smooth(image, sigma)
         return smoothed[sigma]
 
     columns = []
@@ -296,7 +325,7 @@ def compute_features(backend, image, spec, extra=None, where=None):
                 columns.extend(v * scale**2 for v in values)
             elif family == "contrast":
                 # Local standard deviation at this scale.
-                variance = stencil.at(_gaussian(ndi, image * image, sigma)) - stencil.at(g) ** 2
+                variance = stencil.at(smooth(image * image, sigma)) - stencil.at(g) ** 2
                 columns.append(xp.sqrt(xp.maximum(variance, 0)))
             else:  # pragma: no cover - validated by the estimator
                 raise ValueError(f"unknown feature family {family!r}")

@@ -166,3 +166,29 @@ def close_set(flat, shape, footprint, mask=None, overwrite=False):
     keep[~interior] = keep_border
     return dilated[keep]
 
+
+
+def grow_box(mask, margin):
+    """`mask` grown by `margin` voxels per axis (a box), on the host.
+
+    The same as ``scipy.ndimage.maximum_filter(mask, size=2 * margin + 1,
+    mode="constant")``: nothing grows past the array's edge. A sparse mask
+    (a classifier's gate: well under 1 % of a block) is grown from its
+    voxels' coordinates, each shifted by every offset of the box, which is
+    several times faster than the dense filter; a dense one by the filter.
+    """
+    from scipy import ndimage as ndi
+
+    mask = np.asarray(mask, dtype=bool)
+    margin = tuple(int(m) for m in margin)
+    size = tuple(2 * m + 1 for m in margin)
+    flat = np.flatnonzero(mask)
+    if flat.size * int(np.prod(size)) > mask.size // 4:
+        return ndi.maximum_filter(mask.view(np.uint8), size=size, mode="constant").view(bool)
+    coords = np.stack(np.unravel_index(flat, mask.shape), axis=1)
+    offsets = np.stack(np.meshgrid(*[np.arange(-m, m + 1) for m in margin], indexing="ij"), axis=-1).reshape(-1, mask.ndim)
+    grown = (coords[:, None, :] + offsets[None, :, :]).reshape(-1, mask.ndim)
+    inside = np.all((grown >= 0) & (grown < np.asarray(mask.shape)), axis=1)
+    out = np.zeros(mask.shape, dtype=bool)
+    out[tuple(grown[inside].T)] = True
+    return out

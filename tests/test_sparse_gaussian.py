@@ -1,0 +1,103 @@
+"""Gaussians evaluated at chosen voxels, gate growth and the forest's loop: the values of the dense code, bit for bit."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from sklearn.ensemble import ExtraTreesClassifier, GradientBoostingClassifier, RandomForestClassifier
+
+import nanoseg._ops.sparse_gaussian as sparse_gaussian
+from nanoseg._backend import CPU
+from nanoseg._engine.classify import predict_proba
+from nanoseg._ops.filters import FEATURES, FeatureSpec, compute_features
+from nanoseg._ops.morphology import grow_box
+
+pytestmark = pytest.mark.skipif(not sparse_gaussian.available(), reason="needs the compiled kernels (numba)")
+
+
+@pytest.mark.parametrize("shape", [(5, 9, 7), (1, 30, 40), (12, 50, 61), (3, 2, 3)])
+@pytest.mark.parametrize(
+    "sigma", [(0.8, 4.0, 4.0), (0.2, 1.0, 1.0), (0.0, 2.0, 2.0), (1.5, 0.0, 3.0), (2.0, 3.0, 0.0), (3.0, 7.0, 9.0)]
+)
+def test_gaussian_at_equals_the_dense_filter(shape, sigma):
+    rng = np.random.default_rng(sum(shape))
+    image = (rng.normal(size=shape) * 3).astype(np.float32)
+    dense = ndi.gaussian_filter(image, sigma, mode="reflect", truncate=3.0)
+    # Unsorted, with repeats: values come back in the order asked for.
+    flat = rng.integers(0, image.size, size=min(image.size, 60))
+    got = sparse_gaussian.gaussian_at(image, sigma, sparse_gaussian.Points(shape, flat), 3.0)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, dense.ravel()[flat])
+
+
+def test_points_count_the_rows_they_touch():
+    points = sparse_gaussian.Points((4, 10, 20), [0, 1, 25, 399])
+    assert points.row_ids.tolist() == [0, 1, 19]
+    assert points.row_fraction == pytest.approx(3 / 40)
+
+
+@pytest.mark.parametrize("features", [FEATURES, ("gaussian", "contrast"), ("hessian",), ("gradient", "dog")])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_features_at_chosen_voxels_do_not_depend_on_the_sparse_path(features, ndim, monkeypatch):
+    rng = np.random.default_rng(3)
+    image = ndi.gaussian_filter(rng.normal(size=(9, 40, 44)), 1.0).astype(np.float32)
+    sigmas = ((0.0, 1.0, 1.0), (0.0, 2.5, 2.5)) if ndim == 2 else ((0.4, 1.0, 1.0), (0.8, 2.0, 2.0))
+    spec = FeatureSpec(features, sigmas)
+    where = np.zeros(image.shape, dtype=bool)
+    where[rng.integers(0, 9, 30), rng.integers(0, 40, 30), rng.integers(0, 44, 30)] = True
+    where[0, 0, :3] = where[-1, -1, -2:] = True  # at the crop's edges
+    sparse = compute_features(CPU, image, spec, where=where)
+    monkeypatch.setattr(sparse_gaussian, "MAX_ROW_FRACTION", -1.0)  # always dense
+    dense = compute_features(CPU, image, spec, where=where)
+    np.testing.assert_array_equal(sparse, dense)
+
+
+@pytest.mark.parametrize(
+    ("shape", "density", "margin"),
+    [((10, 40, 50), 0.001, (1, 2, 2)), ((5, 6, 7), 0.05, (2, 3, 1)), ((3, 30, 30), 0.3, (1, 1, 1)),
+     ((4, 9, 9), 0.0, (1, 2, 2)), ((1, 20, 20), 0.01, (0, 2, 2))],
+)
+def test_grow_box_equals_the_maximum_filter(shape, density, margin):
+    mask = np.random.default_rng(1).random(shape) < density
+    expected = ndi.maximum_filter(mask.view(np.uint8), size=tuple(2 * m + 1 for m in margin), mode="constant")
+    np.testing.assert_array_equal(grow_box(mask, margin), expected.view(bool))
+
+
+class ForestSubclass(RandomForestClassifier):
+    """Not exactly a RandomForestClassifier: called as is."""
+
+    def predict_proba(self, X):
+        return np.full((len(X), 2), 0.5)
+
+
+@pytest.mark.parametrize("forest", [RandomForestClassifier, ExtraTreesClassifier])
+@pytest.mark.parametrize("n_jobs", [None, 2])
+def test_forest_loop_gives_the_forest_probabilities(forest, n_jobs):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400, 6)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    model = forest(n_estimators=12, max_depth=5, random_state=0).fit(X, y)
+    test = rng.normal(size=(300, 6)).astype(np.float32)
+    expected = model.predict_proba(test)  # one job: trees added in order
+    model.set_params(n_jobs=n_jobs)
+    np.testing.assert_array_equal(predict_proba(model, test), expected)
+    # Non-finite features go to the forest itself (which handles or refuses them).
+    missing = test[:5].copy()
+    missing[:, 2] = np.nan
+    model.set_params(n_jobs=None)
+    try:
+        own = model.predict_proba(missing)
+    except ValueError:
+        with pytest.raises(ValueError):
+            predict_proba(model, missing)
+    else:
+        np.testing.assert_array_equal(predict_proba(model, missing), own)
+
+
+def test_other_classifiers_are_called_as_they_are():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(100, 3)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int)
+    boosted = GradientBoostingClassifier(n_estimators=5).fit(X, y)
+    np.testing.assert_array_equal(predict_proba(boosted, X), boosted.predict_proba(X))
+    odd = ForestSubclass(n_estimators=3).fit(X, y)
+    np.testing.assert_array_equal(predict_proba(odd, X), np.full((100, 2), 0.5))
