@@ -205,7 +205,25 @@ class _Stencil:
         return self._cache[offset]
 
     def at(self, array, offset=(0, 0, 0)):
-        return array.ravel()[self.flat if not any(offset) else self.index(offset)]
+        index = self.flat if not any(offset) else self.index(offset)
+        if isinstance(array, _Sampled):
+            # Where each voxel asked for sits among the sampled ones: the same
+            # for every image sampled at the crop's points, so found once.
+            key = ("sampled", offset)
+            if key not in self._cache:
+                self._cache[key] = np.searchsorted(array.flat, index)
+            return array.values[self._cache[key]]
+        return array.ravel()[index]
+
+
+class _Sampled:
+    """A smoothed image known only at the voxels of the sorted flat indices
+    `flat`: every voxel a stencil reads (see _read_points), the same for
+    every image of one crop."""
+
+    def __init__(self, flat, values):
+        self.flat = flat
+        self.values = values
 
 
 def _unit(axis, step=1):
@@ -287,10 +305,8 @@ def compute_features(backend, image, spec, extra=None, where=None):
     def smooth(source, sigma):
         if not any(sigma) or points is None:
             return _gaussian(ndi, source, sigma)
-        # Only the voxels the features read get values; nothing reads the rest.
-        out = np.zeros(source.shape, dtype=np.float32)
-        out.reshape(-1)[points.flat] = sparse_gaussian.gaussian_at(source, sigma, points, TRUNCATE)
-        return out
+        # Only the voxels the features read get values.
+        return _Sampled(points.flat, sparse_gaussian.gaussian_at(source, sigma, points, TRUNCATE))
 
     def gaussian(sigma):
         if sigma not in smoothed:

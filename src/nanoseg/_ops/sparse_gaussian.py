@@ -137,8 +137,15 @@ class Points:
         self.shape = tuple(int(n) for n in shape)
         self.flat = np.asarray(flat, dtype=np.int64)
         n_y, n_x = self.shape[1], self.shape[2]
-        self.row_ids, row_of = np.unique(self.flat // n_x, return_inverse=True)
-        self.row_of = row_of.astype(np.int64).reshape(-1)
+        rows = self.flat // n_x
+        if rows.size and np.all(rows[1:] >= rows[:-1]):
+            # Sorted voxels (the usual case): rows are runs, no hashing needed.
+            starts = np.flatnonzero(np.concatenate(([True], rows[1:] != rows[:-1])))
+            self.row_ids = rows[starts]
+            self.row_of = np.cumsum(np.concatenate(([False], rows[1:] != rows[:-1]))).astype(np.int64)
+        else:
+            self.row_ids, row_of = np.unique(rows, return_inverse=True)
+            self.row_of = row_of.astype(np.int64).reshape(-1)
         self.rows_z, self.rows_y = np.divmod(self.row_ids, n_y)
         self.cols = self.flat % n_x
         self._bands = {}
@@ -153,10 +160,12 @@ class Points:
         if radius not in self._bands:
             n_z, n_y = self.shape[0], self.shape[1]
             reach = _reflect(self.rows_y[:, None] + np.arange(-radius, radius + 1)[None, :], n_y)
-            band = np.unique(self.rows_z[:, None] * n_y + reach)
-            band_z, band_y = np.divmod(band, n_y)
+            # A table of the crop's rows (small: Z x Y) rather than a unique.
+            marked = np.zeros((n_z, n_y), dtype=bool)
+            marked[np.broadcast_to(self.rows_z[:, None], reach.shape), reach] = True
+            band_z, band_y = np.nonzero(marked)
             index = np.zeros((n_z, n_y), dtype=np.int64)
-            index[band_z, band_y] = np.arange(band.size)
+            index[band_z, band_y] = np.arange(band_z.size)
             self._bands[radius] = (band_z, band_y, index)
         return self._bands[radius]
 
