@@ -5,6 +5,7 @@ import pytest
 from scipy import ndimage as ndi
 from sklearn.ensemble import ExtraTreesClassifier, GradientBoostingClassifier, RandomForestClassifier
 
+import nanoseg._ops._numba as _numba
 import nanoseg._ops.sparse_gaussian as sparse_gaussian
 from nanoseg._backend import CPU
 from nanoseg._engine.classify import predict_proba
@@ -56,7 +57,9 @@ def test_features_at_chosen_voxels_do_not_depend_on_the_sparse_path(features, nd
     [((10, 40, 50), 0.001, (1, 2, 2)), ((5, 6, 7), 0.05, (2, 3, 1)), ((3, 30, 30), 0.3, (1, 1, 1)),
      ((4, 9, 9), 0.0, (1, 2, 2)), ((1, 20, 20), 0.01, (0, 2, 2))],
 )
-def test_grow_box_equals_the_maximum_filter(shape, density, margin):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_grow_box_equals_the_maximum_filter(shape, density, margin, compiled, monkeypatch):
+    monkeypatch.setattr(_numba, "ENABLED", compiled)
     mask = np.random.default_rng(1).random(shape) < density
     expected = ndi.maximum_filter(mask.view(np.uint8), size=tuple(2 * m + 1 for m in margin), mode="constant")
     np.testing.assert_array_equal(grow_box(mask, margin), expected.view(bool))

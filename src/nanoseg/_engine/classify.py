@@ -234,14 +234,18 @@ class SlabClassifier:
         """
         interior = tuple(slice(0, n) for n in raw.shape) if interior is None else interior
         wanted = self.gate(raw)
-        keep = np.zeros(raw.shape, dtype=bool)
-        keep[interior] = True
-        wanted &= keep
+        # Only the block's own voxels are classified: clear the gate on the halo.
+        for axis, part in enumerate(interior):
+            index = [slice(None)] * raw.ndim
+            index[axis] = slice(0, part.start)
+            wanted[tuple(index)] = False
+            index[axis] = slice(part.stop, None)
+            wanted[tuple(index)] = False
         out_shape = tuple(s.stop - s.start for s in interior)
+        out = np.zeros(out_shape, dtype=np.float32)
         if not wanted.any():
-            return np.zeros(out_shape, dtype=np.float32)
+            return out
         logit = self.posterior_logit(raw, z0)
-        full = np.zeros(raw.shape, dtype=np.float32)
         for crop, inside in _crops(wanted, support(self.spec), CROP_VOXELS):
             extra = None if logit is None else logit[crop]
             where = self.backend.to_device(inside) if self.backend.is_gpu else inside
@@ -249,8 +253,10 @@ class SlabClassifier:
             if self.backend.is_gpu:
                 feats = self.backend.to_host(feats)
             proba = predict_proba(self.estimator, feats.T)
-            full[crop][inside] = proba[:, list(self.output_classes)].sum(axis=1)
-        return full[interior]
+            # The crop's classified voxels, in the output's coordinates.
+            at = tuple(i + c.start - part.start for i, c, part in zip(np.nonzero(inside), crop, interior))
+            out[at] = proba[:, list(self.output_classes)].sum(axis=1)
+        return out
 
 
 def predict_proba(estimator, X):

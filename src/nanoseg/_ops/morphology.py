@@ -185,6 +185,10 @@ def grow_box(mask, margin):
     flat = np.flatnonzero(mask)
     if flat.size * int(np.prod(size)) > mask.size // 4:
         return ndi.maximum_filter(mask.view(np.uint8), size=size, mode="constant").view(bool)
+    if mask.ndim == 3 and _numba.available():
+        out = np.zeros(mask.shape, dtype=np.uint8)
+        _compiled_grow()["_k_grow_box"](flat, np.asarray(mask.shape, dtype=np.int64), np.asarray(margin, dtype=np.int64), out)
+        return out.view(bool)
     coords = np.stack(np.unravel_index(flat, mask.shape), axis=1)
     offsets = np.stack(np.meshgrid(*[np.arange(-m, m + 1) for m in margin], indexing="ij"), axis=-1).reshape(-1, mask.ndim)
     grown = (coords[:, None, :] + offsets[None, :, :]).reshape(-1, mask.ndim)
@@ -192,3 +196,25 @@ def grow_box(mask, margin):
     out = np.zeros(mask.shape, dtype=bool)
     out[tuple(grown[inside].T)] = True
     return out
+
+
+def _k_grow_box(flat, shape, margin, out):
+    # Marks the box of half-sides `margin` around each voxel of `flat`
+    # (flat indices into the C-ordered `shape`), clipped to the array.
+    n_y, n_x = shape[1], shape[2]
+    plane = n_y * n_x
+    for p in flat:
+        z = p // plane
+        y = (p - z * plane) // n_x
+        x = p - z * plane - y * n_x
+        for zz in range(max(z - margin[0], 0), min(z + margin[0] + 1, shape[0])):
+            for yy in range(max(y - margin[1], 0), min(y + margin[1] + 1, n_y)):
+                base = zz * plane + yy * n_x
+                for xx in range(max(x - margin[2], 0), min(x + margin[2] + 1, n_x)):
+                    out.flat[base + xx] = 1
+    return out
+
+
+@functools.cache
+def _compiled_grow():
+    return _numba.compile_into(globals(), ("_k_grow_box",))
