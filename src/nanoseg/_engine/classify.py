@@ -382,9 +382,8 @@ def _classify_block(block, slab, chunks, halo, block_info=None):
         after.append(0 if index == n_chunks - 1 else halo[axis])
         starts.append(sum(chunks[axis][:index]) - b)
     interior = tuple(slice(b, n - a) for b, a, n in zip(before, after, block.shape))
-    out = np.zeros(block.shape, dtype=np.float32)
-    out[interior] = slab.classify(np.asarray(block), interior, starts[0])
-    return out
+    # The chunk's own voxels only (map_overlap is told so: nothing to trim).
+    return slab.classify(np.asarray(block), interior, starts[0])
 
 
 def classify_lazy(volume, slab, chunks):
@@ -394,4 +393,4 @@ def classify_lazy(volume, slab, chunks):
     function = partial(_classify_block, slab=slab, chunks=array.chunks, halo=halo)
     # axis_chunks keeps every chunk at least a halo deep, so the overlap
     # never rechunks: the chunk locations seen by the blocks are these.
-    return map_overlap(function, array, halo, np.float32)
+    return map_overlap(function, array, halo, np.float32, trims_itself=True)
