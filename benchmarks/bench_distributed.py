@@ -72,6 +72,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+# The same kernel warm-up as the pipeline benchmark's stages.
+from stages import warm_up_jit  # noqa: E402
+
 THRESHOLD = 0.95
 COMPARE_SLAB = 8
 QUICK_SHAPE = (16, 512, 512)
@@ -138,22 +141,6 @@ def warm_up_worker():
 def worker_reset():
     """Reset a worker's VmHWM (run through client.run)."""
     return reset_peak_rss()
-
-
-def warm_up_jit():
-    """Load nanoseg's numba kernels (from the on-disk cache) before any clock; seconds, or None."""
-    try:
-        from nanoseg._ops import _numba as _jit
-    except ImportError:
-        return None
-    t0 = time.perf_counter()
-    try:
-        if not _jit.available():
-            return None
-        _jit.warm_up()
-    except Exception:  # noqa: BLE001 - private API that may change; then nothing is warmed up
-        return None
-    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------

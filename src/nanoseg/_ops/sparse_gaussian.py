@@ -45,50 +45,22 @@ def _k_reflect(i, n):
     return i
 
 
-def _k_z_pass(image, rows_z, rows_y, weights, out):
-    """Z pass of `image` (Z, Y, X float32) on the rows (rows_z[k], rows_y[k]): out[k, :]."""
-    n_z = image.shape[0]
-    n_x = image.shape[2]
-    radius = (weights.size - 1) // 2
-    line = np.empty(n_x, dtype=np.float64)
-    for k in range(rows_z.size):
-        z = rows_z[k]
-        y = rows_y[k]
-        for x in range(n_x):
-            line[x] = np.float64(image[z, y, x]) * weights[radius]
-        for j in range(radius, 0, -1):
-            before = _k_reflect(z - j, n_z)
-            after = _k_reflect(z + j, n_z)
-            w = weights[radius - j]
-            for x in range(n_x):
-                line[x] += (np.float64(image[before, y, x]) + np.float64(image[after, y, x])) * w
-        for x in range(n_x):
-            out[k, x] = np.float32(line[x])
-    return out
-
-
-def _k_y_pass(source, index, rows_z, rows_y, weights, out):
-    """Y pass on the rows (rows_z[k], rows_y[k]): out[k, :].
-
-    source: (R, X) float32, the Z-filtered rows; index: (Z, Y) int64, the
-    row of `source` holding plane z's row y (every row the pass reads).
-    """
-    n_y = index.shape[1]
+def _k_rows_pass(source, centre, before, after, weights, out):
+    """One pass across rows: out[k, :] = the filter of the rows of `source` (R, X float32)
+    around row centre[k], whose rows j steps before and after are before[k, j - 1] and after[k, j - 1]."""
     n_x = source.shape[1]
     radius = (weights.size - 1) // 2
     line = np.empty(n_x, dtype=np.float64)
-    for k in range(rows_z.size):
-        z = rows_z[k]
-        y = rows_y[k]
-        centre = index[z, y]
+    for k in range(centre.size):
+        c = centre[k]
         for x in range(n_x):
-            line[x] = np.float64(source[centre, x]) * weights[radius]
+            line[x] = np.float64(source[c, x]) * weights[radius]
         for j in range(radius, 0, -1):
-            above = index[z, _k_reflect(y - j, n_y)]
-            below = index[z, _k_reflect(y + j, n_y)]
+            b = before[k, j - 1]
+            a = after[k, j - 1]
             w = weights[radius - j]
             for x in range(n_x):
-                line[x] += (np.float64(source[above, x]) + np.float64(source[below, x])) * w
+                line[x] += (np.float64(source[b, x]) + np.float64(source[a, x])) * w
         for x in range(n_x):
             out[k, x] = np.float32(line[x])
     return out
@@ -112,7 +84,7 @@ def _k_points_pass(rows, row_of, cols, weights, out):
 
 @functools.cache
 def _compiled():
-    return _numba.compile_into(globals(), ("_k_reflect", "_k_z_pass", "_k_y_pass", "_k_points_pass"))
+    return _numba.compile_into(globals(), ("_k_reflect", "_k_rows_pass", "_k_points_pass"))
 
 
 def available():
@@ -177,7 +149,7 @@ def gaussian_at(image, sigma, points, truncate):
     """
     kernels = _compiled()
     image = np.ascontiguousarray(image, dtype=np.float32)
-    n_x = image.shape[2]
+    n_z, n_y, n_x = image.shape
     weights = [None if float(s) <= 1e-15 else gaussian_weights(float(s), truncate)[::-1].copy() for s in sigma]
     # The rows the Y pass reads (the chosen rows themselves when there is no Y pass).
     if weights[1] is not None:
@@ -185,12 +157,25 @@ def gaussian_at(image, sigma, points, truncate):
     else:
         band_z, band_y, index = points.rows_z, points.rows_y, None
     if weights[0] is not None:
-        filtered = kernels["_k_z_pass"](image, band_z, band_y, weights[0], np.empty((band_z.size, n_x), np.float32))
+        # Along Z: the image's rows (z, y) as rows z * Y + y of a 2D array.
+        radius = (weights[0].size - 1) // 2
+        steps = np.arange(1, radius + 1)
+        before = _reflect(band_z[:, None] - steps, n_z) * n_y + band_y[:, None]
+        after = _reflect(band_z[:, None] + steps, n_z) * n_y + band_y[:, None]
+        filtered = kernels["_k_rows_pass"](
+            image.reshape(-1, n_x), band_z * n_y + band_y, before, after, weights[0],
+            np.empty((band_z.size, n_x), np.float32),
+        )
     else:
         filtered = image[band_z, band_y]
     if weights[1] is not None:
-        rows = kernels["_k_y_pass"](
-            filtered, index, points.rows_z, points.rows_y, weights[1], np.empty((points.row_ids.size, n_x), np.float32)
+        # Along Y: rows of `filtered`, found through the band's table.
+        radius = (weights[1].size - 1) // 2
+        steps = np.arange(1, radius + 1)
+        z, y = points.rows_z[:, None], points.rows_y[:, None]
+        rows = kernels["_k_rows_pass"](
+            filtered, index[points.rows_z, points.rows_y], index[z, _reflect(y - steps, n_y)],
+            index[z, _reflect(y + steps, n_y)], weights[1], np.empty((points.row_ids.size, n_x), np.float32),
         )
     else:
         rows = filtered
