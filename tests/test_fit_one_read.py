@@ -77,12 +77,12 @@ def test_mispredicted_slabs_are_read_again(drifting, monkeypatch):
     monkeypatch.setattr(fit_engine, "ONE_READ", True)
 
     counter = SliceCounter(monkeypatch)
-    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own: [300])  # never right
+    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own, settled: [300])  # never right
     assert_same_model(two, NanoparticleMixture(tol=1e-6, memory_budget=budget).fit(drifting))
     assert counter.slices == drifting.shape[0] - 4  # all but the held slab
 
     counter = SliceCounter(monkeypatch)
-    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own: list(range(-1, 257)))
+    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own, settled: list(range(-1, 257)))
     assert_same_model(two, NanoparticleMixture(tol=1e-6, memory_budget=budget).fit(drifting))
     assert counter.slices == 0
 
@@ -110,6 +110,10 @@ def test_candidate_levels():
     capped = fit_engine._candidate_levels(150, 170)
     assert len(capped) == fit_engine.MAX_PREDICTED_LEVELS and 150 in capped and 170 not in capped
     assert fit_engine._candidate_levels(150, 130) == [147, 148, 149, 150, 151]
+    # Settled and agreeing: that level alone; settled but not agreeing: as before.
+    assert fit_engine._candidate_levels(150, 150, settled=True) == [150]
+    assert fit_engine._candidate_levels(150, 151, settled=True) == [149, 150, 151, 152]
+    assert fit_engine._candidate_levels(150, None, settled=True) == [149, 150, 151]
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 8, 9, 33])

@@ -224,18 +224,27 @@ def _predicted_level(model, raw_hist, dark):
 MAX_PREDICTED_LEVELS = 5
 
 
-def _candidate_levels(so_far, own):
+#: Slabs counted after which a prediction that the slab's own level agrees
+#: with is trusted alone (no level on either side).
+SETTLED_SLABS = 4
+
+
+def _candidate_levels(so_far, own, settled=False):
     """Seed levels a slab counts its boxes at, from the level that the
     histograms read so far predict (`so_far`) and the slab's own (`own`).
 
     A percentile of the stack lies between the slabs' own percentiles, so
     the stack's level is looked for between the two and one level beyond
-    (a prediction from part of the stack is often one level off). At most
-    :data:`MAX_PREDICTED_LEVELS` levels are kept, nearest `so_far` first.
+    (a prediction from part of the stack is often one level off). Once the
+    prediction is `settled` (enough slabs counted) and the slab agrees with
+    it, that level alone. At most :data:`MAX_PREDICTED_LEVELS` levels are
+    kept, nearest `so_far` first.
     """
     known = [level for level in (so_far, own) if level is not None]
     if not known:
         return []
+    if settled and so_far is not None and so_far == own:
+        return [so_far]
     centre = known[0]
     span = range(min(known) - 1, max(known) + 2)
     return sorted(sorted(span, key=lambda level: abs(level - centre))[:MAX_PREDICTED_LEVELS])
@@ -254,23 +263,27 @@ def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
     dark = model.polarity == "dark"
     lock = threading.Lock()
     counted = np.zeros(_model.N_BINS, dtype=np.int64)
+    n_counted = 0
     # Slabs are read in an order that spreads over the stack from the start
     # (first, last, middle, quarters, ...), so that the levels predicted early
     # already see both ends of a stack whose intensities drift along z.
     order = spread_order(len(work))
 
     def read(position):
-        nonlocal counted
+        nonlocal counted, n_counted
         volume, group = work[position]
         slab = volume.read_slices(group, backend)
         hists = slice_histograms(backend, slab)
         own = hists.sum(axis=0)
         with lock:
             counted = counted + own
-            so_far = counted
+            n_counted += 1
+            so_far, settled = counted, n_counted > SETTLED_SLABS
         if position == order[0]:
             return hists, ([], None, slab)
-        levels = _candidate_levels(_predicted_level(model, so_far, dark), _predicted_level(model, own, dark))
+        levels = _candidate_levels(
+            _predicted_level(model, so_far, dark), _predicted_level(model, own, dark), settled
+        )
         return hists, (levels, _excluded_histograms(model, slab, hists, levels), None)
 
     parts, predicted = [None] * len(work), [None] * len(work)
