@@ -140,3 +140,15 @@ def test_several_seed_levels_at_once_match_one_at_a_time(shape, dark):
     for level, row in zip(levels, counted):
         expected = hist - plain_background_histogram(model_image, level, 256, 3, 2)
         np.testing.assert_array_equal(row[::-1] if dark else row, expected, err_msg=str(level))
+
+
+@pytest.mark.parametrize("budget", [None, "200KB"])
+@pytest.mark.parametrize("images", [False, True])
+def test_lists_of_crops_give_the_two_pass_model(monkeypatch, budget, images):
+    """Crops of different shapes (volumes, or 2D images) fitted together:
+    their slabs mix in the spread order, and the model is the same."""
+    crops = [make_phantom((n, 64, 80), n_particles=15, random_state=n)[0] for n in (6, 11, 3)]
+    if images:
+        crops = [crop[0] for crop in crops]
+    two, one = fit_both(crops, monkeypatch, memory_budget=budget)
+    assert_same_model(two, one)
