@@ -183,3 +183,17 @@ def test_background_only_volume_gives_no_particles():
     assert mixture.background_weight_ > 0.99
     labels = NanoparticleLabeler().transform(mixture.transform(noise))
     assert labels.max() == 0
+
+
+def test_release_free_memory_is_safe_with_or_without_glibc(monkeypatch):
+    import ctypes.util
+
+    from nanoseg import _plan
+
+    _plan._malloc_trim.cache_clear()
+    _plan.release_free_memory()  # glibc here, or a no-op elsewhere: never an error
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    _plan._malloc_trim.cache_clear()
+    assert _plan._malloc_trim() is None
+    _plan.release_free_memory()
+    _plan._malloc_trim.cache_clear()

@@ -17,6 +17,7 @@ parallelism never oversubscribes the machine.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -118,3 +119,35 @@ def slab_depth(volume, bytes_per_voxel, *, memory_budget, n_in_flight, verbose=F
     if verbose:
         print(volume.describe_plan(depth, bytes_per_voxel, what))
     return depth
+
+
+@functools.cache
+def _malloc_trim():
+    # glibc's malloc_trim, or None elsewhere (macOS, Windows, musl).
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_memory():
+    """Return the C heap's free memory to the system after a pass over slabs.
+
+    Slabs are allocated and freed on worker threads, each with its own glibc
+    malloc arena; what a pass frees stays mapped in those arenas, and the
+    next pass's threads allocate afresh, so the process's resident size grows
+    by a pass's working memory at each pass. ``malloc_trim`` gives the free
+    pages back (dask's distributed workers do the same): on the classifier
+    pipeline at 0.54 Gvoxel it lowered the peak from 1042 to 852 MiB
+    (benchmarks/RESULTS.md). A no-op where glibc is not the C library.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

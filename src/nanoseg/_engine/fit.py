@@ -37,7 +37,7 @@ from .._ops import _numba
 from .._ops.histogram import slice_histograms
 from .._ops.lookup import to_bins
 from .._ops.seeds import drop_bright, excluded_box_histograms, slab_background_histograms
-from .._plan import HISTOGRAM_BYTES_PER_VOXEL, mapping_bytes, ordered_map, slab_depth
+from .._plan import HISTOGRAM_BYTES_PER_VOXEL, mapping_bytes, ordered_map, release_free_memory, slab_depth
 from .._validation import check_intensity_range
 
 #: The binning of 8-bit data under binning="auto": every value is its own bin.
@@ -158,6 +158,7 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
         )
     background_hist = mirror(raw_background_hist, dark)
     background_pmf = _model.normalize_pmf(background_hist, model.eps)
+    release_free_memory()  # the slabs are gone; only histograms remain
 
     result = _model.fit_particle_pmf(
         stack_pmf, background_pmf, background_hist.sum() / stack_hist.sum(), low,

@@ -36,7 +36,7 @@ from .._ops.components import label_mask, label_set, label_voxels
 from .._ops.morphology import close_mask, close_set, footprint
 from .._ops.threshold import threshold_probabilities
 from .._ops.voxel_sets import members, shift
-from .._plan import LABEL_BYTES_PER_VOXEL, ordered_map
+from .._plan import LABEL_BYTES_PER_VOXEL, ordered_map, release_free_memory
 from .._validation import check_probabilities
 from .graph_windows import GraphWindows
 
@@ -454,6 +454,9 @@ class SlabLabeler:
                 offset += count
                 bar.update(stop - start)
         plan.table, plan.n_labels = self._merge(offset, np.concatenate(sizes), pairs)
+        # The slabs' working memory is free now: give it back before the
+        # labels are written (by other threads, in other malloc arenas).
+        release_free_memory()
         return plan
 
     def _merge(self, n_total, sizes, pairs):
