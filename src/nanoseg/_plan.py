@@ -145,7 +145,7 @@ def release_free_memory():
     next pass's threads allocate afresh, so the process's resident size grows
     by a pass's working memory at each pass. ``malloc_trim`` gives the free
     pages back (dask's distributed workers do the same): on the classifier
-    pipeline at 0.54 Gvoxel it lowered the peak from 1042 to 852 MiB
+    pipeline on the 0.54 Gvoxel phantom it lowered the peak from 1042 to 837 MiB
     (benchmarks/RESULTS.md). A no-op where glibc is not the C library.
     """
     trim = _malloc_trim()

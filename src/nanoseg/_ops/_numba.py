@@ -149,7 +149,7 @@ def warm_up():
     """
     if not available():
         return False
-    from . import components, histogram, lookup, morphology, seeds, threshold
+    from . import components, histogram, lookup, morphology, seeds, sparse_gaussian, threshold
 
     image = np.zeros((4, 8), dtype=np.uint8)
     image[1, 1:3] = 200
@@ -163,4 +163,9 @@ def warm_up():
     components.compiled_label_set(closed, mask.shape, -np.eye(3, dtype=np.int64))
     for dtype in (np.float32, np.float64):
         threshold.threshold_probabilities(np.zeros((1, 2, 2), dtype), 0.5)
+    grown = np.zeros((3, 8, 8), dtype=bool)
+    grown[1, 4, 4] = True
+    morphology.grow_box(grown, (1, 1, 1))
+    points = sparse_gaussian.Points(grown.shape, np.flatnonzero(grown))
+    sparse_gaussian.gaussian_at(grown.astype(np.float32), (1.0, 1.0, 1.0), points, 3.0)
     return True

@@ -109,7 +109,7 @@ def _k_close_set(state, fg, offsets):
 
 @functools.cache
 def _compiled():
-    return _numba.compile_into(globals(), ("_k_grow", "_k_coords", "_k_inside", "_k_close_set"))
+    return _numba.compile_into(globals(), ("_k_grow", "_k_coords", "_k_inside", "_k_close_set", "_k_grow_box"))
 
 
 def compiled_close_set(state, flat, offsets):
@@ -167,7 +167,6 @@ def close_set(flat, shape, footprint, mask=None, overwrite=False):
     return dilated[keep]
 
 
-
 def grow_box(mask, margin):
     """`mask` grown by `margin` voxels per axis (a box), on the host.
 
@@ -187,7 +186,7 @@ def grow_box(mask, margin):
         return ndi.maximum_filter(mask.view(np.uint8), size=size, mode="constant").view(bool)
     if mask.ndim == 3 and _numba.available():
         out = np.zeros(mask.shape, dtype=np.uint8)
-        _compiled_grow()["_k_grow_box"](flat, np.asarray(mask.shape, dtype=np.int64), np.asarray(margin, dtype=np.int64), out)
+        _compiled()["_k_grow_box"](flat, mask.shape, np.asarray(margin, dtype=np.int64), out)
         return out.view(bool)
     coords = np.stack(np.unravel_index(flat, mask.shape), axis=1)
     offsets = np.stack(np.meshgrid(*[np.arange(-m, m + 1) for m in margin], indexing="ij"), axis=-1).reshape(-1, mask.ndim)
@@ -204,17 +203,10 @@ def _k_grow_box(flat, shape, margin, out):
     n_y, n_x = shape[1], shape[2]
     plane = n_y * n_x
     for p in flat:
-        z = p // plane
-        y = (p - z * plane) // n_x
-        x = p - z * plane - y * n_x
+        z, y, x = _k_coords(p, shape)
         for zz in range(max(z - margin[0], 0), min(z + margin[0] + 1, shape[0])):
             for yy in range(max(y - margin[1], 0), min(y + margin[1] + 1, n_y)):
                 base = zz * plane + yy * n_x
                 for xx in range(max(x - margin[2], 0), min(x + margin[2] + 1, n_x)):
                     out.flat[base + xx] = 1
     return out
-
-
-@functools.cache
-def _compiled_grow():
-    return _numba.compile_into(globals(), ("_k_grow_box",))

@@ -5,8 +5,8 @@ The classifier describes only the voxels its gate lets through -- well under
 of the crop. SciPy's :func:`~scipy.ndimage.gaussian_filter` is separable: it
 filters along Z, then Y, then X, each pass writing float32. Here the X pass
 is computed only at the chosen voxels, the Y pass only on the (z, y) rows
-that hold one, and the Z pass only on the rows the Y pass reads. Each pass repeats SciPy's arithmetic exactly --
-the line converted to float64, ``x[c] * w[0]`` plus ``(x[c - j] + x[c + j]) *
+that hold one, and the Z pass only on the rows the Y pass reads. Each pass
+repeats SciPy's arithmetic exactly -- the line converted to float64, ``x[c] * w[0]`` plus ``(x[c - j] + x[c + j]) *
 w[j]`` for ``j`` from the radius down to 1, rounded to float32, with
 ``mode="reflect"`` at the crop's edges -- so the values are identical, bit
 for bit, to the dense filter's (the tests compare them).
