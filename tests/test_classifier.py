@@ -437,3 +437,68 @@ def test_images_a_little_larger_than_a_block_are_classified():
     probability = model.predict_proba(image)
     assert probability.shape == image.shape
     assert ((probability >= 0.5) & mask).sum() > 0.7 * mask.sum()
+
+
+# -- intensity normalisation ------------------------------------------------------------
+def test_otsu_normalisation_splits_at_scikit_images_otsu_threshold():
+    from skimage.filters import threshold_otsu
+
+    from nanoseg._engine.classify import two_class_location_scale
+
+    rng = np.random.default_rng(5)
+    for share in (0.02, 0.3, 0.7):
+        n_bright = int(20000 * share)
+        values = np.concatenate([rng.normal(70, 12, 20000 - n_bright), rng.normal(180, 20, n_bright)])
+        image = values.clip(0, 255).astype(np.uint8)
+        threshold, scale = two_class_location_scale(np.bincount(image, minlength=256))
+        # skimage: values > t are the upper class; here values >= threshold.
+        assert threshold == threshold_otsu(image) + 0.5
+        low, high = image[image < threshold], image[image > threshold]
+        assert scale == pytest.approx((high.mean() - low.mean()) / 2)
+    with pytest.raises(ValueError, match="constant"):
+        two_class_location_scale(np.bincount(np.full(10, 9, np.uint8), minlength=256))
+
+
+def test_otsu_normalisation_makes_brightness_and_contrast_changes_invisible():
+    # The same scene acquired with another gain and offset (and no
+    # saturation) gives the same probabilities: the normalised intensities
+    # are the same up to rounding.
+    image, mask = make_phantom((96, 96), n_particles=12, random_state=4)
+    model = NanoparticleClassifier(n_jobs=1, random_state=0, gate_recall=None, max_samples=4000).fit(image, mask)
+    darker = (image.astype(np.int16) // 2 + 20).astype(np.uint8)
+    flatter = (image * 0.8 + 30).astype(np.uint8)
+    reference = model.predict(image)
+    for changed in (darker, flatter):
+        other = model.predict(changed)
+        assert (other != reference).mean() < 0.01
+    # Without normalisation the darker copy loses particles.
+    raw = NanoparticleClassifier(normalize="none", n_jobs=1, random_state=0, gate_recall=None, max_samples=4000)
+    raw.fit(image, mask)
+    assert raw.predict(darker).sum() < 0.5 * raw.predict(image).sum()
+
+
+def test_large_volumes_are_normalised_from_the_same_sample_wherever_they_are_stored(tmp_path):
+    from nanoseg._engine.classify import histogram
+    from nanoseg._volume import as_volume
+
+    rng = np.random.default_rng(2)
+    # Each plane holds only its own index: the counts say which planes were read.
+    volume = np.broadcast_to(np.arange(40, dtype=np.uint8)[:, None, None], (40, 16, 16)).copy()
+    volume[:, 0, 0] = rng.integers(0, 255, 40)
+    whole = histogram(as_volume(volume))
+    assert whole.sum() == volume.size
+    plane = 16 * 16
+    counts = []
+    for chunks in [None, (1, 16, 16), (7, 8, 16), (40, 16, 16)]:
+        if chunks is None:
+            source = volume
+        else:
+            source = zarr.create_array(tmp_path / f"v{chunks[0]}.zarr", shape=volume.shape, chunks=chunks, dtype=np.uint8)
+            source[:] = volume
+        counts.append(histogram(as_volume(source), max_voxels=10 * plane))
+    for other in counts[1:]:
+        np.testing.assert_array_equal(other, counts[0])
+    sampled = counts[0]
+    planes_read = np.flatnonzero(sampled >= plane - 40)
+    assert 10 <= sampled.sum() / plane <= 20 < 40
+    assert planes_read[0] == 0 and planes_read[-1] == 39

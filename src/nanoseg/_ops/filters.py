@@ -189,7 +189,12 @@ class _Stencil:
     def __init__(self, xp, shape, where):
         self.xp = xp
         self.shape = shape
-        flat = xp.arange(int(np.prod(shape))) if where is None else xp.flatnonzero(where.ravel())
+        if where is None:
+            flat = xp.arange(int(np.prod(shape)))
+        elif where.dtype == bool:
+            flat = xp.flatnonzero(where.ravel())
+        else:  # already the chosen voxels' flat indices, in increasing order
+            flat = where
         self.coords = xp.unravel_index(flat, shape)
         self.flat = flat
         self._cache = {}
@@ -262,7 +267,12 @@ def _read_points(stencil, spec, axes):
         offsets += [
             _add(_unit(i, a), _unit(j, b)) for k, i in enumerate(axes) for j in axes[k + 1 :] for a in (1, -1) for b in (1, -1)
         ]
-    return np.unique(np.concatenate([stencil.flat if not any(o) else stencil.index(o) for o in offsets]))
+    # Marking them in an image-sized mask is several times faster than
+    # sorting or hashing the (many, repeated) indices, and gives them sorted.
+    read = np.zeros(int(np.prod(stencil.shape)), dtype=bool)
+    for offset in offsets:
+        read[stencil.flat if not any(offset) else stencil.index(offset)] = True
+    return np.flatnonzero(read)
 
 
 def compute_features(backend, image, spec, extra=None, where=None):
@@ -282,8 +292,9 @@ def compute_features(backend, image, spec, extra=None, where=None):
     extra : array or None
         A precomputed feature of `image`'s shape (the intensity model's
         posterior logit), appended as the last column.
-    where : array of bool or None
-        Voxels to describe; None means all of them.
+    where : array of bool, array of int, or None
+        Voxels to describe: a mask of `image`'s shape, or the increasing
+        flat (C-order) indices of its chosen voxels; None means all of them.
 
     Returns
     -------
