@@ -324,6 +324,22 @@ def compute_features(backend, image, spec, extra=None, where=None):
             smoothed[sigma] = smooth(image, sigma)
         return smoothed[sigma]
 
+    square_of_image = []
+
+    def smoothed_square_at_voxels(sigma):
+        # The smoothed square is read at the chosen voxels only, never at
+        # their neighbours: with sparse smoothing, only there (a small share
+        # of the points the derivatives read).
+        if not square_of_image:
+            square_of_image.append(image * image)
+            if points is not None:
+                square_of_image.append(sparse_gaussian.Points(image.shape, stencil.flat))
+        if points is None:
+            return stencil.at(_gaussian(ndi, square_of_image[0], sigma))
+        if not any(sigma):
+            return stencil.at(square_of_image[0])
+        return sparse_gaussian.gaussian_at(square_of_image[0], sigma, square_of_image[1], TRUNCATE)
+
     columns = []
     for family in spec.features:
         if family == "intensity":
@@ -352,7 +368,7 @@ def compute_features(backend, image, spec, extra=None, where=None):
                 columns.extend(v * scale**2 for v in values)
             elif family == "contrast":
                 # Local standard deviation at this scale.
-                variance = stencil.at(smooth(image * image, sigma)) - stencil.at(g) ** 2
+                variance = smoothed_square_at_voxels(sigma) - stencil.at(g) ** 2
                 columns.append(xp.sqrt(xp.maximum(variance, 0)))
             else:  # pragma: no cover - validated by the estimator
                 raise ValueError(f"unknown feature family {family!r}")
