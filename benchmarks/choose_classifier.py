@@ -17,10 +17,14 @@ articles -- acquisitions -- the classifier never saw):
    second, with one thread (``time.perf_counter``), on the default features
    of one BAM tuning image -- the part of the cost that grows with the
    volume.
-2. **Does the per-image intensity normalisation carry over to new
-   acquisitions?** ``normalize="background"`` (robust z-score of each
-   image) against ``"none"`` (raw grey levels / 255), scored on EMPS
-   articles the classifier was not trained on.
+2. **Which per-image intensity normalisation carries over to new
+   acquisitions?** ``normalize="otsu"`` (each image's Otsu split at 0, its
+   class means near -1 and +1), ``"otsu+background"`` (the same, with the
+   intensity and its smoothings also in background units; the default),
+   ``"background"`` (robust z-score of each image) and ``"none"`` (raw grey
+   levels / 255), scored on EMPS articles the classifier was not trained
+   on. ``--normalisation`` answers this question alone, on all three sets
+   (with ``--emps-articles 30`` for a larger cross-article set).
 3. **Does the mixture's posterior help as a feature?** With and without
    ``prior=NanoparticleMixture()``; and, since the gate decides which pixels
    are classified at all, the default gate (``gate_recall=0.99``) against
@@ -53,6 +57,7 @@ Run from the repository root (~8 min on 2 CPUs, longer when they are shared)::
 
     python benchmarks/choose_classifier.py
     python benchmarks/choose_classifier.py --quick     # smoke test of the code, ~1 min
+    python benchmarks/choose_classifier.py --normalisation --emps-articles 30   # ~10 min
 
 The data folder is found as in ``evaluate_real.py`` (``--data DIR``, or
 ``NANOSEG_SHARED_DATA``, or ``../shared/data`` next to the repository).
@@ -131,7 +136,7 @@ def base_params(**changes):
 
 
 #: Name of the default settings in the settings table.
-DEFAULT = "default (background, gate 0.99)"
+DEFAULT = "default (otsu+background, gate 0.99)"
 
 
 def setting_variants():
@@ -142,11 +147,29 @@ def setting_variants():
     """
     return {
         DEFAULT: base_params(),
+        'normalize="otsu"': base_params(normalize="otsu"),
+        'normalize="background"': base_params(normalize="background"),
         'normalize="none"': base_params(normalize="none"),
         "prior=NanoparticleMixture()": base_params(prior=NanoparticleMixture(n_jobs=1)),
         "gate_recall=None": base_params(gate_recall=None),
         "sigmas=(1, 2, 4, 8, 16)": base_params(sigmas=(1.0, 2.0, 4.0, 8.0, 16.0)),
     }
+
+
+def normalisation_variants():
+    """The per-image normalisations compared with ``--normalisation``, by name,
+    with the sets each runs on (the scales up to 16 px on the EMPS sets only)."""
+    everywhere = ["EMPS bright_small", "EMPS articles", "BAM TiO2"]
+    emps = ["EMPS bright_small", "EMPS articles"]
+    wide = (1.0, 2.0, 4.0, 8.0, 16.0)
+    return [
+        ('normalize="otsu"', base_params(normalize="otsu"), everywhere),
+        ('normalize="background"', base_params(normalize="background"), everywhere),
+        ('normalize="otsu+background" (default)', base_params(normalize="otsu+background"), everywhere),
+        ('normalize="none"', base_params(normalize="none"), emps),
+        ('"otsu", sigmas=(1, ..., 16)', base_params(normalize="otsu", sigmas=wide), emps),
+        ('"background", sigmas=(1, ..., 16)', base_params(normalize="background", sigmas=wide), emps),
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -371,6 +394,11 @@ def main(argv=None):
         default=EMPS_ARTICLES,
         help=f"EMPS tuning-half images of the cross-article set (default {EMPS_ARTICLES})",
     )
+    parser.add_argument(
+        "--normalisation",
+        action="store_true",
+        help="only compare the per-image normalisations (use with --emps-articles 30)",
+    )
     parser.add_argument("--cache", type=Path, default=None, help="cache each fold's counts in this folder")
     parser.add_argument("--output", type=Path, default=None, help="also write the tables (RST) to this file")
     args = parser.parse_args(argv)
@@ -389,6 +417,13 @@ def main(argv=None):
         log(f"{dataset.name}: {len(dataset.images)} tuning-half images, {len(set(dataset.groups))} groups")
     space = ev.learned_steps(quick=False)
     space = [space[0], ("split", ["passthrough"])]
+    memory = None
+    if args.cache is not None:
+        from joblib import Memory
+
+        memory = Memory(args.cache, verbose=0)
+    if args.normalisation:
+        return normalisation_main(args, argv, sets, space, memory, log, start)
     candidates = classifiers()
     # k nearest neighbours is left out of the cross-validation: at the speed
     # measured below it would take hours to predict the folds' images.
@@ -411,11 +446,6 @@ def main(argv=None):
     # classifier's row of the classifier comparison: run it once.
     default_name = "rf50_d12 (default)"
     variant_configs = [(name, params, emps) for name, params in variants.items() if name != DEFAULT]
-    memory = None
-    if args.cache is not None:
-        from joblib import Memory
-
-        memory = Memory(args.cache, verbose=0)
     results = run_jobs(sets, classifier_configs + variant_configs, space, args.n_jobs, log, memory)
     for dataset in sets:
         if (default_name, dataset.name) in results:
@@ -432,7 +462,7 @@ def main(argv=None):
         return [f"{fit_s:.1f}", f"{rate:.3f}"]
 
     all_classifiers = [(name, None) for name in (candidates if not args.quick else accuracy_candidates)]
-    lines = ["Classifiers (default features, normalize='background', gate_recall=0.99, no prior)", ""]
+    lines = ["Classifiers (default features, normalize='otsu+background', gate_recall=0.99, no prior)", ""]
     lines += table(results, all_classifiers, sets, space, (["fit s", "Mvoxel/s"], speed_cells))
     lines += [
         "",
@@ -447,6 +477,10 @@ def main(argv=None):
     lines += table(results, variant_rows, sets, space)
     lines += ["", "Mean training gate recall / gate fraction:", ""]
     lines += gate_lines(results, variant_rows, sets)
+    return _report(lines, args, argv, start)
+
+
+def _report(lines, args, argv, start):
     total = time.perf_counter() - start
     command = " ".join(["python benchmarks/choose_classifier.py", *(argv if argv is not None else sys.argv[1:])])
     footer = (
@@ -462,6 +496,15 @@ def main(argv=None):
     if args.output is not None:
         args.output.write_text(text + "\n\n" + footer + "\n")
     return 0
+
+
+def normalisation_main(args, argv, sets, space, memory, log, start):
+    """Question 2 on its own, on all three sets: which per-image normalisation carries over."""
+    configs = normalisation_variants()
+    results = run_jobs(sets, configs, space, args.n_jobs, log, memory)
+    lines = ["Per-image normalisation (default classifier and features, gate_recall=0.99, no prior)", ""]
+    lines += table(results, [(name, None) for name, _, _ in configs], sets, space)
+    return _report(lines, args, argv, start)
 
 
 if __name__ == "__main__":

@@ -502,3 +502,26 @@ def test_large_volumes_are_normalised_from_the_same_sample_wherever_they_are_sto
     planes_read = np.flatnonzero(sampled >= plane - 40)
     assert 10 <= sampled.sum() / plane <= 20 < 40
     assert planes_read[0] == 0 and planes_read[-1] == 39
+
+
+def test_otsu_and_background_units_give_both_sets_of_smoothed_intensities():
+    image, mask = make_phantom((12, 64, 64), n_particles=10, random_state=6)
+    both = NanoparticleClassifier(normalize="otsu+background", n_jobs=1, random_state=0, max_samples=3000)
+    both.fit(image, mask)
+    otsu = NanoparticleClassifier(normalize="otsu", n_jobs=1, random_state=0, max_samples=3000).fit(image, mask)
+    background = NanoparticleClassifier(normalize="background", n_jobs=1, random_state=0, max_samples=3000)
+    background.fit(image, mask)
+    added = [name for name in both.feature_names_ if name.endswith(":background")]
+    assert added == ["intensity:background"] + [f"{n}:background" for n in otsu.feature_names_ if n.startswith("gaussian@")]
+    assert both.feature_names_[: otsu.n_features_] == otsu.feature_names_
+    features = both.features_of(image)
+    assert features.shape == (both.n_features_, *image.shape)
+    np.testing.assert_array_equal(features[: otsu.n_features_], otsu.features_of(image))
+    # The added columns are the background-normalised model's own columns.
+    direct = background.features_of(image)
+    for name in added:
+        own = direct[background.feature_names_.index(name.removesuffix(":background"))]
+        np.testing.assert_allclose(features[both.feature_names_.index(name)], own, rtol=1e-4, atol=1e-4)
+    # Slabs of a zarr copy give the in-memory probabilities.
+    lazy = np.asarray(both.predict_proba(zarr.array(image, chunks=(3, 32, 32))))
+    np.testing.assert_array_equal(lazy, both.predict_proba(image))

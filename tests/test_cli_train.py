@@ -247,3 +247,12 @@ def test_train_leaves_its_inputs_untouched(data, tmp_path):
     before = [_sha(p) for p in inputs]
     assert main(_train_argv(data, tmp_path / "model.joblib")) == 0
     assert [_sha(p) for p in inputs] == before
+
+
+def test_normalize_option_reaches_the_classifier(data, tmp_path):
+    output = tmp_path / "background.npz"
+    assert main(_train_argv(data, output, "--normalize", "background")) == 0
+    model = _load(output)
+    classifier = model.steps[0][1] if hasattr(model, "steps") else model
+    assert classifier.normalize == "background"
+    assert not any(name.endswith(":background") for name in classifier.feature_names_)

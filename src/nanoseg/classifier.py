@@ -25,6 +25,7 @@ from ._engine.classify import (
     classify_lazy,
     histogram,
     robust_location_scale,
+    second_unit_columns,
     two_class_location_scale,
 )
 from ._engine.fit import fitted_binning
@@ -92,17 +93,20 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         posterior is one more feature: it absorbs slice-to-slice brightness
         drift as the mixture does. A volume whose model cannot be fitted
         gets a posterior of 0, with a warning.
-    normalize : {"otsu", "background", "none"}, default="otsu"
+    normalize : {"otsu+background", "otsu", "background", "none"}, default="otsu+background"
         How intensities are made comparable between volumes before the
         features: ``"otsu"`` uses ``(I - t) / s`` with ``t`` each volume's
         Otsu threshold and ``s`` half the gap between the mean intensities
         on either side of it, so that every volume's own two-class split sits
         at 0 whatever share of it the particles cover; ``"background"`` uses
         ``(I - median) / (1.4826 MAD)``, which follows the background where
-        particles are a minority; ``"none"`` divides by 255 (4095 for 16-bit
-        data) and trusts all acquisitions to share one intensity scale.
-        ``"otsu"`` carried over best to acquisitions the classifier was not
-        trained on (see the evaluation page).
+        particles are a minority; ``"otsu+background"`` computes the features
+        in Otsu units and adds the intensity and its Gaussian smoothings in
+        background units (``feature_names_`` ending in ``":background"``);
+        ``"none"`` divides by 255 (4095 for 16-bit data) and trusts all
+        acquisitions to share one intensity scale. Chosen by cross-validation
+        on acquisitions the classifier was not trained on (see the
+        evaluation page).
     classifier : scikit-learn classifier, default=None
         Any classifier with ``fit`` and ``predict_proba``. None means a
         random forest of 50 trees of depth 12 (see :func:`default_classifier`).
@@ -205,7 +209,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         "sigmas": [None, "array-like"],
         "spacing": [None, "array-like"],
         "prior": [None, HasMethods(["fit", "predict_proba"])],
-        "normalize": [StrOptions({"background", "otsu", "none"})],
+        "normalize": [StrOptions({"otsu", "otsu+background", "background", "none"})],
         "classifier": [None, HasMethods(["fit", "predict_proba"])],
         "max_samples": [Interval(Integral, 2, None, closed="left")],
         "border_width": [Interval(Integral, 0, None, closed="left")],
@@ -225,7 +229,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         sigmas=None,
         spacing=None,
         prior=None,
-        normalize="otsu",
+        normalize="otsu+background",
         classifier=None,
         max_samples=100_000,
         border_width=1,
@@ -297,11 +301,11 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
             top = 255.0 if n_values == 256 else 4095.0
             return Normaliser(0.0, top, n_values)
         counts = histogram(volume, effective_n_jobs(self.n_jobs))
-        if self.normalize == "otsu":
-            location, scale = two_class_location_scale(counts, volume.name)
-        else:
-            location, scale = robust_location_scale(counts, volume.name)
-        return Normaliser(location, scale, n_values)
+        if self.normalize == "background":
+            return Normaliser(*robust_location_scale(counts, volume.name), n_values)
+        location, scale = two_class_location_scale(counts, volume.name)
+        second = robust_location_scale(counts, volume.name) if self.normalize == "otsu+background" else None
+        return Normaliser(location, scale, n_values, second)
 
     def _fit_prior(self, volume):
         """The prior fitted to `volume`, as per-slice posterior tables (None without prior)."""
@@ -440,7 +444,10 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         self.estimator_ = estimator
         self.classes_ = np.asarray(present, dtype=np.int64)
         spec = slabs[0].spec
-        self.feature_names_ = spec.names() + (["posterior_logit"] if self.prior is not None else [])
+        names = spec.names()
+        if self.normalize == "otsu+background":
+            names += [f"{names[i]}:background" for i in second_unit_columns(names)]
+        self.feature_names_ = names + (["posterior_logit"] if self.prior is not None else [])
         self.n_features_ = len(self.feature_names_)
         self.n_dims_ = 2 if is_2d else 3
         self.n_samples_per_class_ = np.bincount(target.astype(np.int64), minlength=int(max(present)) + 1)
@@ -594,6 +601,6 @@ def _features_at(slab, raw, flat_indices, depth):
         lo, hi = max(0, start - halo), min(n_planes, stop + halo)
         feats = slab.features(raw3[lo:hi], lo)
         rows.append(feats.reshape(feats.shape[0], -1)[:, mine - lo * plane].T)
-    n = slab.spec.n_features + (slab.prior is not None)
+    n = slab.n_features
     return np.concatenate(rows, axis=0) if rows else np.zeros((0, n), np.float32)
 

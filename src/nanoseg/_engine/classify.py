@@ -167,11 +167,24 @@ def two_class_location_scale(counts, name="X"):
 
 @dataclass(frozen=True)
 class Normaliser:
-    """Maps raw intensities to ``(I - location) / scale`` (float32) through a table."""
+    """Maps raw intensities to ``(I - location) / scale`` (float32) through a table.
+
+    `second`, when given, is another ``(location, scale)`` of the same
+    volume: the smoothed intensities are then also given in those units
+    (see :func:`second_unit_columns`).
+    """
 
     location: float
     scale: float
     n_values: int = 256
+    second: tuple | None = None
+
+    def second_units(self):
+        """``(a, b)`` with ``a * x + b`` the second units of a value ``x`` in the first (None without)."""
+        if self.second is None:
+            return None
+        location, scale = self.second
+        return np.float32(self.scale / scale), np.float32((self.location - location) / scale)
 
     def table(self):
         values = np.arange(self.n_values, dtype=np.float64)
@@ -180,6 +193,13 @@ class Normaliser:
     def level(self, normalised):
         """The raw intensity matching a normalised level."""
         return self.location + normalised * self.scale
+
+
+def second_unit_columns(names):
+    """Columns of a feature matrix (by `names`) also given in a second intensity unit:
+    the intensity and its Gaussian smoothings, whose values -- unlike
+    differences and derivatives -- depend on where the unit's zero is."""
+    return [i for i, name in enumerate(names) if name == "intensity" or name.startswith("gaussian@")]
 
 
 @dataclass(frozen=True)
@@ -243,6 +263,22 @@ class SlabClassifier:
     _table: np.ndarray = field(default=None, init=False, repr=False)
 
     @property
+    def n_features(self):
+        """Columns of the feature matrix: the spec's, those in second units, the prior's."""
+        second = len(second_unit_columns(self.spec.names())) if self.normaliser.second is not None else 0
+        return self.spec.n_features + second + (self.prior is not None)
+
+    def _add_second_units(self, feats):
+        # The intensity and its smoothings in the second units, after the
+        # spec's columns (and before the prior's); `feats` on the host.
+        units = self.normaliser.second_units()
+        if units is None:
+            return feats
+        n_spec = self.spec.n_features
+        more = feats[second_unit_columns(self.spec.names())] * units[0] + units[1]
+        return np.concatenate([feats[:n_spec], more.astype(feats.dtype, copy=False), feats[n_spec:]])
+
+    @property
     def halo(self):
         """Voxels per axis (z, y, x) read around a block: the features' reach plus the gate's margin."""
         reach = support(self.spec)
@@ -288,6 +324,7 @@ class SlabClassifier:
         image = self.normalise(raw)
         feats = compute_features(self.backend, image, self.spec, self.posterior_logit(raw, z0))
         feats = self.backend.to_host(feats) if self.backend.is_gpu else feats
+        feats = self._add_second_units(feats)
         return feats.reshape(feats.shape[0], *raw.shape)
 
     def classify(self, raw, interior=None, z0=0):
@@ -323,7 +360,7 @@ class SlabClassifier:
             feats = compute_features(self.backend, self.normalise(raw[crop]), self.spec, extra, where)
             if self.backend.is_gpu:
                 feats = self.backend.to_host(feats)
-            proba = predict_proba(self.estimator, feats.T)
+            proba = predict_proba(self.estimator, self._add_second_units(feats).T)
             # The crop's classified voxels, in the output's coordinates.
             at = np.unravel_index(flat, inside.shape)
             at = tuple(i + (c.start - part.start) for i, c, part in zip(at, crop, interior))

@@ -162,6 +162,9 @@ def _add_classifier_options(parser):
                        help="classify only voxels bright enough to be particles, at the level that keeps "
                        "this share of the annotated particle voxels; 'none' classifies every voxel "
                        f"(default: {defaults['gate_recall']})")
+    group.add_argument("--normalize", choices=("otsu+background", "otsu", "background", "none"), default=None,
+                       help="how each image's intensities are put on a common scale before the features "
+                       f"(default: {defaults['normalize']})")
     group.add_argument("--prior", action="store_true",
                        help="fit the intensity mixture to each volume and use its posterior as a feature")
     group.add_argument("--random-state", type=int, default=None, metavar="SEED",

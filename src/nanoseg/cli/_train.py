@@ -25,7 +25,7 @@ def _make_classifier(args):
         options["features"] = tuple(args.features)
     if args.sigmas is not None:
         options["sigmas"] = tuple(args.sigmas)
-    for name in ("max_samples", "border_width", "random_state"):
+    for name in ("max_samples", "border_width", "random_state", "normalize"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.gate_recall is not None:
