@@ -301,10 +301,11 @@ def test_plot_features_shows_one_scale_per_family(learned):
     names = classifier.feature_names_
     axes = plot_features(classifier, image)
     titles = [ax.get_title() for ax in axes]
-    # One column per family, the middle one; the largest Hessian eigenvalue.
+    # One column per family, the middle one; the largest Hessian eigenvalue;
+    # none of the columns repeated in background units.
     expected = ["intensity"]
     for prefix in ("gaussian@", "dog@", "gradient@", "hessian_0@", "contrast@"):
-        columns = [n for n in names if n.startswith(prefix)]
+        columns = [n for n in names if n.startswith(prefix) and not n.endswith(":background")]
         assert columns
         expected.append(columns[len(columns) // 2])
     assert titles == expected
@@ -341,7 +342,9 @@ def test_plot_features_of_an_image_and_with_a_prior():
     classifier = NanoparticleClassifier(
         features=("intensity", "gaussian"), sigmas=(1.0, 2.0), max_samples=2000, n_jobs=1, random_state=0
     ).fit(image, mask)
-    assert len(classifier.feature_names_) == 3
+    # Three columns, and the intensity and its two smoothings in background units.
+    assert len(classifier.feature_names_) == 6
+    assert all(name.endswith(":background") for name in classifier.feature_names_[3:])
     axes = plot_features(classifier, image, plane=5)  # plane is ignored for images
     assert [ax.get_title() for ax in axes] == ["intensity", classifier.feature_names_[2]]  # the 2 px scale
     assert axes[0].images[0].get_array().shape == (64, 64)
@@ -353,9 +356,10 @@ def test_plot_features_of_an_image_and_with_a_prior():
     ).fit(volume, truth)
     assert with_prior.feature_names_[-1] == "posterior_logit"
     axes = plot_features(with_prior, volume)
-    assert [ax.get_title() for ax in axes] == with_prior.feature_names_
+    shown = [name for name in with_prior.feature_names_ if not name.endswith(":background")]
+    assert [ax.get_title() for ax in axes] == shown == [with_prior.feature_names_[0], "posterior_logit"]
     features = with_prior.features_of(volume)
-    np.testing.assert_array_equal(axes[1].images[0].get_array(), features[1, 4])
+    np.testing.assert_array_equal(axes[1].images[0].get_array(), features[-1, 4])
 
 
 def test_plot_features_errors(learned):
@@ -517,3 +521,14 @@ def test_write_report_with_no_particles(tmp_path, fitted):
         table=particle_table(labels),
     )
     assert "<p>0 particles found.</p>" in index.read_text()
+
+
+def test_plot_features_selects_columns_in_background_units_by_name_or_family(learned):
+    classifier, image = learned["classifier"], learned["image"]
+    names = classifier.feature_names_
+    second = [n for n in names if n.endswith(":background")]
+    assert second and all(name not in [ax.get_title() for ax in plot_features(classifier, image)] for name in second)
+    titles = [ax.get_title() for ax in plot_features(classifier, image, names="gaussian:background")]
+    assert titles == [n for n in second if n.startswith("gaussian@")]
+    titles = [ax.get_title() for ax in plot_features(classifier, image, names=["gaussian", "intensity:background"])]
+    assert titles == [n for n in names if n.startswith("gaussian@") and n not in second] + ["intensity:background"]

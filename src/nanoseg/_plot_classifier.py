@@ -24,16 +24,33 @@ def check_classifier(classifier):
     check_is_fitted(classifier, "estimator_")
 
 
+#: Suffix of the columns given in a second intensity unit (``normalize="otsu+background"``).
+_SECOND_UNITS = ":background"
+
+
+def _key(name):
+    """Column name without its scale: ``gaussian@0x2x2`` -> ``gaussian``,
+    ``gaussian@0x2x2:background`` -> ``gaussian:background``."""
+    unit = _SECOND_UNITS if name.endswith(_SECOND_UNITS) else ""
+    return name[: len(name) - len(unit)].split("@")[0] + unit
+
+
 def _family(name):
     """Feature family of a column name: ``gaussian@0x2x2`` -> ``gaussian``, ``hessian_1@0x1x1`` -> ``hessian``."""
-    key = name.split("@")[0]
-    return "hessian" if key.startswith("hessian_") else key
+    key = _key(name)
+    return "hessian" + key[len(key.split(":")[0]) :] if key.startswith("hessian_") else key
 
 
 def default_features(names):
-    """One column per family: its middle scale (the first Hessian eigenvalue)."""
+    """One column per family: its middle scale (the first Hessian eigenvalue).
+
+    Columns in a second intensity unit are left out: they are their twins'
+    pictures again, up to the colour scale.
+    """
     chosen = []
     for family in dict.fromkeys(_family(name) for name in names):
+        if family.endswith(_SECOND_UNITS):
+            continue
         columns = [n for n in names if _family(n) == family]
         if family == "hessian":
             first = columns[0].split("@")[0]
@@ -51,7 +68,7 @@ def select_features(selection, names):
         if entry in names:
             matches = [entry]
         else:
-            matches = [n for n in names if entry in (_family(n), n.split("@")[0])]
+            matches = [n for n in names if entry in (_family(n), _key(n))]
         if not matches:
             raise ValueError(
                 f"The classifier has no feature {entry!r}; give names from its feature_names_ "
