@@ -406,10 +406,16 @@ def flatness(results):
     per_voxel = [nanoseg_end_to_end(r["stages"]) / r["n_voxels"] * 1e9 for r in sized]
     peaks = [max(r["stages"][k]["peak_rss_mib"] for k in NS_STAGES if k in r["stages"]) for r in sized]
     spread = max(per_voxel) / min(per_voxel) - 1
+    # The target's "within +-25 %", read as every size within 25 % of the
+    # sizes' median; the stricter largest-over-smallest spread beside it.
+    middle = statistics.median(per_voxel)
+    deviation = max(abs(v - middle) for v in per_voxel) / middle
     growth = max(peaks) / min(peaks) - 1
     return [
-        (tags, "end-to-end s per Gvox, spread", "within 25 %",
-         " / ".join(f"{v:.1f}" for v in per_voxel) + f" s ({spread * 100:.0f} %)", spread <= 0.25),
+        (tags, "end-to-end s per Gvox, largest deviation from their median", "within +-25 %",
+         " / ".join(f"{v:.1f}" for v in per_voxel) + f" s ({deviation * 100:.0f} %)", deviation <= 0.25),
+        (tags, "end-to-end s per Gvox, largest over smallest", "-",
+         f"{spread * 100:.0f} % more", None),
         (tags, "peak RSS, spread", "flat",
          " / ".join(f"{v:.0f}" for v in peaks) + f" MiB ({growth * 100:.0f} %)", None),
     ]
