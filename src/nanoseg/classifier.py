@@ -157,7 +157,10 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         Training classes: 0 background, 1 particle, and 2 for borders
         between touching particles when they were learned.
     feature_names_ : list of str
-        Name of each feature column (``posterior_logit`` last, with `prior`).
+        Name of each feature column: the families at each scale, then (with
+        ``normalize="otsu+background"``) the intensity and its smoothings in
+        background units, named with a ``":background"`` suffix, and
+        ``posterior_logit`` last, with `prior`.
     n_features_ : int
         Number of features.
     n_dims_ : int
@@ -166,7 +169,9 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
         1 when annotated particles are brighter than their background, -1
         when darker.
     gate_level_ : float or None
-        Normalised intensity that opens the gate (None without a gate).
+        Normalised intensity that opens the gate, in the units of
+        `normalize` (Otsu units for ``"otsu+background"``; None without a
+        gate).
     gate_recall_ : float
         Share of the annotated particle voxels that the gate lets through
         (the classifier never sees the others): check it is close to 1.
