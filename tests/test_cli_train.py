@@ -256,3 +256,15 @@ def test_normalize_option_reaches_the_classifier(data, tmp_path):
     classifier = model.steps[0][1] if hasattr(model, "steps") else model
     assert classifier.normalize == "background"
     assert not any(name.endswith(":background") for name in classifier.feature_names_)
+
+
+def test_normalize_choices_are_the_estimators():
+    # The option lists the estimator's values, every one of them.
+    import argparse
+
+    from nanoseg.cli._parser import build_parser
+
+    (options,) = [c for c in NanoparticleClassifier._parameter_constraints["normalize"] if hasattr(c, "options")]
+    (subcommands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    (action,) = [a for a in subcommands.choices["train"]._actions if a.dest == "normalize"]
+    assert set(action.choices) == set(options.options)

@@ -72,7 +72,7 @@ def percentile_intensity(pmf, percentile):
 
 
 def otsu_intensity(hist):
-    """Otsu's threshold of a 256-bin histogram: intensities above it are the bright class.
+    """Otsu's threshold of a histogram (256 bins, or 65,536 for 16-bit counts): intensities above it are the bright class.
 
     The level maximises the between-class variance of the split ``v <= t``
     against ``v > t`` (scikit-image's :func:`~skimage.filters.threshold_otsu`

@@ -11,6 +11,7 @@ import numbers
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from ._engine.classify import SECOND_UNIT_SUFFIX
 from ._plot_common import check_plane, new_axes, panels, require_matplotlib
 from ._volume import as_volume
 
@@ -24,21 +25,25 @@ def check_classifier(classifier):
     check_is_fitted(classifier, "estimator_")
 
 
-#: Suffix of the columns given in a second intensity unit (``normalize="otsu+background"``).
-_SECOND_UNITS = ":background"
+def _split_unit(name):
+    """A column name and the suffix of its intensity unit ("" for the first unit)."""
+    if name.endswith(SECOND_UNIT_SUFFIX):
+        return name[: -len(SECOND_UNIT_SUFFIX)], SECOND_UNIT_SUFFIX
+    return name, ""
 
 
 def _key(name):
     """Column name without its scale: ``gaussian@0x2x2`` -> ``gaussian``,
     ``gaussian@0x2x2:background`` -> ``gaussian:background``."""
-    unit = _SECOND_UNITS if name.endswith(_SECOND_UNITS) else ""
-    return name[: len(name) - len(unit)].split("@")[0] + unit
+    base, unit = _split_unit(name)
+    return base.split("@")[0] + unit
 
 
 def _family(name):
     """Feature family of a column name: ``gaussian@0x2x2`` -> ``gaussian``, ``hessian_1@0x1x1`` -> ``hessian``."""
-    key = _key(name)
-    return "hessian" + key[len(key.split(":")[0]) :] if key.startswith("hessian_") else key
+    base, unit = _split_unit(name)
+    key = base.split("@")[0]
+    return ("hessian" if key.startswith("hessian_") else key) + unit
 
 
 def default_features(names):
@@ -49,7 +54,7 @@ def default_features(names):
     """
     chosen = []
     for family in dict.fromkeys(_family(name) for name in names):
-        if family.endswith(_SECOND_UNITS):
+        if family.endswith(SECOND_UNIT_SUFFIX):
             continue
         columns = [n for n in names if _family(n) == family]
         if family == "hessian":

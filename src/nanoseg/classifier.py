@@ -25,7 +25,6 @@ from ._engine.classify import (
     classify_lazy,
     histogram,
     robust_location_scale,
-    second_unit_columns,
     two_class_location_scale,
 )
 from ._engine.fit import fitted_binning
@@ -448,11 +447,7 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
             estimator.set_params(n_jobs=1)
         self.estimator_ = estimator
         self.classes_ = np.asarray(present, dtype=np.int64)
-        spec = slabs[0].spec
-        names = spec.names()
-        if self.normalize == "otsu+background":
-            names += [f"{names[i]}:background" for i in second_unit_columns(names)]
-        self.feature_names_ = names + (["posterior_logit"] if self.prior is not None else [])
+        self.feature_names_ = slabs[0].feature_names()
         self.n_features_ = len(self.feature_names_)
         self.n_dims_ = 2 if is_2d else 3
         self.n_samples_per_class_ = np.bincount(target.astype(np.int64), minlength=int(max(present)) + 1)

@@ -22,6 +22,7 @@ from functools import partial
 import numpy as np
 
 from .._backend import CPU
+from .._model import otsu_intensity
 from .._ops.filters import compute_features, support
 from .._ops import _numba, lookup
 from .._ops.histogram import slice_histograms
@@ -146,8 +147,6 @@ def two_class_location_scale(counts, name="X"):
         For a constant volume.
     """
     counts = np.asarray(counts, dtype=np.float64)
-    values = np.arange(counts.size, dtype=np.float64)
-    total = counts.sum()
     present = np.flatnonzero(counts)
     if present.size < 2:
         value = int(present[0]) if present.size else 0
@@ -155,19 +154,13 @@ def two_class_location_scale(counts, name="X"):
             f"{name} is constant (every voxel is {value}): there is nothing to classify. "
             "Check that the right array was passed."
         )
-    # Between-class variance for every split "value <= t" against "value > t",
-    # over the occupied range only (empty bins change no class).
-    weight_low = np.cumsum(counts)
-    sum_low = np.cumsum(counts * values)
-    weight_high = total - weight_low
-    split = slice(int(present[0]), int(present[-1]))
-    w0, w1 = weight_low[split], weight_high[split]
-    m0 = sum_low[split] / w0
-    m1 = (sum_low[-1] - sum_low[split]) / w1
-    between = w0 * w1 * (m0 - m1) ** 2
-    best = int(np.argmax(between))
-    threshold = float(values[split][best]) + 0.5
-    return threshold, float(m1[best] - m0[best]) / 2.0
+    # Values up to `level` are the lower class, the rest the upper one.
+    level = otsu_intensity(counts)
+    values = np.arange(counts.size, dtype=np.float64)
+    low, high = slice(0, level + 1), slice(level + 1, None)
+    mean_low = np.average(values[low], weights=counts[low])
+    mean_high = np.average(values[high], weights=counts[high])
+    return level + 0.5, float(mean_high - mean_low) / 2.0
 
 
 @dataclass(frozen=True)
@@ -198,6 +191,10 @@ class Normaliser:
     def level(self, normalised):
         """The raw intensity matching a normalised level."""
         return self.location + normalised * self.scale
+
+
+#: Suffix of the names of the feature columns given in the second unit.
+SECOND_UNIT_SUFFIX = ":background"
 
 
 def second_unit_columns(names):
@@ -267,11 +264,20 @@ class SlabClassifier:
     backend: object = CPU
     _table: np.ndarray = field(default=None, init=False, repr=False)
 
+    _second_columns: list = field(default=None, init=False, repr=False)
+
+    def feature_names(self):
+        """Names of the feature matrix's columns: the spec's, those in the
+        second unit (with `SECOND_UNIT_SUFFIX`), then the prior's."""
+        names = self.spec.names()
+        if self.normaliser.second is not None:
+            names += [names[i] + SECOND_UNIT_SUFFIX for i in second_unit_columns(names)]
+        return names + (["posterior_logit"] if self.prior is not None else [])
+
     @property
     def n_features(self):
-        """Columns of the feature matrix: the spec's, those in second units, the prior's."""
-        second = len(second_unit_columns(self.spec.names())) if self.normaliser.second is not None else 0
-        return self.spec.n_features + second + (self.prior is not None)
+        """Number of columns of the feature matrix."""
+        return len(self.feature_names())
 
     def _add_second_units(self, feats):
         # The intensity and its smoothings in the second units, after the
@@ -279,8 +285,10 @@ class SlabClassifier:
         units = self.normaliser.second_units()
         if units is None:
             return feats
+        if self._second_columns is None:
+            self._second_columns = second_unit_columns(self.spec.names())
         n_spec = self.spec.n_features
-        more = feats[second_unit_columns(self.spec.names())] * units[0] + units[1]
+        more = feats[self._second_columns] * units[0] + units[1]
         return np.concatenate([feats[:n_spec], more.astype(feats.dtype, copy=False), feats[n_spec:]])
 
     @property
@@ -392,10 +400,9 @@ def predict_proba(estimator, X):
     plain = type(estimator) in (RandomForestClassifier, ExtraTreesClassifier)
     if not plain or getattr(estimator, "n_outputs_", 1) != 1:
         return estimator.predict_proba(X)
-    X = np.asarray(X, dtype=np.float32)
+    X = np.ascontiguousarray(X, dtype=np.float32)
     if not np.isfinite(X).all():
         return estimator.predict_proba(X)  # scikit-learn's own error message
-    X = np.ascontiguousarray(X)
     n_classes = estimator.n_classes_
     total = np.zeros((X.shape[0], n_classes), dtype=np.float64)
     for tree in estimator.estimators_:
