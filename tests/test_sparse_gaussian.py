@@ -124,3 +124,48 @@ def test_gaussian_at_few_columns_of_wide_rows_equals_the_dense_filter(sigma):
     assert points.row_fraction < 0.5
     got = sparse_gaussian.gaussian_at(image, sigma, points, 3.0)
     np.testing.assert_array_equal(got, dense.ravel()[flat])
+
+
+@pytest.mark.parametrize("features", [("gradient",), ("hessian",), ("gradient", "hessian", "contrast")])
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_compiled_derivatives_equal_the_numpy_code(features, ndim, sparse, monkeypatch):
+    # The compiled loop over chosen voxels (point_derivatives) against the
+    # NumPy stencil code it replaces on the CPU, on the same smoothed images:
+    # float32 differences alike to the bit; eigenvalues from float64 cosines
+    # of two libraries, alike to float32 rounding.
+    import nanoseg._ops.point_derivatives as point_derivatives
+
+    rng = np.random.default_rng(11)
+    image = ndi.gaussian_filter(rng.normal(size=(7, 33, 29)), 0.7).astype(np.float32) * 9
+    sigmas = ((0.0, 1.0, 1.0), (0.0, 2.0, 2.0)) if ndim == 2 else ((0.5, 1.0, 1.0), (1.0, 2.5, 2.5))
+    spec = FeatureSpec(features, sigmas)
+    where = rng.random(image.shape) < (0.02 if sparse else 0.9)
+    where[0, 0, 0] = where[-1, -1, -1] = where[3, 0, 28] = True  # clamped neighbours
+    compiled = compute_features(CPU, image, spec, where=where)
+    monkeypatch.setattr(point_derivatives, "available", lambda: False)
+    numpy_code = compute_features(CPU, image, spec, where=where)
+    assert compiled.dtype == numpy_code.dtype == np.float32
+    np.testing.assert_allclose(compiled, numpy_code, rtol=2e-6, atol=1e-6)
+    # At least the gradient (no cosines) is identical.
+    if "gradient" in features:
+        np.testing.assert_array_equal(compiled[: len(sigmas)], numpy_code[: len(sigmas)])
+
+
+def test_neighbour_ranks_find_every_neighbour_among_the_sampled_voxels():
+    import nanoseg._ops.point_derivatives as point_derivatives
+
+    shape = (4, 6, 5)
+    flat = np.array([0, 7, 33, 119])
+    offsets = point_derivatives.stencil_offsets((0, 1, 2))
+    neighbours = point_derivatives.neighbour_positions(flat, shape, offsets)
+    # Clamped at the crop's faces, as the NumPy stencil does.
+    z, y, x = np.unravel_index(flat, shape)
+    expected = np.stack(
+        [np.ravel_multi_index(tuple(np.clip(c + d, 0, n - 1) for c, d, n in zip((z, y, x), o, shape)), shape) for o in offsets],
+        axis=1,
+    )
+    np.testing.assert_array_equal(neighbours, expected)
+    sampled = np.unique(np.concatenate([neighbours.ravel(), [1, 2, 50]]))
+    ranks = point_derivatives.ranks(neighbours, sampled, int(np.prod(shape)))
+    np.testing.assert_array_equal(sampled[ranks], neighbours)

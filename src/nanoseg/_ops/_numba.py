@@ -149,7 +149,7 @@ def warm_up():
     """
     if not available():
         return False
-    from . import components, histogram, lookup, morphology, seeds, sparse_gaussian, threshold
+    from . import components, histogram, lookup, morphology, point_derivatives, seeds, sparse_gaussian, threshold
 
     image = np.zeros((4, 8), dtype=np.uint8)
     image[1, 1:3] = 200
@@ -168,4 +168,8 @@ def warm_up():
     morphology.grow_box(grown, (1, 1, 1))
     points = sparse_gaussian.Points(grown.shape, np.flatnonzero(grown))
     sparse_gaussian.gaussian_at(grown.astype(np.float32), (1.0, 1.0, 1.0), points, 3.0)
+    offsets = point_derivatives.stencil_offsets((0, 1, 2))
+    neighbours = point_derivatives.neighbour_positions(points.flat, grown.shape, offsets)
+    positions = point_derivatives.ranks(neighbours, np.unique(neighbours), grown.size)
+    point_derivatives.derivatives(np.zeros(positions.max() + 1, np.float32), positions, 3, 1.0)
     return True

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._spacing import check_spacing
-from . import sparse_gaussian
+from . import point_derivatives, sparse_gaussian
 
 #: Feature families, in the order their columns appear.
 FEATURES = ("intensity", "gaussian", "dog", "gradient", "hessian", "contrast")
@@ -257,9 +257,14 @@ def _second(stencil, g, i, j):
     )
 
 
-def _read_points(stencil, spec, axes):
+def _read_points(stencil, spec, axes, neighbours=None):
     """Flat indices of every voxel the features of `spec` read at the stencil's voxels:
-    the voxels themselves and, for derivatives, their (clamped) neighbours."""
+    the voxels themselves and, for derivatives, their (clamped) neighbours
+    (given as flat indices in `neighbours` when already found)."""
+    read = np.zeros(int(np.prod(stencil.shape)), dtype=bool)
+    if neighbours is not None:
+        read[neighbours] = True
+        return np.flatnonzero(read)
     offsets = [(0, 0, 0)]
     if "gradient" in spec.features or "hessian" in spec.features:
         offsets += [_unit(axis, step) for axis in axes for step in (1, -1)]
@@ -269,7 +274,6 @@ def _read_points(stencil, spec, axes):
         ]
     # Marking them in an image-sized mask is several times faster than
     # sorting or hashing the (many, repeated) indices, and gives them sorted.
-    read = np.zeros(int(np.prod(stencil.shape)), dtype=bool)
     for offset in offsets:
         read[stencil.flat if not any(offset) else stencil.index(offset)] = True
     return np.flatnonzero(read)
@@ -305,13 +309,41 @@ def compute_features(backend, image, spec, extra=None, where=None):
     axes = (0, 1, 2) if spec.ndim == 3 else (1, 2)
     stencil = _Stencil(xp, image.shape, where)
     smoothed = {}
+    gradient_wanted, hessian_wanted = "gradient" in spec.features, "hessian" in spec.features
+    # On the CPU, derivatives come from one compiled loop over the chosen
+    # voxels and their neighbours, found once here (see point_derivatives).
+    neighbours = None
+    if backend.name == "cpu" and point_derivatives.available() and (gradient_wanted or hessian_wanted):
+        offsets = point_derivatives.stencil_offsets(axes)
+        if not hessian_wanted:
+            offsets = offsets[: 1 + 2 * len(axes)]
+        neighbours = point_derivatives.neighbour_positions(stencil.flat, image.shape, offsets)
     # Few chosen voxels (a gated crop): smooth only where the features read,
     # with the same values as the dense filter (see sparse_gaussian).
     points = None
     if where is not None and backend.name == "cpu" and sparse_gaussian.available():
-        points = sparse_gaussian.Points(image.shape, _read_points(stencil, spec, axes))
+        points = sparse_gaussian.Points(image.shape, _read_points(stencil, spec, axes, neighbours))
         if points.row_fraction > sparse_gaussian.MAX_ROW_FRACTION:
             points = None
+    sampled_positions = []
+
+    def derived(sigma):
+        # (gradient, eigenvalues) of one scale, by the compiled loop.
+        key = ("derived", sigma)
+        if key not in smoothed:
+            g = gaussian(sigma)
+            if isinstance(g, _Sampled):
+                if not sampled_positions:
+                    found = point_derivatives.ranks(neighbours, points.flat, int(np.prod(image.shape)))
+                    sampled_positions.append(found)
+                    stencil._cache[("sampled", (0, 0, 0))] = found[:, 0]
+                values, positions = g.values, sampled_positions[0]
+            else:
+                values, positions = np.ascontiguousarray(g, dtype=np.float32).ravel(), neighbours
+            smoothed[key] = point_derivatives.derivatives(
+                values, positions, len(axes), max(sigma), gradient_wanted, hessian_wanted
+            )
+        return smoothed[key]
 
     def smooth(source, sigma):
         if not any(sigma) or points is None:
@@ -356,6 +388,10 @@ def compute_features(backend, image, spec, extra=None, where=None):
             g = gaussian(sigma)
             if family == "gaussian":
                 columns.append(stencil.at(g))
+            elif family == "gradient" and neighbours is not None:
+                columns.append(derived(sigma)[0])
+            elif family == "hessian" and neighbours is not None:
+                columns.extend(derived(sigma)[1])
             elif family == "gradient":
                 squared = sum(_first(stencil, g, axis) ** 2 for axis in axes)
                 columns.append(xp.sqrt(squared) * scale)
