@@ -195,9 +195,16 @@ class _Stencil:
             flat = xp.flatnonzero(where.ravel())
         else:  # already the chosen voxels' flat indices, in increasing order
             flat = where
-        self.coords = xp.unravel_index(flat, shape)
         self.flat = flat
+        self._coords = None
         self._cache = {}
+
+    @property
+    def coords(self):
+        # Found when first asked for: the compiled derivatives never need them.
+        if self._coords is None:
+            self._coords = self.xp.unravel_index(self.flat, self.shape)
+        return self._coords
 
     def index(self, offset):
         if offset not in self._cache:

@@ -45,19 +45,34 @@ def _k_reflect(i, n):
     return i
 
 
-def _k_rows_pass(source, centre, before, after, weights, out):
-    """One pass across rows: out[k, :] = the filter of the rows of `source` (R, X float32)
-    around row centre[k], whose rows j steps before and after are before[k, j - 1] and after[k, j - 1]."""
+def _k_row(index, z, y, n_y):
+    # Row of `source` holding the crop's row (z, y): through the table
+    # `index`, or z * n_y + y when there is none (numba drops the other branch).
+    if index is None:
+        return z * n_y + y
+    return index[z, y]
+
+
+def _k_rows_pass(source, rows_z, rows_y, along_z, n_z, n_y, index, weights, out):
+    """One pass across rows: out[k, :] = the filter, along Z (`along_z`) or Y, of the rows
+    of `source` (R, X float32) around the crop's row (rows_z[k], rows_y[k]), reflected at
+    the crop's faces; the crop's row (z, y) is row :func:`_k_row` of `source`."""
     n_x = source.shape[1]
     radius = (weights.size - 1) // 2
     line = np.empty(n_x, dtype=np.float64)
-    for k in range(centre.size):
-        c = centre[k]
+    for k in range(rows_z.size):
+        z = rows_z[k]
+        y = rows_y[k]
+        c = _k_row(index, z, y, n_y)
         for x in range(n_x):
             line[x] = np.float64(source[c, x]) * weights[radius]
         for j in range(radius, 0, -1):
-            b = before[k, j - 1]
-            a = after[k, j - 1]
+            if along_z:
+                b = _k_row(index, _k_reflect(z - j, n_z), y, n_y)
+                a = _k_row(index, _k_reflect(z + j, n_z), y, n_y)
+            else:
+                b = _k_row(index, z, _k_reflect(y - j, n_y), n_y)
+                a = _k_row(index, z, _k_reflect(y + j, n_y), n_y)
             w = weights[radius - j]
             for x in range(n_x):
                 line[x] += (np.float64(source[b, x]) + np.float64(source[a, x])) * w
@@ -84,7 +99,7 @@ def _k_points_pass(rows, row_of, cols, weights, out):
 
 @functools.cache
 def _compiled():
-    return _numba.compile_into(globals(), ("_k_reflect", "_k_rows_pass", "_k_points_pass"))
+    return _numba.compile_into(globals(), ("_k_reflect", "_k_row", "_k_rows_pass", "_k_points_pass"))
 
 
 def available():
@@ -158,24 +173,17 @@ def gaussian_at(image, sigma, points, truncate):
         band_z, band_y, index = points.rows_z, points.rows_y, None
     if weights[0] is not None:
         # Along Z: the image's rows (z, y) as rows z * Y + y of a 2D array.
-        radius = (weights[0].size - 1) // 2
-        steps = np.arange(1, radius + 1)
-        before = _reflect(band_z[:, None] - steps, n_z) * n_y + band_y[:, None]
-        after = _reflect(band_z[:, None] + steps, n_z) * n_y + band_y[:, None]
         filtered = kernels["_k_rows_pass"](
-            image.reshape(-1, n_x), band_z * n_y + band_y, before, after, weights[0],
+            image.reshape(-1, n_x), band_z, band_y, True, n_z, n_y, None, weights[0],
             np.empty((band_z.size, n_x), np.float32),
         )
     else:
         filtered = image[band_z, band_y]
     if weights[1] is not None:
         # Along Y: rows of `filtered`, found through the band's table.
-        radius = (weights[1].size - 1) // 2
-        steps = np.arange(1, radius + 1)
-        z, y = points.rows_z[:, None], points.rows_y[:, None]
         rows = kernels["_k_rows_pass"](
-            filtered, index[points.rows_z, points.rows_y], index[z, _reflect(y - steps, n_y)],
-            index[z, _reflect(y + steps, n_y)], weights[1], np.empty((points.row_ids.size, n_x), np.float32),
+            filtered, points.rows_z, points.rows_y, False, n_z, n_y, index, weights[1],
+            np.empty((points.row_ids.size, n_x), np.float32),
         )
     else:
         rows = filtered
