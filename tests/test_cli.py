@@ -341,3 +341,13 @@ def test_scheduler(small_image, capsys):
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
         assert main(["segment", str(small_image), str(folder / "x.zarr"), "--scheduler", "tcp://127.0.0.1:1", "-q"]) == 1
     assert "could not connect to the dask scheduler" in error_line(capsys)
+
+
+def test_segment_that_finds_nothing_says_what_to_try(small_image, capsys):
+    out = small_image.parent / "none.zarr"
+    assert main(["segment", str(small_image), str(out), "--min-size", "100000", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "Found 0 particles" in captured.out
+    assert "No particle was found (threshold" in captured.err and "minimum size 100000 voxels" in captured.err
+    assert "--report DIR" in captured.err
+    assert int(np.asarray(zarr.open_group(str(out), mode="r")["0"]).max()) == 0

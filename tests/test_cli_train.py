@@ -97,7 +97,8 @@ def test_segment_with_a_classifier_finds_the_particles(data, trained, tmp_path, 
     labels_path = tmp_path / "labels.zarr"
     assert main(["segment", str(data["folder"] / "image.tif"), str(labels_path), "--model", str(path),
                  "--min-size", "2", "--table", str(tmp_path / "particles.csv"), "-q"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "Fitted on" not in out  # nothing was fitted
     labels, spacing = read_image(labels_path)
     labels = np.asarray(labels[...])
@@ -106,6 +107,7 @@ def test_segment_with_a_classifier_finds_the_particles(data, trained, tmp_path, 
     found = int(labels.max())
     assert f"Found {found} particles" in out
     assert found > 0 and abs(found - truth) <= max(2, truth // 4)
+    assert "No particle was found" not in captured.err
     # The classifier's probability, labelled with its defaults (threshold 0.5, no closing).
     model = _load(path)
     expected = NanoparticleLabeler(threshold=0.5, radius=0, min_size=2).transform(model.predict_proba(data["image"]))
@@ -114,6 +116,15 @@ def test_segment_with_a_classifier_finds_the_particles(data, trained, tmp_path, 
         provenance = json.load(handle)["attributes"]["nanoseg"]
     assert provenance["labeler"]["threshold"] == 0.5 and provenance["labeler"]["radius"] == 0
     assert provenance["classifier"]["max_samples"] == 4000 and "mixture" not in provenance
+
+
+def test_segment_with_a_classifier_that_finds_nothing_suggests_training_on_this_image(data, trained, tmp_path, capsys):
+    path, _ = trained
+    argv = ["segment", str(data["folder"] / "image.tif"), str(tmp_path / "none.zarr"), "--model", str(path)]
+    assert main([*argv, "--min-size", "1000000", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "No particle was found (threshold 0.5, minimum size 1000000 voxels)" in err
+    assert "nanoseg train" in err
 
 
 def test_explicit_labeler_options_win_over_the_classifier_defaults(data, trained, tmp_path):

@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -152,7 +153,21 @@ def segment(args):
         print(f"Wrote the particle table to {args.table}.")
     if args.report is not None:
         print(f"Wrote the report to {Path(args.report) / 'index.html'}.")
+    if result.n_particles == 0:
+        print(_nothing_found_hint(result), file=sys.stderr)
     return EXIT_OK
+
+
+def _nothing_found_hint(result):
+    # Zero particles is a result, but rarely the one wanted: say what to try.
+    labeler = result.labeler
+    text = f"No particle was found (threshold {labeler.threshold:g}, minimum size {labeler.min_size} voxels)."
+    if _is_classifier(result.mixture):
+        return (
+            f"{text} A trained model carries over poorly to images unlike its training crops: annotate a "
+            "few crops of this image and train on them (nanoseg train), or try a lower --threshold or --min-size."
+        )
+    return f"{text} Try a lower --threshold or --min-size, or look at the fitted model with --report DIR."
 
 
 def _connect(address):
