@@ -169,3 +169,20 @@ def test_neighbour_ranks_find_every_neighbour_among_the_sampled_voxels():
     sampled = np.unique(np.concatenate([neighbours.ravel(), [1, 2, 50]]))
     ranks = point_derivatives.ranks(neighbours, sampled, int(np.prod(shape)))
     np.testing.assert_array_equal(sampled[ranks], neighbours)
+
+
+def test_row_passes_compute_only_the_column_tiles_that_are_read():
+    tile = sparse_gaussian.TILE_COLUMNS
+    shape = (3, 20, 10 * tile)
+    flat = np.ravel_multi_index(([1, 1], [5, 5], [3 * tile + 2, 3 * tile + 3]), shape)
+    points = sparse_gaussian.Points(shape, flat)
+    # Radius 3 around columns 3T+2 and 3T+3: tiles 2 and 3 of row (1, 5) only.
+    assert points.tiles(3).tolist() == [[t in (2, 3) for t in range(10)]]
+    # The Z pass computes those tiles on every row the Y pass reads (within 4 rows, reflected).
+    band_z, band_y, _ = points.band(4)
+    marked = points.band_tiles(4, 3)
+    assert sorted(band_y.tolist()) == list(range(1, 10)) and set(band_z.tolist()) == {1}
+    assert marked.tolist() == [[t in (2, 3) for t in range(10)]] * 9
+    # Near the row's start, the reflected columns lie in the first tile.
+    edge = sparse_gaussian.Points(shape, np.ravel_multi_index(([0], [0], [1]), shape))
+    assert edge.tiles(5).tolist() == [[t == 0 for t in range(10)]]
