@@ -180,12 +180,13 @@ def neighbour_positions(flat, shape, offsets):
 _SCRATCH = threading.local()
 
 
-def _scratch(size):
-    # A per-thread int64 buffer of at least `size` entries, kept between
-    # calls: a fresh crop-sized table per crop would cost its page faults.
+def _scratch(size, dtype):
+    # A per-thread buffer of at least `size` entries, kept between calls
+    # (and for the thread's life): a fresh crop-sized table per crop would
+    # cost its page faults every time.
     buffer = getattr(_SCRATCH, "table", None)
-    if buffer is None or buffer.size < size:
-        buffer = np.empty(max(size, 1), dtype=np.int64)
+    if buffer is None or buffer.size < size or buffer.dtype != dtype:
+        buffer = np.empty(max(size, 1), dtype=dtype)
         _SCRATCH.table = buffer
     return buffer
 
@@ -194,7 +195,9 @@ def ranks(neighbours, sampled, size):
     """Positions of `neighbours` (flat indices in a crop of `size` voxels) in the
     sorted flat indices `sampled`, which must hold every one of them."""
     out = np.empty(neighbours.shape, dtype=np.int64)
-    return _compiled()["_k_ranks"](neighbours, np.asarray(sampled, dtype=np.int64), _scratch(size), out)
+    # Positions are below the number of sampled voxels: 32 bits halve the table.
+    dtype = np.int32 if sampled.size < 2**31 else np.int64
+    return _compiled()["_k_ranks"](neighbours, np.asarray(sampled, dtype=np.int64), _scratch(size, dtype), out)
 
 
 def derivatives(values, positions, n_axes, scale, gradient=True, hessian=True):
