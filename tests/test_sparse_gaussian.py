@@ -28,6 +28,10 @@ def test_gaussian_at_equals_the_dense_filter(shape, sigma):
     got = sparse_gaussian.gaussian_at(image, sigma, sparse_gaussian.Points(shape, flat), 3.0)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, dense.ravel()[flat])
+    # The square, squared as the passes read it, equals the filter of image * image.
+    squared = sparse_gaussian.gaussian_at(image, sigma, sparse_gaussian.Points(shape, flat), 3.0, square=True)
+    dense_squared = ndi.gaussian_filter(image * image, sigma, mode="reflect", truncate=3.0)
+    np.testing.assert_array_equal(squared, dense_squared.ravel()[flat])
 
 
 def test_points_count_the_rows_they_touch():

@@ -368,16 +368,17 @@ def compute_features(backend, image, spec, extra=None, where=None):
     def smoothed_square_at_voxels(sigma):
         # The smoothed square is read at the chosen voxels only, never at
         # their neighbours: with sparse smoothing, only there (a small share
-        # of the points the derivatives read).
-        if not square_of_image:
-            square_of_image.append(image * image)
-            if points is not None:
-                square_of_image.append(sparse_gaussian.Points(image.shape, stencil.flat))
+        # of the points the derivatives read), squaring the intensities as
+        # the passes read them rather than squaring the whole crop first.
         if points is None:
+            if not square_of_image:
+                square_of_image.append(image * image)
             return stencil.at(_gaussian(ndi, square_of_image[0], sigma))
         if not any(sigma):
-            return stencil.at(square_of_image[0])
-        return sparse_gaussian.gaussian_at(square_of_image[0], sigma, square_of_image[1], TRUNCATE)
+            return stencil.at(image) ** 2
+        if not square_of_image:
+            square_of_image.append(sparse_gaussian.Points(image.shape, stencil.flat))
+        return sparse_gaussian.gaussian_at(image, sigma, square_of_image[0], TRUNCATE, square=True)
 
     columns = []
     for family in spec.features:

@@ -59,11 +59,12 @@ def _k_row(index, z, y, n_y):
     return index[z, y]
 
 
-def _k_rows_pass(source, rows_z, rows_y, along_z, n_z, n_y, index, weights, tiles, tile, out):
+def _k_rows_pass(source, rows_z, rows_y, along_z, n_z, n_y, index, weights, tiles, tile, square, out):
     """One pass across rows: out[k, :] = the filter, along Z (`along_z`) or Y, of the rows
     of `source` (R, X float32) around the crop's row (rows_z[k], rows_y[k]), reflected at
     the crop's faces; the crop's row (z, y) is row :func:`_k_row` of `source`. Only the
-    columns of the tiles marked in tiles[k] (`tile` columns each) are computed."""
+    columns of the tiles marked in tiles[k] (`tile` columns each) are computed. With
+    `square`, each value of `source` is squared (in float32) as it is read."""
     n_x = source.shape[1]
     n_tiles = tiles.shape[1]
     radius = (weights.size - 1) // 2
@@ -95,14 +96,22 @@ def _k_rows_pass(source, rows_z, rows_y, along_z, n_z, n_y, index, weights, tile
             # wrap-around, and the loops vectorise (several times faster).
             for i in range(x0, x1):
                 x = np.uintp(i)
-                line[x] = np.float64(source[c, x]) * weights[radius]
+                v = source[c, x]
+                if square:
+                    v = v * v
+                line[x] = np.float64(v) * weights[radius]
             for j in range(radius, 0, -1):
                 b = before[j]
                 a = after[j]
                 w = weights[radius - j]
                 for i in range(x0, x1):
                     x = np.uintp(i)
-                    line[x] += (np.float64(source[b, x]) + np.float64(source[a, x])) * w
+                    vb = source[b, x]
+                    va = source[a, x]
+                    if square:
+                        vb = vb * vb
+                        va = va * va
+                    line[x] += (np.float64(vb) + np.float64(va)) * w
             for i in range(x0, x1):
                 x = np.uintp(i)
                 out[k, x] = np.float32(line[x])
@@ -236,10 +245,12 @@ class Points:
         return self._tiles[key]
 
 
-def gaussian_at(image, sigma, points, truncate):
+def gaussian_at(image, sigma, points, truncate, square=False):
     """``scipy.ndimage.gaussian_filter(image, sigma, mode="reflect", truncate=truncate)``
     at the chosen voxels `points` (a :class:`Points`) of the C-ordered float32
-    (Z, Y, X) `image`: (n,) float32, in the order of ``points.flat``.
+    (Z, Y, X) `image`: (n,) float32, in the order of ``points.flat``. With
+    `square`, the filter of ``image * image`` (squared as the first pass reads
+    it, so that no squared copy of the image is made).
     """
     kernels = _compiled()
     image = np.ascontiguousarray(image, dtype=np.float32)
@@ -258,15 +269,17 @@ def gaussian_at(image, sigma, points, truncate):
         # Along Z: the image's rows (z, y) as rows z * Y + y of a 2D array.
         filtered = kernels["_k_rows_pass"](
             image.reshape(-1, n_x), band_z, band_y, True, n_z, n_y, None, weights[0], band_tiles,
-            TILE_COLUMNS, np.empty((band_z.size, n_x), np.float32),
+            TILE_COLUMNS, square, np.empty((band_z.size, n_x), np.float32),
         )
     else:
         filtered = image[band_z, band_y]
+        if square:
+            filtered = filtered * filtered
     if weights[1] is not None:
         # Along Y: rows of `filtered`, found through the band's table.
         rows = kernels["_k_rows_pass"](
             filtered, points.rows_z, points.rows_y, False, n_z, n_y, index, weights[1], row_tiles,
-            TILE_COLUMNS, np.empty((points.row_ids.size, n_x), np.float32),
+            TILE_COLUMNS, False, np.empty((points.row_ids.size, n_x), np.float32),
         )
     else:
         rows = filtered
