@@ -264,24 +264,29 @@ def _second(stencil, g, i, j):
     )
 
 
+def _read_offsets(spec, axes):
+    """Offsets (z, y, x) of the voxels the features of `spec` read around a chosen
+    voxel, (n, 3) int64: the voxel itself and, for derivatives, the neighbours
+    of :func:`~nanoseg._ops.point_derivatives.stencil_offsets` they need."""
+    offsets = point_derivatives.stencil_offsets(axes)
+    if "hessian" in spec.features:
+        return offsets
+    if "gradient" in spec.features:
+        return offsets[: 1 + 2 * len(axes)]
+    return offsets[:1]
+
+
 def _read_points(stencil, spec, axes, neighbours=None):
     """Flat indices of every voxel the features of `spec` read at the stencil's voxels:
     the voxels themselves and, for derivatives, their (clamped) neighbours
     (given as flat indices in `neighbours` when already found)."""
+    # Marking them in an image-sized mask is several times faster than
+    # sorting or hashing the (many, repeated) indices, and gives them sorted.
     read = np.zeros(int(np.prod(stencil.shape)), dtype=bool)
     if neighbours is not None:
         read[neighbours] = True
         return np.flatnonzero(read)
-    offsets = [(0, 0, 0)]
-    if "gradient" in spec.features or "hessian" in spec.features:
-        offsets += [_unit(axis, step) for axis in axes for step in (1, -1)]
-    if "hessian" in spec.features:
-        offsets += [
-            _add(_unit(i, a), _unit(j, b)) for k, i in enumerate(axes) for j in axes[k + 1 :] for a in (1, -1) for b in (1, -1)
-        ]
-    # Marking them in an image-sized mask is several times faster than
-    # sorting or hashing the (many, repeated) indices, and gives them sorted.
-    for offset in offsets:
+    for offset in map(tuple, _read_offsets(spec, axes).tolist()):
         read[stencil.flat if not any(offset) else stencil.index(offset)] = True
     return np.flatnonzero(read)
 
@@ -321,10 +326,7 @@ def compute_features(backend, image, spec, extra=None, where=None):
     # voxels and their neighbours, found once here (see point_derivatives).
     neighbours = None
     if backend.name == "cpu" and point_derivatives.available() and (gradient_wanted or hessian_wanted):
-        offsets = point_derivatives.stencil_offsets(axes)
-        if not hessian_wanted:
-            offsets = offsets[: 1 + 2 * len(axes)]
-        neighbours = point_derivatives.neighbour_positions(stencil.flat, image.shape, offsets)
+        neighbours = point_derivatives.neighbour_positions(stencil.flat, image.shape, _read_offsets(spec, axes))
     # Few chosen voxels (a gated crop): smooth only where the features read,
     # with the same values as the dense filter (see sparse_gaussian).
     points = None

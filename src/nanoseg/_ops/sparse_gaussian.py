@@ -204,6 +204,7 @@ class Points:
         self.cols = self.flat % n_x
         self._bands = {}
         self._tiles = {}
+        self._band_tiles = {}
 
     @property
     def row_fraction(self):
@@ -235,14 +236,14 @@ class Points:
     def band_tiles(self, y_radius, x_radius):
         """Column tiles each row of ``band(y_radius)`` is read at by the rows within `y_radius` of it."""
         key = (y_radius, x_radius)
-        if key not in self._tiles:
+        if key not in self._band_tiles:
             band_z, _, index = self.band(y_radius)
             tiles = self.tiles(x_radius)
             out = np.zeros((band_z.size, tiles.shape[1]), dtype=bool)
-            self._tiles[key] = _compiled()["_k_spread_tiles"](
+            self._band_tiles[key] = _compiled()["_k_spread_tiles"](
                 self.rows_z, self.rows_y, tiles, y_radius, self.shape[1], index, out
             )
-        return self._tiles[key]
+        return self._band_tiles[key]
 
 
 def gaussian_at(image, sigma, points, truncate, square=False):
