@@ -38,11 +38,12 @@ sys.path.insert(0, str(HERE))
 from make_volume import make_volume
 
 REF_STAGES = ["ref-fit", "ref-posterior", "ref-labels"]
-NS_STAGES = ["read-once", "ns-fit", "ns-posterior-mask", "ns-posterior-zarr", "ns-labels", "ns-end-to-end"]
+NS_STAGES = ["read-once", "read-once-files", "ns-fit", "ns-posterior-mask", "ns-posterior-zarr", "ns-labels", "ns-end-to-end"]
 
 #: (stage key, row label, implementation, what it does), in table order.
 ROWS = [
     ("read-once", "read the input once", "-", "every plane decoded once on two threads, nothing computed"),
+    ("read-once-files", "read the input once", "nanoseg reader", "the same, through nanoseg's chunk-file reader"),
     ("ref-fit", "fit", "reference", "two passes over the zarr slices + EM"),
     ("ns-fit", "fit", "nanoseg", "NanoparticleMixture().fit(zarr)"),
     ("ref-posterior", "posterior", "reference", "per-slice MAP + LUT, written to zarr float16"),
@@ -387,8 +388,10 @@ def targets(results):
             if key in s:
                 rate = n / s[key]["wall_s"] / 1e6
                 out.append((tag, what, f">= {goal} Mvox/s", f"{rate:.0f} Mvox/s", rate >= goal))
-        if "ns-fit" in s and "read-once" in s:
-            ratio = s["ns-fit"]["wall_s"] / s["read-once"]["wall_s"]
+        reads = [s[k]["wall_s"] for k in ("read-once", "read-once-files") if k in s]
+        if "ns-fit" in s and reads:
+            # Against the faster of the two ways of reading the input once.
+            ratio = s["ns-fit"]["wall_s"] / min(reads)
             out.append((tag, "fit / one read of the input", "<= 1.5x", f"{ratio:.2f}x", ratio <= 1.5))
         ns_peak = max(s[k]["peak_rss_mib"] for k in NS_STAGES if k in s)
         ok = ns_peak <= 1024 if r["n_voxels"] >= 1e9 else None

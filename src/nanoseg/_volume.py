@@ -16,6 +16,7 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ import numpy as np
 import zarr
 
 from . import _backend, _plan
+from ._zarr_chunks import chunk_files
 
 
 def _dask_array_type():
@@ -67,6 +69,16 @@ class Volume:
     kind: str
     is_2d: bool
     name: str = "X"
+
+    @functools.cached_property
+    def reader(self):
+        """What slabs are read from: the array, or its chunk files for a qualifying zarr array.
+
+        See :mod:`nanoseg._zarr_chunks`: chunk files are read with the same
+        values as through zarr, without its per-chunk overhead.
+        """
+        files = chunk_files(self.array) if self.kind == "zarr" else None
+        return self.array if files is None else files
 
     @property
     def shape(self):
@@ -132,10 +144,10 @@ class Volume:
             (and for the CPU) a NumPy array.
         """
         if self.is_2d:
-            data = self.array if self.in_memory else self.array[...]
+            data = self.array if self.in_memory else self.reader[:, :]
             data = data.compute() if self.kind == "dask" else data
             return _deliver(data[None, ...][start:stop], backend)
-        data = self.array[start:stop]
+        data = self.reader[start:stop]
         if self.kind == "dask":
             data = data.compute()
         return _deliver(data, backend)
@@ -148,7 +160,9 @@ class Volume:
         if self.is_2d:
             return self.read(0, 1, backend)[indices]
         if self.kind == "zarr":
-            return _deliver(self.array.get_orthogonal_selection((indices, slice(None), slice(None))), backend)
+            # Runs of consecutive slices, each read as one slab.
+            runs = np.split(indices, np.flatnonzero(np.diff(indices) != 1) + 1)
+            return _deliver(np.concatenate([self.reader[int(r[0]) : int(r[-1]) + 1] for r in runs]), backend)
         if self.kind == "cupy":
             return _deliver(self.array[_backend.gpu_backend().to_device(indices)], backend)
         data = self.array[indices]
@@ -161,7 +175,14 @@ class Volume:
         if self.kind == "dask":
             array = self.array
         elif self.kind == "zarr":
-            array = da.from_zarr(self.array, chunks=dask_chunks(self.array.shape, self.array.chunks, self.dtype.itemsize))
+            chunks = dask_chunks(self.array.shape, self.array.chunks, self.dtype.itemsize)
+            if self.reader is self.array:
+                array = da.from_zarr(self.array, chunks=chunks)
+            else:
+                from dask.base import tokenize
+
+                name = "nanoseg-zarr-" + tokenize(str(self.reader.root), self.array.shape, chunks, str(self.dtype))
+                array = da.from_array(self.reader, chunks=chunks, name=name, lock=False, fancy=False)
         else:
             array = da.from_array(self.array)
         return array[None, ...] if self.is_2d else array

@@ -15,7 +15,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, ZstdCodec
 
+from ._plan import ordered_map
 from ._volume import is_dask_array
+from ._zarr_chunks import chunk_files
 
 #: zstd level of written arrays. On sparse uint32 labels and uint8 images,
 #: level 1 writes and reads as fast as zarr's default (zstd at level 3) and
@@ -80,6 +82,51 @@ def slab_bounds(edges, chunk_depth, max_depth):
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+def write_slabs(target, array, bounds, n_jobs=2):
+    """Read `array` slab by slab and write each into the newly created `target`.
+
+    Slabs are read and written on `n_jobs` threads, so that one slab is
+    computed (a lazy input) or decoded while another is encoded; two slabs
+    never share a chunk unless `n_jobs` is 1. Chunks whose part of a slab is
+    all zero are not written: a new array reads them as its fill value 0.
+    Whole chunks of a local array go straight to its chunk files, and a
+    local zarr input is read from its chunk files (:mod:`nanoseg._zarr_chunks`);
+    anything else goes through zarr, with its own all-zero check
+    (``write_empty_chunks=False``). Yields each slab's bounds, in order,
+    once it is written (for a progress bar).
+    """
+    if any(start % target.chunks[0] for start, _ in bounds):
+        n_jobs = 1  # two slabs writing parts of one chunk would race
+    files = chunk_files(target)
+    source = (chunk_files(array) or array) if isinstance(array, zarr.Array) else array
+
+    def copy(bound):
+        for start, data in _read_pieces(source, *bound):
+            if files is None:
+                target[start : start + data.shape[0]] = data
+            else:
+                files.write(start, data)
+        return bound
+
+    yield from ordered_map(copy, bounds, n_jobs)
+
+
+def _read_pieces(array, start, stop):
+    """Planes ``start:stop`` of `array` as ``(first plane, ndarray)`` pieces.
+
+    A dask array's blocks are computed together but kept apart, one piece
+    per block: joining them would copy the slab once more into fresh memory.
+    """
+    if not is_dask_array(array):
+        return [(start, _read_slab(array, start, stop))]
+    import dask
+
+    edges = np.cumsum((0, *array.chunks[0]))
+    cuts = [start, *(int(e) for e in edges if start < e < stop), stop]
+    pieces = dask.compute(*(array[a:b] for a, b in zip(cuts[:-1], cuts[1:])))
+    return [(a, np.asarray(piece)) for a, piece in zip(cuts[:-1], pieces)]
 
 
 def _read_slab(array, start, stop):

@@ -1,0 +1,249 @@
+"""Chunk files of local zarr arrays, read and written without zarr's I/O machinery.
+
+zarr reads and writes every chunk through its asyncio event loop and worker
+threads. On the 2-core machine of ``benchmarks/`` that costs about 1 ms a
+chunk whatever its size, more than decoding a 1 MiB zstd chunk, and writing
+copies each chunk of a multi-chunk selection into a freshly allocated buffer
+(see "Reading and writing chunk files" in benchmarks/RESULTS.md). For the
+common case -- an array in a local directory store, regular chunks, no
+sharding, and a plain bytes serialiser followed by at most one compressor --
+a chunk is simply a file holding the compressed C-order bytes of the whole
+(edge-padded) chunk, so it is read with one file read and one ``numcodecs``
+call, straight into a reused per-thread buffer.
+
+:func:`chunk_files` says whether an array qualifies; anything else (other
+stores, sharding, transposition, checksums, filters, big-endian data,
+F order) keeps going through zarr, with the same values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+#: Compressors decoded here, by zarr 3 codec class name, as numcodecs codecs.
+_V3_COMPRESSORS = {"ZstdCodec": "zstd", "BloscCodec": "blosc", "GzipCodec": "gzip"}
+
+
+def _numcodecs_decoder(codec):
+    """A numcodecs codec that decodes what zarr 3 `codec` encoded, or None."""
+    import numcodecs
+
+    kind = _V3_COMPRESSORS.get(type(codec).__name__)
+    if kind == "zstd":
+        return numcodecs.Zstd(level=int(codec.level), checksum=bool(codec.checksum))
+    if kind == "blosc":
+        return numcodecs.Blosc()  # blosc frames carry their own settings
+    if kind == "gzip":
+        return numcodecs.GZip(level=int(codec.level))
+    return None
+
+
+def _codecs_of(array):
+    """``(compressor, level known)`` of a qualifying array's codecs, or None.
+
+    The compressor is a numcodecs codec (None for uncompressed chunks).
+    """
+    metadata = array.metadata
+    dtype = np.dtype(array.dtype)
+    if dtype.kind not in "biuf" or dtype.hasobject:
+        return None
+    little = dtype.itemsize == 1 or dtype.byteorder == "<" or (dtype.byteorder == "=" and sys.byteorder == "little")
+    if metadata.zarr_format == 2:
+        if metadata.filters or metadata.order != "C" or not little:
+            return None
+        return (metadata.compressor,)
+    codecs = tuple(metadata.codecs)
+    if not codecs or type(codecs[0]).__name__ != "BytesCodec":
+        return None
+    endian = getattr(codecs[0], "endian", None)
+    endian = getattr(endian, "value", endian)
+    if endian not in (None, sys.byteorder) or not little:
+        return None
+    if len(codecs) == 1:
+        return (None,)
+    if len(codecs) > 2:
+        return None
+    decoder = _numcodecs_decoder(codecs[1])
+    return None if decoder is None else (decoder,)
+
+
+class ChunkFiles:
+    """Direct reads (and writes of whole chunks) of a local zarr array's chunk files.
+
+    Build one with :func:`chunk_files`. Indexing with a tuple of slices
+    (step 1) reads like the zarr array does; anything else is passed to the
+    zarr array. It has ``shape``, ``dtype``, ``ndim`` and ``chunks``, so
+    :func:`dask.array.from_array` takes it, and it pickles (for
+    ``dask.distributed`` workers) without its per-thread buffers.
+    """
+
+    def __init__(self, array, root, compressor):
+        self.array = array
+        self.root = Path(root)
+        self.compressor = compressor
+        self.shape = tuple(int(n) for n in array.shape)
+        self.chunks = tuple(int(c) for c in array.chunks)
+        self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+        self.fill_value = 0 if array.fill_value is None else array.fill_value
+        # Whole chunks are encoded here only with the array's own settings.
+        self.writable = compressor is None or type(compressor).__name__ == "Zstd" or array.metadata.zarr_format == 2
+        self._local = threading.local()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def __repr__(self):
+        return f"ChunkFiles({str(self.root)!r}, shape={self.shape}, chunks={self.chunks}, dtype={self.dtype})"
+
+    # -- reading ------------------------------------------------------------
+    def __getitem__(self, key):
+        region = self._region(key)
+        if region is None:
+            return self.array[key]
+        return self.read(region)
+
+    def _region(self, key):
+        """`key` as ``(start, stop)`` per axis, or None if it is not plain slicing."""
+        if not isinstance(key, tuple):
+            key = (key,)
+        if len(key) > self.ndim or any(not isinstance(k, slice) for k in key):
+            return None
+        key = key + (slice(None),) * (self.ndim - len(key))
+        region = []
+        for k, n in zip(key, self.shape):
+            start, stop, step = k.indices(n)
+            if step != 1:
+                return None
+            region.append((start, max(start, stop)))
+        return region
+
+    def _path(self, coords):
+        return self.root / self.array.metadata.encode_chunk_key(tuple(coords))
+
+    def _scratch(self):
+        buffer = getattr(self._local, "chunk", None)
+        if buffer is None:
+            buffer = self._local.chunk = np.empty(self.chunks, dtype=self.dtype)
+        return buffer
+
+    def _decode(self, raw, out):
+        """Decode chunk bytes `raw` into the C-contiguous chunk-shaped `out`."""
+        if self.compressor is None:
+            out.reshape(-1).view(np.uint8)[:] = np.frombuffer(raw, dtype=np.uint8)
+        else:
+            self.compressor.decode(raw, out=out)
+        return out
+
+    def read(self, region):
+        """The block ``[start:stop, ...]`` given as ``(start, stop)`` per axis, as a new array."""
+        out = np.empty(tuple(b - a for a, b in region), dtype=self.dtype)
+        if out.size == 0:
+            return out
+        ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(region, self.chunks)]
+        for coords in itertools.product(*ranges):
+            source, target, whole = [], [], True
+            for index, (a, b), c, n in zip(coords, region, self.chunks, self.shape):
+                lo, hi = max(a, index * c), min(b, (index + 1) * c)
+                source.append(slice(lo - index * c, hi - index * c))
+                target.append(slice(lo - a, hi - a))
+                whole &= lo == index * c and hi - lo == c
+            source, target = tuple(source), tuple(target)
+            try:
+                raw = self._path(coords).read_bytes()
+            except FileNotFoundError:
+                out[target] = self.fill_value
+                continue
+            destination = out[target]
+            if whole and destination.flags.c_contiguous:
+                self._decode(raw, destination)
+            else:
+                out[target] = self._decode(raw, self._scratch())[source]
+        return out
+
+    # -- writing ------------------------------------------------------------
+    def write(self, start, data):
+        """Write `data` as the planes ``start:start + len(data)`` of a new array.
+
+        Chunks `data` covers wholly (or up to the array's edge) are encoded
+        here; all-zero ones are not written, since a new array reads them as
+        its fill value 0. A chunk `data` covers only in part is left to zarr,
+        which merges it with what is stored.
+        """
+        stop = start + data.shape[0]
+        partial = []
+        first, last = start // self.chunks[0], (stop - 1) // self.chunks[0]
+        ranges = [range(first, last + 1)] + [range(-(-n // c)) for n, c in zip(self.shape[1:], self.chunks[1:])]
+        for coords in itertools.product(*ranges):
+            lo = [index * c for index, c in zip(coords, self.chunks)]
+            hi = [min(a + c, n) for a, c, n in zip(lo, self.chunks, self.shape)]
+            region = (slice(lo[0] - start, hi[0] - start), *(slice(a, b) for a, b in zip(lo[1:], hi[1:])))
+            if lo[0] < start or hi[0] > stop:
+                partial.append((coords, region))
+                continue
+            block = data[region]
+            if self._is_fill(block):
+                continue
+            if self.writable:
+                self._write_chunk(coords, block)
+            else:
+                partial.append((coords, region))
+        for coords, region in partial:
+            lo0 = max(region[0].start, 0)
+            hi0 = min(region[0].stop, data.shape[0])
+            block = data[(slice(lo0, hi0), *region[1:])]
+            if not self._is_fill(block):
+                self.array[(slice(lo0 + start, hi0 + start), *region[1:])] = block
+
+    def _is_fill(self, block):
+        if self.fill_value == 0:
+            return not block.any()
+        return bool((block == self.fill_value).all())
+
+    def _write_chunk(self, coords, block):
+        chunk = self._scratch()
+        if block.shape != chunk.shape:  # an edge chunk is stored padded
+            chunk[...] = self.fill_value
+        chunk[tuple(slice(0, s) for s in block.shape)] = block
+        encoded = chunk.tobytes() if self.compressor is None else self.compressor.encode(chunk)
+        path = self._path(coords)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed, so that a reader never sees half a chunk.
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+        with open(temporary, "wb") as handle:
+            handle.write(encoded)
+        os.replace(temporary, path)
+
+
+def chunk_files(array):
+    """:class:`ChunkFiles` over a zarr array, or None when it does not qualify.
+
+    Qualifying arrays live in a local directory store, have regular chunks,
+    no sharding, transposition, checksum or filter codec, C order and
+    little-endian (or single-byte) numbers, and are uncompressed or
+    compressed with zstd, blosc or gzip.
+    """
+    import zarr
+
+    if not isinstance(array, zarr.Array):
+        return None
+    root = getattr(array.store, "root", None)
+    if root is None or type(array.metadata.chunk_grid).__name__ != "RegularChunkGrid":
+        return None
+    codecs = _codecs_of(array)
+    if codecs is None:
+        return None
+    return ChunkFiles(array, Path(root) / array.path if array.path else Path(root), codecs[0])
