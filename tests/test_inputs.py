@@ -1,5 +1,7 @@
 """Same results for NumPy, zarr and dask inputs; zarr is read by slabs."""
 
+import itertools
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ import nanoseg._engine.fit as fit_engine
 import nanoseg._engine.labeling as labeling_module
 import nanoseg._engine.posterior as posterior_engine
 from nanoseg import NanoparticleLabeler, NanoparticleMixture, _model
+from nanoseg._volume import as_volume
+from nanoseg._zarr_chunks import ChunkFiles
 from nanoseg.datasets import make_crops
 
 
@@ -21,10 +25,24 @@ def reference(volume_20x96x112):
     return mixture, posterior, labels
 
 
+@pytest.fixture(autouse=True)
+def _stores_in(tmp_path, monkeypatch):
+    # Arrays of this module live in local directories, as users' do, so that
+    # their chunk files are read directly (nanoseg._zarr_chunks); other test
+    # modules use in-memory stores, read through zarr.
+    monkeypatch.setattr(to_zarr, "folder", tmp_path, raising=False)
+
+
 def to_zarr(array, chunks, store=None):
-    z = zarr.create_array(store=store if store is not None else {}, shape=array.shape, chunks=chunks, dtype=array.dtype)
+    if store is None:
+        folder = getattr(to_zarr, "folder", None)
+        store = {} if folder is None else str(folder / f"array{next(to_zarr.count)}.zarr")
+    z = zarr.create_array(store=store, shape=array.shape, chunks=chunks, dtype=array.dtype)
     z[...] = array
     return z
+
+
+to_zarr.count = itertools.count()
 
 
 @pytest.mark.parametrize("chunks", [(1, 96, 112), (3, 32, 40), (7, 96, 17), (20, 96, 112)])
@@ -32,6 +50,7 @@ def test_zarr_matches_numpy(volume_20x96x112, reference, chunks, small_slabs):
     small_slabs(5 * 96 * 112 * 12)
     mixture, posterior, labels = reference
     z = to_zarr(volume_20x96x112, chunks)
+    assert isinstance(as_volume(z).reader, ChunkFiles)  # read from its chunk files
     fitted = NanoparticleMixture().fit(z)
     for name in ("stack_histogram_", "background_histogram_", "particle_pmf_", "background_pmf_"):
         np.testing.assert_array_equal(getattr(fitted, name), getattr(mixture, name))
@@ -325,7 +344,15 @@ def test_labels_of_the_lazy_mask_from_predict_equal_those_of_the_posterior(
     labels = NanoparticleLabeler(threshold=threshold, min_size=3).transform(mask)
     np.testing.assert_array_equal(labels.compute(), expected)
     assert calls == []
-    # The lazy float posterior is thresholded block by block in its graph.
+    # The mixture's lazy float posterior carries its boolean tables: the
+    # labeler looks the mask up through them, thresholding no float block.
+    assert lazy.nanoseg_mask_at is not None
     other = NanoparticleLabeler(threshold=threshold, min_size=3).transform(lazy)
+    np.testing.assert_array_equal(other.compute(), expected)
+    assert calls == []
+    # Any other lazy float posterior is thresholded block by block in its graph.
+    plain = da.Array(lazy.dask, lazy.name, lazy.chunks, lazy.dtype)
+    assert getattr(plain, "nanoseg_mask_at", None) is None
+    other = NanoparticleLabeler(threshold=threshold, min_size=3).transform(plain)
     np.testing.assert_array_equal(other.compute(), expected)
     assert calls

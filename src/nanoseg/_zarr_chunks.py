@@ -213,11 +213,64 @@ class ChunkFiles:
             return not block.any()
         return bool((block == self.fill_value).all())
 
+    def write_sparse(self, start, stop, flat, values):
+        """Write planes ``start:stop`` of a new array given only their non-zero voxels.
+
+        Parameters
+        ----------
+        start, stop : int
+            The planes, starting on a chunk boundary and ending on one or at
+            the array's end.
+        flat : (n,) int array
+            Flat indices of the voxels into an array of shape
+            ``(stop - start, *shape[1:])``.
+        values : (n,) array
+            Their non-zero values.
+
+        Each chunk holding some of the voxels is filled in a reused zeroed
+        buffer, encoded and written; the others are not written. No dense
+        slab is ever made, so writing touches no fresh memory.
+        """
+        if not self.writable or self.fill_value != 0:
+            raise ValueError("write_sparse needs a zstd or uncompressed array whose fill value is 0.")
+        if start % self.chunks[0] or (stop % self.chunks[0] and stop != self.shape[0]):
+            raise ValueError(f"planes {start}:{stop} do not start and end on chunk boundaries {self.chunks[0]}.")
+        flat = np.asarray(flat, dtype=np.int64)
+        if flat.size == 0:
+            return
+        coords = np.unravel_index(flat, (stop - start, *self.shape[1:]))
+        coords = (coords[0] + start, *coords[1:])
+        grid = [-(-n // c) for n, c in zip(self.shape, self.chunks)]
+        chunk_ids = np.ravel_multi_index(tuple(c // size for c, size in zip(coords, self.chunks)), grid)
+        order = np.argsort(chunk_ids, kind="stable")
+        chunk_ids = chunk_ids[order]
+        local = [(c % size)[order] for c, size in zip(coords, self.chunks)]
+        values = np.asarray(values)[order]
+        cuts = np.flatnonzero(np.diff(chunk_ids)) + 1
+        chunk = self._zeroed()
+        for lo, hi in zip([0, *cuts], [*cuts, chunk_ids.size]):
+            where = tuple(axis[lo:hi] for axis in local)
+            chunk[where] = values[lo:hi]
+            try:
+                self._store(np.unravel_index(int(chunk_ids[lo]), grid), chunk)
+            finally:
+                chunk[where] = 0  # the buffer is all zero again for the next chunk
+
+    def _zeroed(self):
+        buffer = getattr(self._local, "zeroed", None)
+        if buffer is None:
+            buffer = self._local.zeroed = np.zeros(self.chunks, dtype=self.dtype)
+        return buffer
+
     def _write_chunk(self, coords, block):
         chunk = self._scratch()
         if block.shape != chunk.shape:  # an edge chunk is stored padded
             chunk[...] = self.fill_value
         chunk[tuple(slice(0, s) for s in block.shape)] = block
+        self._store(coords, chunk)
+
+    def _store(self, coords, chunk):
+        """Encode the chunk-shaped C-contiguous `chunk` and write it as chunk `coords`."""
         encoded = chunk.tobytes() if self.compressor is None else self.compressor.encode(chunk)
         path = self._path(coords)
         path.parent.mkdir(parents=True, exist_ok=True)

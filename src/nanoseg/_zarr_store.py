@@ -113,6 +113,33 @@ def write_slabs(target, array, bounds, n_jobs=2):
     yield from ordered_map(copy, bounds, n_jobs)
 
 
+def write_sparse_slabs(target, sparse, n_jobs=2):
+    """Write labels given slab by slab as voxel lists into the new array `target`.
+
+    `sparse` is the ``nanoseg_sparse_labels`` of a lazy labelling
+    (:class:`nanoseg._engine.labeling.SparseLabels`). Each chunk holding
+    labelled voxels is filled in a reused buffer and written to its file;
+    no dense block is made. Returns None when `target` or the slabs do not
+    allow it (then write the dense labels instead); otherwise yields each
+    slab's bounds, in order, once it is written.
+    """
+    files = chunk_files(target)
+    depth = target.chunks[0]
+    if (
+        files is None or not files.writable or files.fill_value != 0
+        or tuple(sparse.shape) != tuple(target.shape) or np.dtype(sparse.dtype) != target.dtype
+        or any(start % depth or (stop % depth and stop != target.shape[0]) for start, stop in sparse.bounds)
+    ):
+        return None
+
+    def write(index):
+        start, stop = sparse.bounds[index]
+        files.write_sparse(start, stop, *sparse.slab(index))
+        return start, stop
+
+    return ordered_map(write, range(len(sparse.bounds)), n_jobs)
+
+
 def _read_pieces(array, start, stop):
     """Planes ``start:stop`` of `array` as ``(first plane, ndarray)`` pieces.
 

@@ -44,7 +44,15 @@ from ._ngff import AXES, ngff_metadata, ome_image
 # check_spacing and the unit-slip warning have always been importable from here.
 from ._spacing import PLAUSIBLE_SPACING_NM, check_spacing, check_spacing_fits, warn_unlikely_spacing  # noqa: F401
 from ._volume import is_dask_array
-from ._zarr_store import _remove, _source_edges, _store_path, array_options, slab_bounds, write_slabs
+from ._zarr_store import (
+    _remove,
+    _source_edges,
+    _store_path,
+    array_options,
+    slab_bounds,
+    write_slabs,
+    write_sparse_slabs,
+)
 
 logger = logging.getLogger("nanoseg")
 
@@ -582,8 +590,14 @@ def write_ome_zarr(
     slab_bytes = WRITE_BYTES // WRITE_SLABS_IN_FLIGHT
     bounds = slab_bounds(_source_edges(array, shape[0]), chunks[0], max(1, slab_bytes // max(1, line_bytes)))
     unit = "slice" if len(shape) == 3 else "row"
+    # nanoseg's lazy labels carry their voxel lists: written from those, no
+    # dense block is made (see nanoseg._zarr_store.write_sparse_slabs).
+    sparse = getattr(array, "nanoseg_sparse_labels", None)
+    written = None if sparse is None else write_sparse_slabs(target, sparse, n_jobs=WRITE_SLABS_IN_FLIGHT)
+    if written is None:
+        written = write_slabs(target, array, bounds, n_jobs=WRITE_SLABS_IN_FLIGHT)
     with tqdm(total=shape[0], desc=f"Writing {out.name}", unit=unit, disable=not progress) as bar:
-        for start, stop in write_slabs(target, array, bounds, n_jobs=WRITE_SLABS_IN_FLIGHT):
+        for start, stop in written:
             bar.update(stop - start)
     root.attrs.update({"nanoseg": {**marker, "complete": True}})
     return zarr.open_array(store=str(out / "0"), mode="r")

@@ -376,6 +376,12 @@ class SlabLabeler:
         source = self.volume.to_dask()
         if source.dtype == bool:
             return source
+        mask_at = getattr(source, "nanoseg_mask_at", None)
+        if mask_at is not None:
+            # A mixture's lazy posterior: boolean tables give the mask
+            # directly, with no float posterior (its values are probabilities
+            # by construction, so nothing needs checking).
+            return mask_at(self.settings.threshold)
         return source.map_blocks(
             mask_from_posterior, self.settings.threshold, self.settings.name, dtype=bool
         )
@@ -539,7 +545,51 @@ class SlabLabeler:
                 self.settings, self._lazy_mask[lo:hi], start, stop, lo, lookup, plane_shape
             )
             blocks.append(da.from_delayed(task, (stop - start, *plane_shape), dtype=plan.table.dtype))
-        return da.concatenate(blocks, axis=0)
+        labels = da.concatenate(blocks, axis=0)
+        # Writers that can (nanoseg.io.write_ome_zarr) take the labels from
+        # here, slab by slab as voxel lists, without making dense blocks.
+        labels.nanoseg_sparse_labels = SparseLabels(self, plan)
+        return labels
+
+
+class SparseLabels:
+    """The final labels of a lazy labelling, slab by slab, as voxel lists.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        (Z, Y, X) of the labels.
+    dtype : numpy.dtype
+    bounds : list of (start, stop)
+        The slabs, in Z order.
+    """
+
+    def __init__(self, labeler, plan):
+        self._labeler = labeler
+        self._plan = plan
+        self.shape = tuple(labeler.volume.shape)
+        self.dtype = np.dtype(plan.table.dtype)
+        self.bounds = list(plan.bounds)
+
+    def slab(self, index):
+        """Flat indices (into the slab) and labels of slab `index`'s labelled voxels.
+
+        Kept slabs are looked up; the others are labelled again from their
+        input and halo, as the lazy labels' own blocks are.
+        """
+        plan, labeler = self._plan, self._labeler
+        lookup = plan.slab_table(index)
+        if plan.slabs[index] is not None:
+            flat, ids = plan.slabs[index]
+        else:
+            start, stop = plan.bounds[index]
+            lo, hi = labeler.halo_bounds(start, stop)
+            mask = labeler._lazy_mask[lo:hi].compute(**labeler._compute_options)
+            with get_backend(labeler.settings.device).stream():
+                flat, ids, _ = local_labels(labeler.settings, mask, start, stop, lo)
+        values = lookup[ids]
+        kept = values != 0  # components under the minimum size
+        return flat[kept], values[kept]
 
 
 def _scatter(flat, values, shape):

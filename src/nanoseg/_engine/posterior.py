@@ -89,14 +89,22 @@ def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
             mirror(model.particle_pmf_, _dark(model)), mirror(model.background_pmf_, _dark(model)),
             check_beta_prior(model.beta_prior), model.eps, model.posterior_dtype, _dark(model), threshold,
         )
-        return volume.restore(one_pass_posterior(volume.to_dask(), tables, binning if maps else None))
+        source, mapped = volume.to_dask(), binning if maps else None
+        out = one_pass_posterior(source, tables, mapped)
+        if threshold is None:
+            out.nanoseg_mask_at = MaskAt(one_pass_posterior, source, tables, mapped)
+        return volume.restore(out)
     if hists is None:
         hists = slice_histograms(model, volume, "Slice weights", backend, n_jobs)
     luts = model.posterior_luts(slice_weights(model, hists))
     if threshold is not None:
         luts = luts >= threshold
     if is_lazy(volume.array):
-        return volume.restore(lazy_posterior(volume.to_dask(), luts, backend.name, binning if maps else None))
+        source, mapped = volume.to_dask(), binning if maps else None
+        out = lazy_posterior(source, luts, backend.name, mapped)
+        if threshold is None:
+            out.nanoseg_mask_at = MaskAt(lazy_posterior, source, luts, mapped, device=backend.name)
+        return volume.restore(out)
     if volume.kind == "cupy":
         # Already on the GPU: one lookup over the whole volume, no copies
         # (but the mapped volume, for 16-bit data).
@@ -131,6 +139,32 @@ def _posterior_in_memory(model, volume, backend, n_jobs, luts, binning, maps):
     for _ in ordered_map(lookup, volume.slabs(depth), n_jobs):
         pass
     return out
+
+
+class MaskAt:
+    """``mask_at(threshold)``: a lazy posterior's mask ``posterior >= threshold``, looked up directly.
+
+    A lazy posterior carries one as ``nanoseg_mask_at``, so that a labeler
+    thresholding it asks for boolean tables instead (see
+    :meth:`NanoparticleMixture.predict`): the same voxels, without making
+    the float posterior. It holds the tables the posterior was made with,
+    so changing or refitting the mixture afterwards does not change it.
+    """
+
+    def __init__(self, build, source, tables, binning, **options):
+        self._build = build
+        self._source = source
+        self._tables = tables
+        self._binning = binning
+        self._options = options
+
+    def __call__(self, threshold):
+        tables = self._tables
+        if isinstance(tables, SliceTables):
+            tables = tables.at(threshold)
+        else:
+            tables = tables >= threshold  # as SliceTables thresholds, in the tables' dtype
+        return self._build(self._source, tables, binning=self._binning, **self._options)
 
 
 def apply_luts_block(block, luts, device="cpu", binning=None):
@@ -199,6 +233,13 @@ class SliceTables:
             dtype=self.posterior_dtype,
         )
         return luts if self.threshold is None else luts >= self.threshold
+
+    def at(self, threshold):
+        """These tables thresholded at `threshold` (boolean tables)."""
+        return SliceTables(
+            self.particle_pmf, self.background_pmf, self.beta_prior, self.eps, self.posterior_dtype, self.dark,
+            threshold,
+        )
 
     def __dask_tokenize__(self):
         return (

@@ -1,0 +1,95 @@
+"""Lazy labels written from their voxel lists equal the dense labels; a lazy
+posterior's mask is looked up from the tables it was made with."""
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+import nanoseg._engine.labeling as labeling_module
+import nanoseg._zarr_store as store_module
+from nanoseg import NanoparticleLabeler, NanoparticleMixture
+from nanoseg.io import write_ome_zarr
+
+
+def _local(tmp_path, array, chunks, name="image.zarr"):
+    z = zarr.create_array(store=str(tmp_path / name), shape=array.shape, chunks=chunks, dtype=array.dtype)
+    z[...] = array
+    return z
+
+
+@pytest.fixture(scope="module")
+def fitted(volume_20x96x112):
+    return NanoparticleMixture().fit(volume_20x96x112)
+
+
+@pytest.mark.parametrize("kept_bytes", [2**30, 0], ids=["kept", "labelled-again"])
+@pytest.mark.parametrize("chunks", [(1, 96, 112), (2, 40, 50), (3, 96, 17)])
+def test_labels_written_from_voxel_lists_equal_the_dense_labels(
+    tmp_path, volume_20x96x112, fitted, small_slabs, monkeypatch, kept_bytes, chunks
+):
+    small_slabs(4 * 96 * 112 * 6)
+    monkeypatch.setattr(labeling_module, "KEPT_LABEL_BYTES", kept_bytes)
+    source = _local(tmp_path, volume_20x96x112, chunks)
+    labels = NanoparticleLabeler(min_size=3).transform(fitted.transform(source))
+    assert labels.nanoseg_sparse_labels is not None
+    expected = NanoparticleLabeler(min_size=3).transform(fitted.transform(volume_20x96x112))
+    assert expected.max() > 1
+    used = []
+    original = store_module.write_sparse_slabs
+    monkeypatch.setattr(
+        "nanoseg.io.write_sparse_slabs", lambda *a, **k: used.append(1) or original(*a, **k)
+    )
+    written = write_ome_zarr(tmp_path / "labels.zarr", labels, spacing=(50, 10, 10), kind="labels",
+                             chunks=(chunks[0], 32, 48), progress=False)
+    assert used
+    np.testing.assert_array_equal(written[:], expected)
+    np.testing.assert_array_equal(labels.compute(), expected)
+    # Chunks without a labelled voxel are not stored.
+    stored = [p for p in (tmp_path / "labels.zarr" / "0" / "c").rglob("*") if p.is_file()]
+    assert 0 < len(stored) < np.prod([-(-n // c) for n, c in zip(expected.shape, (chunks[0], 32, 48))])
+
+
+def test_slabs_that_split_output_chunks_are_written_densely(tmp_path, volume_20x96x112, fitted, small_slabs):
+    small_slabs(4 * 96 * 112 * 6)  # slabs of a few planes, not multiples of 7
+    source = _local(tmp_path, volume_20x96x112, (1, 96, 112))
+    labels = NanoparticleLabeler(min_size=3).transform(fitted.transform(source))
+    target = zarr.create_array(store=str(tmp_path / "t.zarr"), shape=labels.shape, chunks=(7, 96, 112),
+                               dtype=labels.dtype, fill_value=0, **store_module.array_options())
+    assert store_module.write_sparse_slabs(target, labels.nanoseg_sparse_labels) is None
+    written = write_ome_zarr(tmp_path / "labels.zarr", labels, spacing=(50, 10, 10), kind="labels",
+                             chunks=(7, 96, 112), progress=False)
+    np.testing.assert_array_equal(written[:], labels.compute())
+
+
+def test_only_the_labelers_own_output_carries_voxel_lists(tmp_path, volume_20x96x112, fitted):
+    source = _local(tmp_path, volume_20x96x112, (2, 96, 112))
+    labels = NanoparticleLabeler(min_size=3).transform(fitted.transform(source))
+    shifted = labels + 1
+    assert getattr(shifted, "nanoseg_sparse_labels", None) is None
+    written = write_ome_zarr(tmp_path / "shifted.zarr", shifted, spacing=(50, 10, 10), kind="labels",
+                             progress=False)
+    np.testing.assert_array_equal(written[:], labels.compute() + 1)
+
+
+def test_a_lazy_posteriors_mask_keeps_the_tables_it_was_made_with(tmp_path, volume_20x96x112):
+    mixture = NanoparticleMixture().fit(volume_20x96x112)
+    source = _local(tmp_path, volume_20x96x112, (2, 48, 112))
+    lazy = mixture.transform(source)
+    posterior = lazy.compute()
+    # Refitting with another prior afterwards changes the mixture, not `lazy`.
+    mixture.set_params(beta_prior=(1.0, 50.0)).fit(volume_20x96x112[::-1])
+    for threshold in (0.5, 0.95):
+        expected = posterior >= threshold
+        np.testing.assert_array_equal(lazy.nanoseg_mask_at(threshold).compute(), expected)
+        labels = NanoparticleLabeler(threshold=threshold, min_size=1).transform(lazy)
+        dense = NanoparticleLabeler(threshold=threshold, min_size=1).transform(posterior)
+        np.testing.assert_array_equal(labels.compute(), dense)
+
+
+def test_float16_posterior_mask_equals_its_threshold(tmp_path, volume_20x96x112):
+    mixture = NanoparticleMixture(posterior_dtype="float16").fit(volume_20x96x112)
+    lazy = mixture.transform(da.from_array(volume_20x96x112, chunks=(3, 96, 112)))
+    posterior = lazy.compute()
+    assert posterior.dtype == np.float16
+    np.testing.assert_array_equal(lazy.nanoseg_mask_at(0.95).compute(), posterior >= 0.95)
