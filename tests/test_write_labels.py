@@ -93,3 +93,28 @@ def test_float16_posterior_mask_equals_its_threshold(tmp_path, volume_20x96x112)
     posterior = lazy.compute()
     assert posterior.dtype == np.float16
     np.testing.assert_array_equal(lazy.nanoseg_mask_at(0.95).compute(), posterior >= 0.95)
+
+
+@pytest.mark.parametrize("posterior_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("chunks", [(1, 96, 112), (3, 40, 50), (20, 96, 17)])
+def test_posterior_looked_up_from_chunk_files_equals_the_in_memory_one(
+    tmp_path, volume_20x96x112, posterior_dtype, chunks, monkeypatch
+):
+    import nanoseg._engine.posterior as posterior_module
+    import nanoseg._volume as volume_module
+
+    monkeypatch.setattr(volume_module, "DASK_BLOCK_BYTES", 2 * 96 * 112)  # blocks of several chunks
+    image = volume_20x96x112.copy()
+    image[: chunks[0], : chunks[1], : chunks[2]] = 0  # an all-zero chunk, not stored: read as the fill value
+    source = _local(tmp_path, image, chunks)
+    assert not (tmp_path / "image.zarr" / "c" / "0" / "0" / "0").exists()
+    mixture = NanoparticleMixture(posterior_dtype=posterior_dtype)
+    lazy = mixture.fit_transform(source)  # tables from the fit's histograms
+    assert lazy.name.startswith("nanoseg-lookup-")  # decoded and looked up in one task per block
+    expected = mixture.transform(image)
+    np.testing.assert_array_equal(lazy.compute(), expected)
+    np.testing.assert_array_equal(lazy[5:9, 10:70].compute(), expected[5:9, 10:70])
+    np.testing.assert_array_equal(lazy.nanoseg_mask_at(0.9).compute(), expected >= 0.9)
+    with pytest.raises(IndexError):
+        posterior_module.LookedUpChunks(posterior_module.ChunkFiles(source, tmp_path / "image.zarr", None),
+                                        np.zeros((20, 256), np.float32))[[0, 1]]

@@ -148,9 +148,15 @@ class ChunkFiles:
             self.compressor.decode(raw, out=out)
         return out
 
-    def read(self, region):
-        """The block ``[start:stop, ...]`` given as ``(start, stop)`` per axis, as a new array."""
-        out = np.empty(tuple(b - a for a, b in region), dtype=self.dtype)
+    def read(self, region, convert=None, dtype=None):
+        """The block ``[start:stop, ...]`` given as ``(start, stop)`` per axis, as a new array.
+
+        With `convert`, each chunk's part is not copied but handed, as a view
+        of the buffer it was decoded into, to ``convert(values, out, where)``,
+        which writes what it makes of it into ``out[where]`` (an array of
+        `dtype`); a missing chunk comes as an array of the fill value.
+        """
+        out = np.empty(tuple(b - a for a, b in region), dtype=self.dtype if dtype is None else dtype)
         if out.size == 0:
             return out
         ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(region, self.chunks)]
@@ -165,7 +171,14 @@ class ChunkFiles:
             try:
                 raw = self._path(coords).read_bytes()
             except FileNotFoundError:
-                out[target] = self.fill_value
+                if convert is None:
+                    out[target] = self.fill_value
+                else:
+                    shape = tuple(t.stop - t.start for t in target)
+                    convert(np.full(shape, self.fill_value, dtype=self.dtype), out, target)
+                continue
+            if convert is not None:
+                convert(self._decode(raw, self._scratch())[source], out, target)
                 continue
             destination = out[target]
             if whole and destination.flags.c_contiguous:

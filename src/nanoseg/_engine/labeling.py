@@ -142,7 +142,9 @@ class PlaneCache:
     Parameters
     ----------
     compute : callable
-        ``compute(lo, hi)`` gives planes ``lo:hi`` as a NumPy array.
+        ``compute(lo, hi)`` gives planes ``lo:hi`` as a NumPy array, or as a
+        list of ``(first plane, array)`` pieces (not joined: each plane is
+        copied once, into the slab that reads it).
     uses : (Z,) int array
         How many reads each plane will get.
     """
@@ -193,7 +195,10 @@ class PlaneCache:
 
     def _fill(self, lo, hi):
         try:
-            block = np.asarray(self._compute(lo, hi))
+            computed = self._compute(lo, hi)
+            # Either one array of the planes or (first plane, array) pieces.
+            pieces = computed if isinstance(computed, list) else [(lo, computed)]
+            planes = {start + k: plane for start, piece in pieces for k, plane in enumerate(np.asarray(piece))}
         except BaseException as exc:
             with self._lock:
                 for z in range(lo, hi):
@@ -204,7 +209,7 @@ class PlaneCache:
         with self._lock:
             for z in range(lo, hi):
                 event = self._planes[z]
-                self._planes[z] = block[z - lo]
+                self._planes[z] = planes[z]
                 event.set()
 
 
@@ -441,7 +446,7 @@ class SlabLabeler:
                 for start, stop in self.bounds:
                     lo, hi = self.halo_bounds(start, stop)
                     uses[lo:hi] += 1
-                self._planes = PlaneCache(self._windows.compute, uses)
+                self._planes = PlaneCache(self._windows.compute_blocks, uses)
             results = ordered_map(self.read_and_label, range(len(self.bounds)), self.n_jobs)
             for (start, stop), (flat, ids, count) in zip(self.bounds, results):
                 plan.offsets.append(offset)

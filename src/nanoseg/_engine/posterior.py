@@ -29,10 +29,11 @@ from .. import _model
 from .._backend import CPU, get_backend, to_numpy
 from .._model import mirror
 from .._ops.histogram import slice_histograms as _slice_histograms
-from .._ops.lookup import apply_luts, to_bins
+from .._ops.lookup import apply_luts, lookup_into, to_bins
 from .._plan import HISTOGRAM_BYTES_PER_VOXEL, POSTERIOR_BYTES_PER_VOXEL, mapping_bytes, ordered_map, slab_depth
 from .._validation import check_beta_prior
-from .._volume import is_lazy
+from .._volume import dask_chunks, is_lazy
+from .._zarr_chunks import ChunkFiles
 from .fit import fitted_binning
 
 
@@ -100,10 +101,10 @@ def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
     if threshold is not None:
         luts = luts >= threshold
     if is_lazy(volume.array):
-        source, mapped = volume.to_dask(), binning if maps else None
-        out = lazy_posterior(source, luts, backend.name, mapped)
+        mapped = binning if maps else None
+        out = lookup_graph(volume, luts, backend.name, mapped)
         if threshold is None:
-            out.nanoseg_mask_at = MaskAt(lazy_posterior, source, luts, mapped, device=backend.name)
+            out.nanoseg_mask_at = MaskAt(lookup_graph, volume, luts, mapped, device=backend.name)
         return volume.restore(out)
     if volume.kind == "cupy":
         # Already on the GPU: one lookup over the whole volume, no copies
@@ -182,6 +183,51 @@ def apply_luts_block(block, luts, device="cpu", binning=None):
             slab = to_bins(backend, slab, binning)
         result = apply_luts(backend, slab, backend.to_device(luts))
         return result if backend.owns(block) else backend.to_host(result)
+
+
+class LookedUpChunks:
+    """A local zarr volume's chunk files seen through per-slice tables, for :func:`dask.array.from_array`.
+
+    Reading a block decodes each chunk into a reused buffer and looks it up
+    from there into the block (:func:`~nanoseg._ops.lookup.lookup_into`):
+    one task per block, and no decoded copy of the input is ever made.
+    """
+
+    def __init__(self, files, luts):
+        self.files = files
+        self.luts = luts
+        self.shape = files.shape
+        self.ndim = files.ndim
+        self.dtype = luts.dtype
+
+    def __getitem__(self, key):
+        region = self.files._region(key)
+        if region is None:
+            raise IndexError(f"only plain slices of whole blocks are read; got {key!r}")
+        tables = self.luts[region[0][0] : region[0][1]]
+
+        def look_up(values, out, where):
+            lookup_into(values, tables[where[0]], out[where])
+
+        return self.files.read(region, convert=look_up, dtype=self.dtype)
+
+
+def lookup_graph(volume, luts, device="cpu", binning=None):
+    """Lazy per-slice lookup of a lazy `volume` (3D view; restore it after).
+
+    uint8 volumes read from chunk files on the CPU are decoded and looked up
+    in one task per block (:class:`LookedUpChunks`); anything else by
+    :func:`lazy_posterior`.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    reader = volume.reader
+    if device == "cpu" and binning is None and isinstance(reader, ChunkFiles) and not volume.is_2d:
+        chunks = dask_chunks(reader.shape, reader.chunks, reader.dtype.itemsize)
+        name = "nanoseg-lookup-" + tokenize(str(reader.root), reader.shape, chunks, luts)
+        return da.from_array(LookedUpChunks(reader, luts), chunks=chunks, name=name, lock=False, fancy=False)
+    return lazy_posterior(volume.to_dask(), luts, device, binning)
 
 
 def lazy_posterior(source, luts, device="cpu", binning=None):

@@ -24,9 +24,35 @@ def _k_plane_lookup(planes, tables, out):
 
 
 
+def _k_block_lookup(block, tables, out):
+    # block: (n, y, x) uint8, any strides; tables: (n, 256); out: (n, y, x), any strides.
+    for i in range(block.shape[0]):
+        for j in range(block.shape[1]):
+            for k in range(block.shape[2]):
+                out[i, j, k] = tables[i, block[i, j, k]]
+    return out
+
+
 @functools.cache
 def _compiled():
-    return _numba.compile_into(globals(), ("_k_plane_lookup",))
+    return _numba.compile_into(globals(), ("_k_plane_lookup", "_k_block_lookup"))
+
+
+def lookup_into(block, tables, out):
+    """``out[i] = tables[i][block[i]]`` for (n, y, x) uint8 `block` and `out` views of any strides.
+
+    Used to look a chunk up straight from the buffer it was decoded into.
+    """
+    if not _numba.available():
+        for i in range(block.shape[0]):
+            out[i] = np.take(tables[i], block[i])
+        return out
+    if tables.dtype == np.float16:
+        tables, target = tables.view(np.uint16), out.view(np.uint16)
+    else:
+        target = out
+    _compiled()["_k_block_lookup"](block, np.ascontiguousarray(tables), target)
+    return out
 
 
 def compiled_apply_luts(slab, luts, out):

@@ -93,8 +93,10 @@ def _run_segment(
     start = time.perf_counter()
     with _to_stderr():
         if model is None:
-            estimator.fit(image)
-        posterior = _posterior(estimator, image)
+            # fit_transform reuses the fit's slice histograms for the posterior's tables.
+            posterior = estimator.fit_transform(image)
+        else:
+            posterior = _posterior(estimator, image)
         labels = labeler.transform(posterior)
     written = write_ome_zarr(
         output, labels, spacing=spacing, kind="labels", chunks=chunks, overwrite=overwrite,
