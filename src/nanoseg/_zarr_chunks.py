@@ -46,7 +46,7 @@ def _numcodecs_decoder(codec):
 
 
 def _codecs_of(array):
-    """``(compressor, level known)`` of a qualifying array's codecs, or None.
+    """``(compressor,)`` for a qualifying array, or None.
 
     The compressor is a numcodecs codec (None for uncompressed chunks).
     """
@@ -111,12 +111,12 @@ class ChunkFiles:
 
     # -- reading ------------------------------------------------------------
     def __getitem__(self, key):
-        region = self._region(key)
+        region = self.region_of(key)
         if region is None:
             return self.array[key]
         return self.read(region)
 
-    def _region(self, key):
+    def region_of(self, key):
         """`key` as ``(start, stop)`` per axis, or None if it is not plain slicing."""
         if not isinstance(key, tuple):
             key = (key,)

@@ -201,7 +201,7 @@ class LookedUpChunks:
         self.dtype = luts.dtype
 
     def __getitem__(self, key):
-        region = self.files._region(key)
+        region = self.files.region_of(key)
         if region is None:
             raise IndexError(f"only plain slices of whole blocks are read; got {key!r}")
         tables = self.luts[region[0][0] : region[0][1]]
