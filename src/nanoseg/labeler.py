@@ -202,6 +202,15 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
             Same shape as `X`; 0 is background, particles are 1..K. NumPy in
             gives NumPy out, CuPy in gives CuPy out; zarr or dask in gives a
             lazy dask array.
+
+        Notes
+        -----
+        A lazy 3D result carries, as ``nanoseg_sparse_labels``, the particle
+        voxels the labelling found, slab by slab: :func:`nanoseg.io.write_ome_zarr`
+        writes the labels from those, chunk by chunk, without making dense
+        blocks (much faster than :func:`dask.array.store`). A lazy posterior
+        from :class:`NanoparticleMixture` is thresholded through the mixture's
+        boolean tables rather than as floats (the same voxels).
         """
         volumes, is_list = self._posterior_volumes(X)
         backend = self._resolve_backend(volumes)

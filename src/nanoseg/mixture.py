@@ -510,7 +510,17 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         posterior : array or list of arrays, of dtype `posterior_dtype` (float32)
             Same shape as `X`. NumPy input gives a NumPy array; zarr and dask
             input give a lazy dask array (compute it, or store it with
-            ``dask.array.to_zarr``). A list gives a list.
+            :func:`nanoseg.io.write_ome_zarr`). A list gives a list.
+
+        Notes
+        -----
+        A lazy 3D posterior carries its mask as ``nanoseg_mask_at(threshold)``
+        (the lazy ``posterior >= threshold`` looked up in boolean tables, as
+        :meth:`predict` does), which :class:`NanoparticleLabeler` uses; it keeps
+        the tables the posterior was made with, whatever happens to the
+        mixture afterwards. A local zarr volume whose tables are known when
+        the graph is built (:meth:`fit_transform`) is decoded and looked up in
+        one task per block.
         """
         return self._map_posterior(X)
 
