@@ -118,3 +118,31 @@ def test_posterior_looked_up_from_chunk_files_equals_the_in_memory_one(
     with pytest.raises(IndexError):
         posterior_module.LookedUpChunks(posterior_module.ChunkFiles(source, tmp_path / "image.zarr", None),
                                         np.zeros((20, 256), np.float32))[[0, 1]]
+
+
+@pytest.mark.parametrize("posterior_dtype", ["float32", "float16"])
+def test_one_pass_posterior_of_whole_slice_blocks_from_chunk_files(tmp_path, volume_20x96x112, posterior_dtype):
+    """A new volume's posterior (slice weights from its own histograms) read in whole-slice blocks."""
+    mixture = NanoparticleMixture(posterior_dtype=posterior_dtype).fit(volume_20x96x112)
+    source = _local(tmp_path, volume_20x96x112, (1, 48, 56))
+    lazy = mixture.transform(source)
+    assert lazy.name.startswith("nanoseg-one-pass-")  # decoded, counted and looked up in one task
+    expected = mixture.transform(volume_20x96x112)
+    np.testing.assert_array_equal(lazy.compute(), expected)
+    np.testing.assert_array_equal(lazy[3:11].compute(), expected[3:11])
+    np.testing.assert_array_equal(lazy.nanoseg_mask_at(0.95).compute(), expected >= 0.95)
+    np.testing.assert_array_equal(mixture.predict(source, threshold=0.95).compute(), expected >= 0.95)
+    labels = NanoparticleLabeler(min_size=3).transform(lazy)
+    np.testing.assert_array_equal(labels.compute(), NanoparticleLabeler(min_size=3).transform(expected))
+
+
+def test_one_pass_posterior_of_partial_slice_blocks_keeps_the_graph_histograms(
+    tmp_path, volume_20x96x112, monkeypatch
+):
+    import nanoseg._volume as volume_module
+
+    monkeypatch.setattr(volume_module, "DASK_BLOCK_BYTES", 48 * 56)  # blocks smaller than a slice
+    mixture = NanoparticleMixture().fit(volume_20x96x112)
+    lazy = mixture.transform(_local(tmp_path, volume_20x96x112, (1, 48, 56)))
+    assert not lazy.name.startswith("nanoseg-one-pass-")
+    np.testing.assert_array_equal(lazy.compute(), mixture.transform(volume_20x96x112))

@@ -148,15 +148,20 @@ class ChunkFiles:
             self.compressor.decode(raw, out=out)
         return out
 
-    def read(self, region, convert=None, dtype=None):
+    def read(self, region, convert=None, dtype=None, out=None):
         """The block ``[start:stop, ...]`` given as ``(start, stop)`` per axis, as a new array.
 
         With `convert`, each chunk's part is not copied but handed, as a view
         of the buffer it was decoded into, to ``convert(values, out, where)``,
         which writes what it makes of it into ``out[where]`` (an array of
-        `dtype`); a missing chunk comes as an array of the fill value.
+        `dtype`); a missing chunk comes as an array of the fill value. With
+        `out` (an array of the block's shape), the block is read into it.
         """
-        out = np.empty(tuple(b - a for a, b in region), dtype=self.dtype if dtype is None else dtype)
+        shape = tuple(b - a for a, b in region)
+        if out is None:
+            out = np.empty(shape, dtype=self.dtype if dtype is None else dtype)
+        elif out.shape != shape:
+            raise ValueError(f"out has shape {out.shape}; the block's is {shape}.")
         if out.size == 0:
             return out
         ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(region, self.chunks)]

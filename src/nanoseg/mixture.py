@@ -518,9 +518,10 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         (the lazy ``posterior >= threshold`` looked up in boolean tables, as
         :meth:`predict` does), which :class:`NanoparticleLabeler` uses; it keeps
         the tables the posterior was made with, whatever happens to the
-        mixture afterwards. A local zarr volume whose tables are known when
-        the graph is built (:meth:`fit_transform`) is decoded and looked up in
-        one task per block.
+        mixture afterwards. A local uint8 zarr volume is decoded and looked up
+        in one task per block when its tables are known as the graph is built
+        (:meth:`fit_transform`), or, read in blocks of whole slices, decoded,
+        counted (for its slices' weights) and looked up in one task per block.
         """
         return self._map_posterior(X)
 

@@ -22,6 +22,8 @@ The functions take the fitted estimator itself as `model`.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from tqdm import tqdm
 
@@ -90,10 +92,10 @@ def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
             mirror(model.particle_pmf_, _dark(model)), mirror(model.background_pmf_, _dark(model)),
             check_beta_prior(model.beta_prior), model.eps, model.posterior_dtype, _dark(model), threshold,
         )
-        source, mapped = volume.to_dask(), binning if maps else None
-        out = one_pass_posterior(source, tables, mapped)
+        mapped = binning if maps else None
+        out = one_pass_graph(volume, tables, mapped)
         if threshold is None:
-            out.nanoseg_mask_at = MaskAt(one_pass_posterior, source, tables, mapped)
+            out.nanoseg_mask_at = MaskAt(one_pass_graph, volume, tables, mapped)
         return volume.restore(out)
     if hists is None:
         hists = slice_histograms(model, volume, "Slice weights", backend, n_jobs)
@@ -188,9 +190,13 @@ def apply_luts_block(block, luts, device="cpu", binning=None):
 class LookedUpChunks:
     """A local zarr volume's chunk files seen through per-slice tables, for :func:`dask.array.from_array`.
 
-    Reading a block decodes each chunk into a reused buffer and looks it up
-    from there into the block (:func:`~nanoseg._ops.lookup.lookup_into`):
-    one task per block, and no decoded copy of the input is ever made.
+    With the tables known (an array of them, one per slice), reading a block
+    decodes each chunk into a reused buffer and looks it up from there into
+    the block (:func:`~nanoseg._ops.lookup.lookup_into`): one task per
+    block, and no decoded copy of the input is made. With a
+    :class:`SliceTables` instead, blocks must hold whole slices: each is
+    decoded into a reused per-thread buffer, its slices' histograms give
+    their tables, and the lookup follows, all in one task.
     """
 
     def __init__(self, files, luts):
@@ -199,17 +205,41 @@ class LookedUpChunks:
         self.shape = files.shape
         self.ndim = files.ndim
         self.dtype = luts.dtype
+        self._local = threading.local()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def __getitem__(self, key):
         region = self.files.region_of(key)
         if region is None:
             raise IndexError(f"only plain slices of whole blocks are read; got {key!r}")
+        if isinstance(self.luts, SliceTables):
+            return self._read_whole_slices(region)
         tables = self.luts[region[0][0] : region[0][1]]
 
         def look_up(values, out, where):
             lookup_into(values, tables[where[0]], out[where])
 
         return self.files.read(region, convert=look_up, dtype=self.dtype)
+
+    def _read_whole_slices(self, region):
+        if any((a, b) != (0, n) for (a, b), n in zip(region[1:], self.shape[1:])):
+            raise IndexError("blocks looked up with tables from their own histograms must hold whole slices")
+        shape = tuple(b - a for a, b in region)
+        size = int(np.prod(shape))
+        buffer = getattr(self._local, "block", None)
+        if buffer is None or buffer.size < size:
+            buffer = self._local.block = np.empty(size, dtype=self.files.dtype)
+        block = self.files.read(region, out=buffer[:size].reshape(shape))
+        luts = self.luts(_slice_histograms(CPU, block))
+        return apply_luts(CPU, block, luts)
 
 
 def lookup_graph(volume, luts, device="cpu", binning=None):
@@ -228,6 +258,25 @@ def lookup_graph(volume, luts, device="cpu", binning=None):
         name = "nanoseg-lookup-" + tokenize(str(reader.root), reader.shape, chunks, luts)
         return da.from_array(LookedUpChunks(reader, luts), chunks=chunks, name=name, lock=False, fancy=False)
     return lazy_posterior(volume.to_dask(), luts, device, binning)
+
+
+def one_pass_graph(volume, tables, binning=None):
+    """Lazy posterior of a lazy `volume` (3D view) whose slice weights are part of the graph.
+
+    A uint8 volume read from chunk files, in blocks of whole slices, is
+    decoded, counted and looked up in one task per block
+    (:class:`LookedUpChunks`); anything else by :func:`one_pass_posterior`.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    reader = volume.reader
+    if binning is None and isinstance(reader, ChunkFiles) and not volume.is_2d:
+        chunks = dask_chunks(reader.shape, reader.chunks, reader.dtype.itemsize)
+        if tuple(chunks[1:]) == tuple(reader.shape[1:]):
+            name = "nanoseg-one-pass-" + tokenize(str(reader.root), reader.shape, chunks, tables)
+            return da.from_array(LookedUpChunks(reader, tables), chunks=chunks, name=name, lock=False, fancy=False)
+    return one_pass_posterior(volume.to_dask(), tables, binning)
 
 
 def lazy_posterior(source, luts, device="cpu", binning=None):
