@@ -146,3 +146,14 @@ def test_one_pass_posterior_of_partial_slice_blocks_keeps_the_graph_histograms(
     lazy = mixture.transform(_local(tmp_path, volume_20x96x112, (1, 48, 56)))
     assert not lazy.name.startswith("nanoseg-one-pass-")
     np.testing.assert_array_equal(lazy.compute(), mixture.transform(volume_20x96x112))
+
+
+def test_lookups_from_chunk_files_pickle_without_their_buffers(tmp_path, volume_20x96x112):
+    import pickle
+
+    mixture = NanoparticleMixture().fit(volume_20x96x112)
+    lazy = mixture.transform(_local(tmp_path, volume_20x96x112, (2, 96, 112)))
+    expected = lazy.compute()
+    (reader,) = [v for v in lazy.dask.values() if type(v).__name__ == "LookedUpChunks"]
+    copy = pickle.loads(pickle.dumps(reader))
+    np.testing.assert_array_equal(copy[0:4], expected[0:4])

@@ -74,7 +74,24 @@ def _codecs_of(array):
     return None if decoder is None else (decoder,)
 
 
-class ChunkFiles:
+class PerThreadState:
+    """Mixin: per-thread buffers in ``self._local`` (a ``threading.local``), left out when pickled.
+
+    Objects that travel to ``dask.distributed`` workers inside a graph
+    rebuild their buffers there, on first use.
+    """
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+
+class ChunkFiles(PerThreadState):
     """Direct reads (and writes of whole chunks) of a local zarr array's chunk files.
 
     Build one with :func:`chunk_files`. Indexing with a tuple of slices
@@ -95,15 +112,6 @@ class ChunkFiles:
         self.fill_value = 0 if array.fill_value is None else array.fill_value
         # Whole chunks are encoded here only with the array's own settings.
         self.writable = compressor is None or type(compressor).__name__ == "Zstd" or array.metadata.zarr_format == 2
-        self._local = threading.local()
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        del state["_local"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
         self._local = threading.local()
 
     def __repr__(self):

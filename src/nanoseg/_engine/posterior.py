@@ -35,7 +35,7 @@ from .._ops.lookup import apply_luts, lookup_into, to_bins
 from .._plan import HISTOGRAM_BYTES_PER_VOXEL, POSTERIOR_BYTES_PER_VOXEL, mapping_bytes, ordered_map, slab_depth
 from .._validation import check_beta_prior
 from .._volume import dask_chunks, is_lazy
-from .._zarr_chunks import ChunkFiles
+from .._zarr_chunks import ChunkFiles, PerThreadState
 from .fit import fitted_binning
 
 
@@ -187,7 +187,7 @@ def apply_luts_block(block, luts, device="cpu", binning=None):
         return result if backend.owns(block) else backend.to_host(result)
 
 
-class LookedUpChunks:
+class LookedUpChunks(PerThreadState):
     """A local zarr volume's chunk files seen through per-slice tables, for :func:`dask.array.from_array`.
 
     With the tables known (an array of them, one per slice), reading a block
@@ -205,15 +205,6 @@ class LookedUpChunks:
         self.shape = files.shape
         self.ndim = files.ndim
         self.dtype = luts.dtype
-        self._local = threading.local()
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        del state["_local"]
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
         self._local = threading.local()
 
     def __getitem__(self, key):
