@@ -192,6 +192,21 @@ class Volume:
         return array[0] if self.is_2d else array
 
 
+def compute_by_block(array, start, stop, **compute_options):
+    """Planes ``start:stop`` of a dask array as ``(first plane, ndarray)`` pieces, one per block along Z.
+
+    The blocks are computed together (one graph) but not joined: joining
+    them would copy the planes once more into fresh memory, which the
+    callers, writing or copying each plane on, do not need.
+    """
+    import dask
+
+    edges = np.cumsum((0, *array.chunks[0]))
+    cuts = [start, *(int(e) for e in edges if start < e < stop), stop]
+    pieces = dask.compute(*(array[a:b] for a, b in zip(cuts[:-1], cuts[1:])), **compute_options)
+    return [(a, np.asarray(piece)) for a, piece in zip(cuts[:-1], pieces)]
+
+
 #: Largest dask block (bytes of input) that :meth:`Volume.to_dask` makes of a
 #: zarr array by grouping its chunks.
 DASK_BLOCK_BYTES = 16 * 2**20

@@ -16,7 +16,7 @@ import zarr
 from zarr.codecs import BytesCodec, ZstdCodec
 
 from ._plan import ordered_map
-from ._volume import is_dask_array
+from ._volume import compute_by_block, is_dask_array
 from ._zarr_chunks import chunk_files
 
 #: zstd level of written arrays. On sparse uint32 labels and uint8 images,
@@ -100,7 +100,7 @@ def write_slabs(target, array, bounds, n_jobs=2):
     if any(start % target.chunks[0] for start, _ in bounds):
         n_jobs = 1  # two slabs writing parts of one chunk would race
     files = chunk_files(target)
-    source = (chunk_files(array) or array) if isinstance(array, zarr.Array) else array
+    source = chunk_files(array) or array
 
     def copy(bound):
         for start, data in _read_pieces(source, *bound):
@@ -141,19 +141,11 @@ def write_sparse_slabs(target, sparse, n_jobs=2):
 
 
 def _read_pieces(array, start, stop):
-    """Planes ``start:stop`` of `array` as ``(first plane, ndarray)`` pieces.
-
-    A dask array's blocks are computed together but kept apart, one piece
-    per block: joining them would copy the slab once more into fresh memory.
-    """
-    if not is_dask_array(array):
-        return [(start, _read_slab(array, start, stop))]
-    import dask
-
-    edges = np.cumsum((0, *array.chunks[0]))
-    cuts = [start, *(int(e) for e in edges if start < e < stop), stop]
-    pieces = dask.compute(*(array[a:b] for a, b in zip(cuts[:-1], cuts[1:])))
-    return [(a, np.asarray(piece)) for a, piece in zip(cuts[:-1], pieces)]
+    """Planes ``start:stop`` of `array` as ``(first plane, ndarray)`` pieces: one
+    per block of a dask array (see :func:`~nanoseg._volume.compute_by_block`)."""
+    if is_dask_array(array):
+        return compute_by_block(array, start, stop)
+    return [(start, _read_slab(array, start, stop))]
 
 
 def _read_slab(array, start, stop):

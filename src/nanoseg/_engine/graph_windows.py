@@ -101,17 +101,12 @@ class GraphWindows:
         """Planes ``lo:hi`` as ``(first plane, array)`` pieces, one per block along Z.
 
         The same values as :meth:`compute` without joining the blocks into
-        one new array (a copy the caller may not need).
+        one new array (see :func:`nanoseg._volume.compute_by_block`).
         """
-        import dask
-        import numpy as np
+        from .._volume import compute_by_block
 
         if self.whole:
-            first, window = 0, self.array
-        else:
-            first, window = self.window(lo, hi)
-        edges = np.cumsum((first, *window.chunks[0]))
-        cuts = [lo, *(int(e) for e in edges if lo < e < hi), hi]
-        pieces = dask.compute(*(window[a - first : b - first] for a, b in zip(cuts[:-1], cuts[1:])),
-                              **self.compute_options)
-        return list(zip(cuts[:-1], pieces))
+            return compute_by_block(self.array, lo, hi, **self.compute_options)
+        first, window = self.window(lo, hi)
+        pieces = compute_by_block(window, lo - first, hi - first, **self.compute_options)
+        return [(first + start, piece) for start, piece in pieces]

@@ -586,13 +586,12 @@ class SparseLabels:
         lookup = plan.slab_table(index)
         if plan.slabs[index] is not None:
             flat, ids = plan.slabs[index]
+            values = lookup[ids]
         else:
             start, stop = plan.bounds[index]
             lo, hi = labeler.halo_bounds(start, stop)
             mask = labeler._lazy_mask[lo:hi].compute(**labeler._compute_options)
-            with get_backend(labeler.settings.device).stream():
-                flat, ids, _ = local_labels(labeler.settings, mask, start, stop, lo)
-        values = lookup[ids]
+            flat, values = _final_voxels(labeler.settings, mask, start, stop, lo, lookup)
         kept = values != 0  # components under the minimum size
         return flat[kept], values[kept]
 
@@ -603,7 +602,13 @@ def _scatter(flat, values, shape):
     return out
 
 
-def _final_slab(settings, mask, start, stop, lo, lookup, plane_shape):
+def _final_voxels(settings, mask, start, stop, lo, lookup):
+    """Slab ``start:stop`` labelled again from its `mask` (with halo, from plane
+    `lo`): flat indices of its labelled voxels and their final labels."""
     with get_backend(settings.device).stream():
         flat, ids, _ = local_labels(settings, mask, start, stop, lo)
-    return _scatter(flat, lookup[ids], (stop - start, *plane_shape))
+    return flat, lookup[ids]
+
+
+def _final_slab(settings, mask, start, stop, lo, lookup, plane_shape):
+    return _scatter(*_final_voxels(settings, mask, start, stop, lo, lookup), (stop - start, *plane_shape))

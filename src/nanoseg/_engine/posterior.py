@@ -233,6 +233,25 @@ class LookedUpChunks(PerThreadState):
         return apply_luts(CPU, block, luts)
 
 
+def _chunk_file_graph(volume, tables, binning, whole_slices):
+    """The lookup of a lazy uint8 `volume` read from chunk files, one task per block
+    (:class:`LookedUpChunks`), or None where that does not apply: other
+    readers, mapped (binned) data, 2D images, or, with `whole_slices`,
+    blocks that do not hold whole slices."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    reader = volume.reader
+    if binning is not None or not isinstance(reader, ChunkFiles) or volume.is_2d:
+        return None
+    chunks = dask_chunks(reader.shape, reader.chunks, reader.dtype.itemsize)
+    if whole_slices and tuple(chunks[1:]) != tuple(reader.shape[1:]):
+        return None
+    prefix = "nanoseg-one-pass-" if whole_slices else "nanoseg-lookup-"
+    name = prefix + tokenize(str(reader.root), reader.shape, chunks, tables)
+    return da.from_array(LookedUpChunks(reader, tables), chunks=chunks, name=name, lock=False, fancy=False)
+
+
 def lookup_graph(volume, luts, device="cpu", binning=None):
     """Lazy per-slice lookup of a lazy `volume` (3D view; restore it after).
 
@@ -240,15 +259,8 @@ def lookup_graph(volume, luts, device="cpu", binning=None):
     in one task per block (:class:`LookedUpChunks`); anything else by
     :func:`lazy_posterior`.
     """
-    import dask.array as da
-    from dask.base import tokenize
-
-    reader = volume.reader
-    if device == "cpu" and binning is None and isinstance(reader, ChunkFiles) and not volume.is_2d:
-        chunks = dask_chunks(reader.shape, reader.chunks, reader.dtype.itemsize)
-        name = "nanoseg-lookup-" + tokenize(str(reader.root), reader.shape, chunks, luts)
-        return da.from_array(LookedUpChunks(reader, luts), chunks=chunks, name=name, lock=False, fancy=False)
-    return lazy_posterior(volume.to_dask(), luts, device, binning)
+    graph = _chunk_file_graph(volume, luts, binning, whole_slices=False) if device == "cpu" else None
+    return lazy_posterior(volume.to_dask(), luts, device, binning) if graph is None else graph
 
 
 def one_pass_graph(volume, tables, binning=None):
@@ -258,16 +270,8 @@ def one_pass_graph(volume, tables, binning=None):
     decoded, counted and looked up in one task per block
     (:class:`LookedUpChunks`); anything else by :func:`one_pass_posterior`.
     """
-    import dask.array as da
-    from dask.base import tokenize
-
-    reader = volume.reader
-    if binning is None and isinstance(reader, ChunkFiles) and not volume.is_2d:
-        chunks = dask_chunks(reader.shape, reader.chunks, reader.dtype.itemsize)
-        if tuple(chunks[1:]) == tuple(reader.shape[1:]):
-            name = "nanoseg-one-pass-" + tokenize(str(reader.root), reader.shape, chunks, tables)
-            return da.from_array(LookedUpChunks(reader, tables), chunks=chunks, name=name, lock=False, fancy=False)
-    return one_pass_posterior(volume.to_dask(), tables, binning)
+    graph = _chunk_file_graph(volume, tables, binning, whole_slices=True)
+    return one_pass_posterior(volume.to_dask(), tables, binning) if graph is None else graph
 
 
 def lazy_posterior(source, luts, device="cpu", binning=None):
