@@ -130,20 +130,73 @@ def textbook_em(p_stack, p_bg, w_bg, low, max_iter, tol, eps):
     return p_np, w_bg, nll, n_iter
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_em_loop_is_bit_identical_to_the_textbook_form(seed):
+def em_problem(seed):
     from nanoseg import _model
 
     rng = np.random.default_rng(seed)
-    background = rng.gamma(1.0, 1.0, 256) * np.exp(-np.arange(256) / 30)
+    background = rng.gamma(1.0, 1.0, 256) * np.exp(-np.arange(256) / rng.uniform(10, 60))
     stack = background.copy()
-    stack[180:] += rng.random(76) * 0.01
+    start = int(rng.integers(120, 220))
+    stack[start:] += rng.random(256 - start) * 10.0 ** rng.uniform(-4, -1)
     p_stack, p_bg = _model.normalize_pmf(stack, 1e-12), _model.normalize_pmf(background, 1e-12)
-    w, low, tol = rng.random(), 150 + seed, [0.0, 1e-12, 1e-8][seed % 3]
+    return p_stack, p_bg, rng.random(), start - int(rng.integers(0, 30)), [0.0, 1e-12, 1e-8, 1e-6][seed % 4]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_em_loop_is_bit_identical_to_the_textbook_form(seed, kernel_path):
+    from nanoseg import _model
+
+    p_stack, p_bg, w, low, tol = em_problem(seed)
     p_np, w_bg, nll, n_iter = textbook_em(p_stack, p_bg, w, low, 2000, tol, 1e-12)
     got = _model.fit_particle_pmf(p_stack, p_bg, w, low, max_iter=2000, tol=tol, eps=1e-12)
     np.testing.assert_array_equal(got.particle_pmf, p_np)
     assert (got.background_weight, got.neg_log_likelihood, got.n_iter) == (w_bg, nll, n_iter)
+
+
+def test_compiled_em_leaves_close_calls_to_numpy(monkeypatch):
+    """Stopping tests too close to call with numba's log are decided with NumPy's."""
+    from nanoseg import _model
+    from nanoseg._ops import em
+
+    p_stack, p_bg, w, low, tol = em_problem(3)
+    tail = _model.normalize_pmf(np.where(np.arange(256) >= low, p_stack, 0.0), 1e-12)
+    expected = _model._numpy_em(p_stack, p_bg, tail, w, max_iter=2000, tol=tol, eps=1e-12)
+    calls = []
+    compiled_em = em.compiled_em
+    monkeypatch.setattr(em, "compiled_em", lambda *a, **k: calls.append(1) or compiled_em(*a, **k))
+    monkeypatch.setattr(em, "STOP_MARGIN", 1e300)  # every test is "too close"
+    got = _model.fit_particle_pmf(p_stack, p_bg, w, low, max_iter=2000, tol=tol, eps=1e-12)
+    assert len(calls) == expected.n_iter - 1  # handed back after every update but the first
+    np.testing.assert_array_equal(got.particle_pmf, expected.particle_pmf)
+    assert (got.background_weight, got.neg_log_likelihood, got.n_iter, got.converged) == (
+        expected.background_weight, expected.neg_log_likelihood, expected.n_iter, expected.converged
+    )
+
+
+@pytest.mark.parametrize("max_iter", [0, 1, 3])
+def test_compiled_em_stops_at_max_iter_like_numpy(max_iter, monkeypatch):
+    from nanoseg import _model
+
+    p_stack, p_bg, w, low, tol = em_problem(1)
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(jit, "ENABLED", enabled)
+        results.append(_model.fit_particle_pmf(p_stack, p_bg, w, low, max_iter=max_iter, tol=tol, eps=1e-12))
+    np.testing.assert_array_equal(results[0].particle_pmf, results[1].particle_pmf)
+    assert results[0].n_iter == results[1].n_iter == max_iter
+    assert not results[0].converged and not results[1].converged
+    np.testing.assert_equal(results[0].neg_log_likelihood, results[1].neg_log_likelihood)
+
+
+def test_compiled_em_sums_like_numpy():
+    from nanoseg._ops import em
+
+    kernel = em._compiled()["_k_sum"]
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 8, 9, 127, 128, 129, 255, 256, 257, 1000):
+        for _ in range(20):
+            values = np.exp(rng.normal(size=n) * 15)
+            assert kernel(values) == values.sum()
 
 
 def test_kernels_compile_without_a_writable_cache_folder():

@@ -175,6 +175,50 @@ def fit_particle_pmf(
     tail[low_intensity:] = p_stack[low_intensity:]
     p_np = normalize_pmf(tail, eps)
     w_bg = float(initial_weight)
+    from ._ops import _numba, em  # the kernels import this module
+
+    if not _numba.available():
+        return _numpy_em(p_stack, p_bg, p_np, w_bg, max_iter=max_iter, tol=tol, eps=eps)
+    # The same updates compiled, identical to the bit (see nanoseg._ops.em).
+    # The loop hands back the stopping tests too close to call with its own
+    # log; they are decided here, with NumPy's, as the NumPy loop decides them.
+    nll_prev, n_iter = np.inf, 0
+    while True:
+        p_np, w_bg, p_before, w_before, nll, n_iter, status, mass = em.compiled_em(
+            p_stack, p_bg, p_np, w_bg, nll_prev, n_iter, max_iter=max_iter, tol=tol, eps=eps
+        )
+        if status == em.COLLAPSED:
+            raise _collapse_error(n_iter, mass)
+        if n_iter == 0:
+            return EMResult(p_np, w_bg, float("nan"), 0, False)
+        nll = _loop_nll(p_stack, p_bg, p_np, w_bg, eps)
+        if status == em.UNSURE:
+            before = _loop_nll(p_stack, p_bg, p_before, w_before, eps) if n_iter > 1 else np.inf
+            if before - nll >= tol and n_iter < max_iter:
+                nll_prev = nll
+                continue
+            status = em.DONE if before - nll < tol else em.RAN_OUT
+        return EMResult(p_np, w_bg, nll, n_iter, status == em.DONE)
+
+
+def _loop_nll(p_stack, p_bg, p_np, w_bg, eps):
+    """The negative log-likelihood as the EM loop computes it (same operations, same order)."""
+    denominator = w_bg * p_bg + (1.0 - w_bg) * p_np
+    denominator += eps
+    return float(-(np.log(denominator) * p_stack).sum())
+
+
+def _collapse_error(iteration, mass):
+    return EMCollapseError(
+        f"EM collapsed at iteration {iteration}: the nanoparticle component's "
+        f"responsibility vanished (mass {mass:.2e}). The volume's bright tail is "
+        "fully explained by the background histogram; check that the volume "
+        "contains bright particles, or lower percentile_low / halo_pad."
+    )
+
+
+def _numpy_em(p_stack, p_bg, p_np, w_bg, *, max_iter, tol, eps):
+    """The EM updates of :func:`fit_particle_pmf` in NumPy, from the start `p_np`, `w_bg`."""
     # Thousands of updates on 256 bins: the time goes to NumPy's per-call
     # overhead, not arithmetic. The loop below makes the same operations in
     # the same order as the textbook form (so the results are identical to
@@ -202,12 +246,7 @@ def fit_particle_pmf(
         particle_mass *= p_stack
         mass = particle_mass.sum()
         if not mass > eps:
-            raise EMCollapseError(
-                f"EM collapsed at iteration {iteration}: the nanoparticle component's "
-                f"responsibility vanished (mass {mass:.2e}). The volume's bright tail is "
-                "fully explained by the background histogram; check that the volume "
-                "contains bright particles, or lower percentile_low / halo_pad."
-            )
+            raise _collapse_error(iteration, mass)
         # normalize_pmf(particle_mass, eps), whose first sum is `mass`.
         p_np = np.divide(particle_mass, mass)
         np.maximum(p_np, eps, out=p_np)
