@@ -84,16 +84,17 @@ def warm_up_jit():
 def import_deferred_modules():
     """Import the modules that would otherwise be imported inside a stage's first call.
 
-    nanoseg imports numba (its compiled kernels) on first use, so that
-    ``import nanoseg`` and the command line start fast; dask's first compute
-    imports distributed, when it is installed, to look for a client. Both are
-    imports, which the clock leaves out like every other; the seconds they
+    nanoseg imports numba (its compiled kernels) and ``dask.array`` (its lazy
+    outputs) on first use, so that ``import nanoseg`` and the command line
+    start fast; dask's first compute imports distributed, when it is
+    installed, to look for a client. All are imports of other libraries,
+    which the clock leaves out like every other; the seconds they
     take are recorded (``deferred_imports_s``). Loading the compiled kernels
     from numba's cache, thread pools and graph building stay in the clock.
     """
     t0 = time.perf_counter()
     names = []
-    for name in ("numba", "distributed"):
+    for name in ("numba", "dask.array", "distributed"):
         try:
             __import__(name)
         except ImportError:

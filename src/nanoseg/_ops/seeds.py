@@ -169,9 +169,12 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
     row_max = np.empty(n_all, dtype=np.int64)
     col_min = np.empty(n_all, dtype=np.int64)
     col_max = np.empty(n_all, dtype=np.int64)
-    # painted[q] == level + 1 marks a pixel already counted at this level:
-    # one array for all levels, cleared only when the marks run out.
-    painted = np.zeros(flat.size if n_all else 0, dtype=np.uint8)
+    boxes = np.empty((n_all, 4), dtype=np.int64)
+    # all_cols / all_starts hold the candidate seeds of the next level: at
+    # first every seed of the widest level; after each level, only the seeds
+    # of its components of min_size pixels or more. A higher level's seeds
+    # are a subset of a lower one's, so each of its components lies inside
+    # one component of the level below: inside a small one, it is small too.
     for level in range(firsts.size):
         first = np.uint8(firsts[level])
         span = np.uint8(spans[level])
@@ -185,7 +188,7 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
                     n += 1
         starts[n_rows] = n
         if n == 0:
-            continue
+            break  # no candidate seeds here, so none at the higher levels
         # 8-connected components: each seed joins its left neighbour and
         # the up to three seeds above it, found with a pointer that only
         # moves forward through the row above.
@@ -220,30 +223,109 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
                     col_max[root] = max(col_max[root], c)
                 row_max[root] = row
                 size[root] += 1
-        # Count every pixel of the union of the grown boxes once.
-        if level and level % 255 == 0:
-            painted[:] = 0
-        stamp = np.uint8(level % 255 + 1)
+        # The grown, clipped boxes of the components kept.
+        n_boxes = 0
         for i in range(n):
             if parent[i] != i or size[i] < min_size:
                 continue
-            r0 = max(row_min[i] - pad, 0)
-            r1 = min(row_max[i] + 1 + pad, n_rows)
-            c0 = max(col_min[i] - pad, 0)
-            c1 = min(col_max[i] + 1 + pad, n_cols)
-            for row in range(r0, r1):
-                base = row * n_cols
-                for q in range(base + c0, base + c1):
-                    if painted[q] != stamp:
-                        painted[q] = stamp
-                        out[level, flat[q]] += 1
+            boxes[n_boxes, 0] = max(row_min[i] - pad, 0)
+            boxes[n_boxes, 1] = min(row_max[i] + 1 + pad, n_rows)
+            boxes[n_boxes, 2] = max(col_min[i] - pad, 0)
+            boxes[n_boxes, 3] = min(col_max[i] + 1 + pad, n_cols)
+            n_boxes += 1
+        if n_boxes == 0:
+            break  # every component is small: so are all at the higher levels
+        _k_count_box_union(flat, n_cols, boxes[:n_boxes], out[level])
+        # The next level's candidates: the seeds of the components kept.
+        m = 0
+        for row in range(n_rows):
+            all_starts[row] = m
+            for i in range(starts[row], starts[row + 1]):
+                if size[_k_find(parent, i)] >= min_size:
+                    all_cols[m] = cols[i]
+                    m += 1
+        all_starts[n_rows] = m
     return out
+
+
+def _k_count_box_union(flat, n_cols, boxes, out):
+    """Add to `out` (256,) the values of the pixels of a (Y, X) image (raveled
+    as `flat`) covered by at least one of `boxes` (row0, row1, col0, col1;
+    ends exclusive), each pixel once.
+
+    Row by row, the column ranges of the boxes that cover the row are sorted
+    and merged, and each merged run is counted as a contiguous stretch: no
+    per-pixel mark, and no pixel visited twice.
+    """
+    n_boxes = boxes.shape[0]
+    order = np.argsort(boxes[:, 0], kind="mergesort")
+    active = np.empty(n_boxes, dtype=np.int64)
+    lows = np.empty(n_boxes, dtype=np.int64)
+    highs = np.empty(n_boxes, dtype=np.int64)
+    # Four partial histograms break the store-to-load dependency between
+    # equal neighbouring values (as in the histogram kernel).
+    partial = np.zeros((4, 256), dtype=np.int64)
+    n_active = 0
+    upcoming = 0
+    row = boxes[order[0], 0]
+    while n_active > 0 or upcoming < n_boxes:
+        if n_active == 0:
+            row = max(row, boxes[order[upcoming], 0])
+        while upcoming < n_boxes and boxes[order[upcoming], 0] <= row:
+            active[n_active] = order[upcoming]
+            n_active += 1
+            upcoming += 1
+        # This row's column ranges, sorted by start (few: insertion sort).
+        n_ranges = 0
+        for j in range(n_active):
+            box = active[j]
+            lo = boxes[box, 2]
+            hi = boxes[box, 3]
+            t = n_ranges
+            while t > 0 and lows[t - 1] > lo:
+                lows[t] = lows[t - 1]
+                highs[t] = highs[t - 1]
+                t -= 1
+            lows[t] = lo
+            highs[t] = hi
+            n_ranges += 1
+        base = row * n_cols
+        j = 0
+        while j < n_ranges:
+            lo = lows[j]
+            hi = highs[j]
+            j += 1
+            while j < n_ranges and lows[j] <= hi:
+                hi = max(hi, highs[j])
+                j += 1
+            q = base + lo
+            stop = base + hi
+            quad_stop = stop - (stop - q) % 4
+            while q < quad_stop:
+                partial[0, flat[q]] += 1
+                partial[1, flat[q + 1]] += 1
+                partial[2, flat[q + 2]] += 1
+                partial[3, flat[q + 3]] += 1
+                q += 4
+            while q < stop:
+                partial[0, flat[q]] += 1
+                q += 1
+        row += 1
+        # Boxes that end at this row leave.
+        kept = 0
+        for j in range(n_active):
+            if boxes[active[j], 1] > row:
+                active[kept] = active[j]
+                kept += 1
+        n_active = kept
+    for b in range(256):
+        out[b] += partial[0, b] + partial[1, b] + partial[2, b] + partial[3, b]
 
 
 
 @functools.cache
 def _compiled():
-    return _numba.compile_into(globals(), ("_k_grow", "_k_find", "_k_union", "_k_excluded_box_histograms"))
+    return _numba.compile_into(globals(), ("_k_grow", "_k_find", "_k_union", "_k_count_box_union", "_k_excluded_box_histograms"))
 
 
 def seed_ranges(lows, dark):
