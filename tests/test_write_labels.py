@@ -157,3 +157,70 @@ def test_lookups_from_chunk_files_pickle_without_their_buffers(tmp_path, volume_
     (reader,) = [v for v in lazy.dask.values() if type(v).__name__ == "LookedUpChunks"]
     copy = pickle.loads(pickle.dumps(reader))
     np.testing.assert_array_equal(copy[0:4], expected[0:4])
+
+
+def _assert_same_table(got, expected):
+    """Equal tables; means may differ in the last bits (sums taken in other runs of planes)."""
+    import pandas as pd
+
+    means = [c for c in expected.columns if c.startswith(("mean_", "centroid_"))]
+    pd.testing.assert_frame_equal(got.drop(columns=means), expected.drop(columns=means), check_exact=True)
+    pd.testing.assert_frame_equal(got[means], expected[means], check_exact=False, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kept_bytes", [2**30, 0], ids=["kept", "labelled-again"])
+@pytest.mark.parametrize("graph", ["fit_transform", "transform"])
+def test_particle_table_of_voxel_lists_equals_the_dense_one(
+    tmp_path, volume_20x96x112, small_slabs, monkeypatch, kept_bytes, graph
+):
+    """Lazy labels measured from their voxel lists, and a lazy posterior looked
+    up at the particle voxels only, give the table of the dense arrays."""
+    from nanoseg import measure
+
+    small_slabs(4 * 96 * 112 * 6)
+    monkeypatch.setattr(labeling_module, "KEPT_LABEL_BYTES", kept_bytes)
+    source = _local(tmp_path, volume_20x96x112, (1, 96, 112))
+    mixture = NanoparticleMixture()
+    posterior = mixture.fit_transform(source) if graph == "fit_transform" else mixture.fit(source).transform(source)
+    labels = NanoparticleLabeler(min_size=3).transform(posterior)
+    assert labels.nanoseg_sparse_labels is not None and posterior.nanoseg_posterior_at is not None
+    dense_labels, dense_posterior = labels.compute(), posterior.compute()
+    assert dense_labels.max() > 3
+    dense_reads = []
+    original = measure._reduce_slab
+    monkeypatch.setattr(measure, "_reduce_slab", lambda *a, **k: dense_reads.append(1) or original(*a, **k))
+    kwargs = {"spacing": (50, 10, 10), "memory_budget": 96 * 112 * 5 * 3}
+    got = measure.particle_table(labels, posterior=posterior, intensity=source, **kwargs)
+    assert not dense_reads
+    expected = measure.particle_table(dense_labels, posterior=dense_posterior, intensity=volume_20x96x112, **kwargs)
+    _assert_same_table(got, expected)
+    # One companion, or none.
+    _assert_same_table(
+        measure.particle_table(labels, posterior=posterior, **kwargs),
+        expected.drop(columns=["mean_intensity", "max_intensity"]),
+    )
+    _assert_same_table(
+        measure.particle_table(labels, **kwargs),
+        expected.drop(columns=["mean_intensity", "max_intensity", "mean_posterior", "max_posterior"]),
+    )
+
+
+def test_posterior_at_voxels_equals_the_posterior(tmp_path, volume_20x96x112):
+    source = _local(tmp_path, volume_20x96x112, (2, 40, 50))
+    mixture = NanoparticleMixture(polarity="bright", posterior_dtype="float16").fit(source)
+    for posterior in (mixture.transform(source), mixture.transform(da.from_array(volume_20x96x112, (3, 96, 112)))):
+        dense = posterior.compute()
+        flat = np.random.default_rng(0).choice(5 * 96 * 112, 300, replace=False)
+        got = posterior.nanoseg_posterior_at(6, 11, np.sort(flat))
+        assert got.dtype == dense.dtype
+        np.testing.assert_array_equal(got, dense[6:11].reshape(-1)[np.sort(flat)])
+
+
+def test_posterior_at_voxels_of_16_bit_data(tmp_path, volume_20x96x112):
+    wide = volume_20x96x112.astype(np.uint16) * 97 + 300
+    source = _local(tmp_path, wide, (1, 96, 112))
+    mixture = NanoparticleMixture().fit(source)
+    for posterior in (mixture.transform(source), NanoparticleMixture().fit_transform(source)):
+        dense = posterior.compute()
+        flat = np.sort(np.random.default_rng(1).choice(4 * 96 * 112, 500, replace=False))
+        np.testing.assert_array_equal(posterior.nanoseg_posterior_at(3, 7, flat), dense[3:7].reshape(-1)[flat])

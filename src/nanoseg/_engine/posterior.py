@@ -96,6 +96,7 @@ def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
         out = one_pass_graph(volume, tables, mapped)
         if threshold is None:
             out.nanoseg_mask_at = MaskAt(one_pass_graph, volume, tables, mapped)
+            out.nanoseg_posterior_at = PosteriorAt(volume, tables, mapped)
         return volume.restore(out)
     if hists is None:
         hists = slice_histograms(model, volume, "Slice weights", backend, n_jobs)
@@ -107,6 +108,7 @@ def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
         out = lookup_graph(volume, luts, backend.name, mapped)
         if threshold is None:
             out.nanoseg_mask_at = MaskAt(lookup_graph, volume, luts, mapped, device=backend.name)
+            out.nanoseg_posterior_at = PosteriorAt(volume, luts, mapped)
         return volume.restore(out)
     if volume.kind == "cupy":
         # Already on the GPU: one lookup over the whole volume, no copies
@@ -168,6 +170,45 @@ class MaskAt:
         else:
             tables = tables >= threshold  # as SliceTables thresholds, in the tables' dtype
         return self._build(self._source, tables, binning=self._binning, **self._options)
+
+
+class PosteriorAt:
+    """``posterior_at(start, stop, flat)``: a lazy posterior's values at a few voxels of planes ``start:stop``.
+
+    A lazy posterior carries one as ``nanoseg_posterior_at``, so that
+    measuring particles (:func:`nanoseg.measure.particle_table`) looks up
+    only the particle voxels' values instead of computing the posterior of
+    every voxel. The values are those of the posterior itself: the same
+    tables, looked up in the same dtype.
+    """
+
+    def __init__(self, source, tables, binning):
+        self.source = source
+        self._tables = tables
+        self._binning = binning
+
+    def __call__(self, start, stop, flat, raw=None):
+        """Values at the flat indices `flat` into planes ``start:stop``.
+
+        Parameters
+        ----------
+        raw : ndarray, optional
+            Planes ``start:stop`` of the posterior's input, when already read.
+        """
+        if raw is None:
+            raw = self.source.read(start, stop)
+        raw = raw.reshape(stop - start, -1)
+        tables = self._tables
+        if isinstance(tables, SliceTables):
+            # Whole planes: their histograms give their tables, as in the graph.
+            tables = tables(block_histograms(raw, self._binning)[:, 0, 0])
+        else:
+            tables = tables[start:stop]
+        planes, within = np.divmod(flat, raw.shape[1])
+        values = raw[planes, within]
+        if self._binning is not None:
+            values = to_bins(CPU, values, self._binning)
+        return tables[planes, values]
 
 
 def apply_luts_block(block, luts, device="cpu", binning=None):

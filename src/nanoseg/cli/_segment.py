@@ -110,8 +110,10 @@ def _run_segment(
     particles = None
     if table is not None or report is not None:
         with _to_stderr():
+            # The lazy labels carry their voxel lists (and the posterior its
+            # tables): measured without reading the written labels back.
             particles = measure.particle_table(
-                written, spacing=spacing, posterior=posterior, intensity=image, progress=progress
+                labels, spacing=spacing, posterior=posterior, intensity=image, progress=progress
             )
         if table is not None:
             measure.write_table(particles, table, overwrite=overwrite)
