@@ -47,10 +47,10 @@ ROWS = [
     ("ref-fit", "fit", "reference", "two passes over the zarr slices + EM"),
     ("ns-fit", "fit", "nanoseg", "NanoparticleMixture().fit(zarr)"),
     ("ref-posterior", "posterior", "reference", "per-slice MAP + LUT, written to zarr float16"),
-    ("ns-posterior-zarr", "posterior", "nanoseg", "lazy transform (posterior_dtype float16), written to zarr"),
+    ("ns-posterior-zarr", "posterior", "nanoseg", "lazy transform (posterior_dtype float16), written with write_ome_zarr"),
     ("ns-posterior-mask", "posterior + mask", "nanoseg", "lazy predict(threshold=0.95) mask, .sum(), nothing stored"),
     ("ref-labels", "labels", "reference", "whole posterior zarr loaded, close, label, filter, write"),
-    ("ns-labels", "labels", "nanoseg", "Labeler().transform(mixture.transform(raw zarr)), written to zarr"),
+    ("ns-labels", "labels", "nanoseg", "Labeler().transform(mixture.transform(raw zarr)), written with write_ome_zarr"),
 ]
 #: The end-to-end stage: fit and labels in one fresh process, first calls included.
 ONE_PROCESS = "ns-end-to-end"
