@@ -247,3 +247,33 @@ def test_lazy_slabs_run_one_block_at_a_time_per_thread(small_slabs):
         labels = NanoparticleLabeler(min_size=1, n_jobs=2).transform(lazy)
         np.testing.assert_array_equal(labels.compute(), expected)
     assert most[0] <= 2
+
+
+@pytest.mark.parametrize("connectivity", [1, 2, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_face_pairs_equal_a_brute_force_search(connectivity, seed, monkeypatch):
+    """Components touching across a slab face, compiled and in NumPy, against
+    every pair of voxels tested directly."""
+    from nanoseg._engine.labeling import face_offsets, face_pairs
+
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(1, 30)), int(rng.integers(1, 40)))
+    planes = [rng.random(shape) < rng.uniform(0.05, 0.6) for _ in range(2)]
+    sets = []
+    for plane in planes:
+        flat = np.flatnonzero(plane)
+        sets.append((flat, rng.integers(1, 50, flat.size).astype(np.int32)))
+    (lower_flat, lower_ids), (upper_flat, upper_ids) = sets
+    expected = set()
+    for i, p in enumerate(lower_flat):
+        y, x = divmod(int(p), shape[1])
+        for dy, dx in face_offsets(connectivity):
+            if 0 <= y + dy < shape[0] and 0 <= x + dx < shape[1]:
+                hit = np.flatnonzero(upper_flat == (y + dy) * shape[1] + x + dx)
+                if hit.size:
+                    expected.add((int(lower_ids[i]) + 7, int(upper_ids[hit[0]]) + 100))
+    expected = np.array(sorted(expected), dtype=np.int64).reshape(-1, 2)
+    for enabled in (True, False):
+        monkeypatch.setattr(jit, "ENABLED", enabled)
+        got = face_pairs(sets[0], sets[1], shape, 7, 100, connectivity)
+        np.testing.assert_array_equal(got, expected)

@@ -32,10 +32,9 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from .._backend import get_backend, to_numpy
-from .._ops.components import label_mask, label_set, label_voxels
+from .._ops.components import face_touches, label_mask, label_set, label_voxels
 from .._ops.morphology import close_mask, close_set, footprint
 from .._ops.threshold import threshold_probabilities
-from .._ops.voxel_sets import members, shift
 from .._plan import LABEL_BYTES_PER_VOXEL, ordered_map, release_free_memory
 from .._validation import check_probabilities
 from .graph_windows import GraphWindows
@@ -105,22 +104,14 @@ def face_pairs(lower, upper, plane_shape, lower_offset, upper_offset, connectivi
     (lower_flat, lower_ids), (upper_flat, upper_ids) = lower, upper
     if lower_flat.size == 0 or upper_flat.size == 0:
         return np.empty((0, 2), dtype=np.int64)
-    shape = np.asarray(plane_shape)
-    coords = np.stack(np.unravel_index(lower_flat, plane_shape), axis=1)
-    found = []
-    for offset in face_offsets(connectivity):
-        targets, inside = shift(coords, np.asarray(offset), shape)
-        hit = members(upper_flat, targets)
-        found.append(
-            np.stack(
-                [
-                    lower_ids[inside][hit].astype(np.int64) + lower_offset,
-                    upper_ids[np.searchsorted(upper_flat, targets[hit])].astype(np.int64) + upper_offset,
-                ],
-                axis=1,
-            )
-        )
-    return np.unique(np.concatenate(found), axis=0)
+    lower_at, upper_at = face_touches(lower_flat, upper_flat, plane_shape, face_offsets(connectivity))
+    lower_pair = lower_ids[lower_at].astype(np.int64)
+    upper_pair = upper_ids[upper_at].astype(np.int64)
+    # Unique (lower, upper) rows, in the order np.unique(axis=0) gives them,
+    # from one sort of int64 keys.
+    span = int(upper_pair.max()) + 1 if upper_pair.size else 1
+    keys = np.unique(lower_pair * span + upper_pair)
+    return np.stack([keys // span + lower_offset, keys % span + upper_offset], axis=1)
 
 
 def plane_of(flat, ids, index, plane_size):
@@ -154,9 +145,22 @@ class PlaneCache:
         self._uses = np.array(uses, dtype=np.int64)
         self._planes = {}  # index -> array, or a threading.Event while being computed
         self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _buffer(self, n, plane):
+        """This thread's slab buffer, grown to `n` planes like `plane`.
+
+        Reused from slab to slab: a new slab array of fresh memory costs a
+        page fault every 4 KiB, which on some virtual machines took as long
+        as computing the planes.
+        """
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or buffer.shape[0] < n or buffer.shape[1:] != plane.shape or buffer.dtype != plane.dtype:
+            buffer = self._local.buffer = np.empty((n, *plane.shape), dtype=plane.dtype)
+        return buffer[:n]
 
     def read(self, lo, hi):
-        """Planes ``lo:hi`` as one new array."""
+        """Planes ``lo:hi`` as one array, owned by the calling thread until its next read."""
         claimed, pending = [], {}
         with self._lock:
             for z in range(lo, hi):
@@ -185,7 +189,7 @@ class PlaneCache:
                     plane if isinstance(plane, BaseException) else None
                 )
             if out is None:
-                out = np.empty((hi - lo, *plane.shape), dtype=plane.dtype)
+                out = self._buffer(hi - lo, plane)
             out[z - lo] = plane
             with self._lock:
                 self._uses[z] -= 1
@@ -412,7 +416,8 @@ class SlabLabeler:
         # On a GPU each thread queues its slab on its own stream, so one
         # slab's upload overlaps another's kernels.
         with self.backend.stream():
-            # Masks assembled by the plane cache are new arrays, free to be overwritten.
+            # Masks assembled by the plane cache are this thread's own buffer
+            # until its next slab, free to be overwritten.
             owned = self._planes is not None
             return local_labels(self.settings, self.read_mask(lo, hi), start, stop, lo, owned=owned)
 

@@ -147,9 +147,81 @@ def _k_label_set(flat, shape, offsets):
 
 
 
+def _k_face_touches(lower_flat, upper_flat, n_rows, n_cols, steps, lower_at, upper_at):
+    """Indices (into `lower_flat`, into `upper_flat`) of the voxels of two
+    adjacent planes that touch, one pair per touching (voxel, offset).
+
+    Both sets are sorted flat indices into a (n_rows, n_cols) plane. For a
+    fixed in-plane offset the lower voxels' targets increase with them, so
+    each offset is one merge of two sorted lists. steps: (k, 2) (dy, dx).
+    lower_at, upper_at: outputs of at least len(lower_flat) * k entries.
+    Returns the number of pairs.
+    """
+    n = 0
+    for o in range(steps.shape[0]):
+        dy = steps[o, 0]
+        dx = steps[o, 1]
+        j = 0
+        for i in range(lower_flat.size):
+            p = lower_flat[i]
+            y = p // n_cols
+            x = p - y * n_cols
+            if not (0 <= y + dy < n_rows and 0 <= x + dx < n_cols):
+                continue
+            target = p + dy * n_cols + dx
+            while j < upper_flat.size and upper_flat[j] < target:
+                j += 1
+            if j == upper_flat.size:
+                break
+            if upper_flat[j] == target:
+                lower_at[n] = i
+                upper_at[n] = j
+                n += 1
+    return n
+
+
 @functools.cache
 def _compiled():
-    return _numba.compile_into(globals(), ("_k_find", "_k_union", "_k_coords", "_k_inside", "_k_label_set"))
+    return _numba.compile_into(
+        globals(), ("_k_find", "_k_union", "_k_coords", "_k_inside", "_k_label_set", "_k_face_touches")
+    )
+
+
+def face_touches(lower_flat, upper_flat, plane_shape, steps):
+    """Which voxels of two adjacent planes touch across the face between them.
+
+    Parameters
+    ----------
+    lower_flat, upper_flat : (n,), (m,) int64, sorted
+        Foreground of each plane, as flat indices into a plane of `plane_shape`.
+    steps : sequence of (dy, dx)
+        In-plane offsets from a lower voxel to the upper voxels it touches.
+
+    Returns
+    -------
+    lower_at, upper_at : (p,) int64
+        For each touching pair, the index of its lower voxel in `lower_flat`
+        and of its upper voxel in `upper_flat`, offset by offset (unsorted
+        within; a pair appears once per offset that joins it).
+    """
+    steps = np.asarray(steps, dtype=np.int64).reshape(-1, 2)
+    lower_flat = np.asarray(lower_flat, dtype=np.int64)
+    upper_flat = np.asarray(upper_flat, dtype=np.int64)
+    size = lower_flat.size * steps.shape[0]
+    lower_at, upper_at = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+    if _numba.available():
+        n = _compiled()["_k_face_touches"](
+            lower_flat, upper_flat, int(plane_shape[0]), int(plane_shape[1]), steps, lower_at, upper_at
+        )
+        return lower_at[:n], upper_at[:n]
+    coords = coords_of(lower_flat, tuple(plane_shape))
+    found_lower, found_upper = [], []
+    for step in steps:
+        targets, inside = shift(coords, step, np.asarray(plane_shape))
+        hit = members(upper_flat, targets)
+        found_lower.append(np.flatnonzero(inside)[hit])
+        found_upper.append(np.searchsorted(upper_flat, targets[hit]))
+    return np.concatenate(found_lower), np.concatenate(found_upper)
 
 
 def compiled_label_set(flat, shape, offsets):
