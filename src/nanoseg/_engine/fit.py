@@ -296,16 +296,22 @@ def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
     return np.concatenate(parts), predicted
 
 
-def _excluded_histograms(model, slab, hists, levels):
+def _excluded_histograms(model, slab, hists, levels, n_jobs=1):
     """(len(levels), 256): the summed histograms of the pixels that the
-    seed boxes of `slab`'s slices exclude at each model-space level."""
+    seed boxes of `slab`'s slices exclude at each model-space level, its
+    slices counted on `n_jobs` threads."""
     excluded = np.zeros((len(levels), _model.N_BINS), dtype=np.int64)
-    if levels:
-        for image, hist in zip(slab, hists):
-            excluded += excluded_box_histograms(
-                image, levels, min_seed_size=model.min_seed_size, halo_pad=model.halo_pad,
-                dark=model.polarity == "dark", hist=hist,
-            )
+    if not levels:
+        return excluded
+
+    def count(index):
+        return excluded_box_histograms(
+            slab[index], levels, min_seed_size=model.min_seed_size, halo_pad=model.halo_pad,
+            dark=model.polarity == "dark", hist=hists[index],
+        )
+
+    for counted in ordered_map(count, range(len(slab)), min(n_jobs, len(slab))):
+        excluded += counted
     return excluded
 
 
@@ -338,7 +344,8 @@ def _settle_background(model, work, backend, n_jobs, progress, slice_hists, pred
     for position, (levels, excluded, held) in enumerate(predicted):
         hists = slice_hists[firsts[position] : firsts[position + 1]]
         if held is not None:
-            levels, excluded = [low], _excluded_histograms(model, held, hists, [low])
+            # Counted while no other slab is: on every thread, slice by slice.
+            levels, excluded = [low], _excluded_histograms(model, held, hists, [low], n_jobs)
         if low in levels:
             total += hists.sum(axis=0) - excluded[levels.index(low)]
         else:
