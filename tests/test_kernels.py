@@ -231,3 +231,14 @@ def test_threshold_probabilities_equals_numpy(kernel_path, dtype, bad):
         assert valid == (bad is None)
     strided = values[:, ::2, 1::3]
     np.testing.assert_array_equal(threshold_probabilities(strided, 0.5)[0], strided >= 0.5)
+
+
+def test_merge_disjoint_sorted_sets():
+    from nanoseg._ops.morphology import merge_disjoint
+
+    rng = np.random.default_rng(4)
+    for n in (0, 1, 7, 300):
+        values = rng.choice(10_000, n, replace=False)
+        split = rng.random(n) < rng.random()
+        first, second = np.sort(values[split]), np.sort(values[~split])
+        np.testing.assert_array_equal(merge_disjoint(first, second), np.sort(values))

@@ -54,7 +54,7 @@ def _k_close_set(state, fg, offsets):
     state: (Z, Y, X) uint8, 1 on `fg` and 0 elsewhere; used as scratch
     (dilated voxels are set to 2). offsets: (k, 3) footprint offsets.
     Outside the array counts as foreground for the erosion. Returns the
-    closed set, sorted.
+    voxels the closing adds, in no particular order.
     """
     shape = state.shape
     n_rows, n_cols = shape[1], shape[2]
@@ -91,19 +91,9 @@ def _k_close_set(state, fg, offsets):
         if keep:
             kept[n_kept] = p
             n_kept += 1
-    kept = np.sort(kept[:n_kept])
-    # Merge the two sorted, disjoint sets.
-    closed = np.empty(fg.size + n_kept, dtype=np.int64)
-    a = 0
-    b = 0
-    for i in range(closed.size):
-        if b == n_kept or (a < fg.size and fg[a] < kept[b]):
-            closed[i] = fg[a]
-            a += 1
-        else:
-            closed[i] = kept[b]
-            b += 1
-    return closed
+    # Sorted and merged by the caller: a sort compiled by numba would cost
+    # seconds of compilation on a package's first run.
+    return kept[:n_kept]
 
 
 
@@ -119,7 +109,22 @@ def compiled_close_set(state, flat, offsets):
     2D or 3D. Returns the closed set as sorted flat indices (see :func:`close_set`).
     """
     shape, offsets = _numba.as_3d(state.shape, offsets)
-    return _compiled()["_k_close_set"](state.reshape(shape), flat, offsets)
+    added = _compiled()["_k_close_set"](state.reshape(shape), flat, offsets)
+    added.sort()
+    return merge_disjoint(flat, added)
+
+
+def merge_disjoint(first, second):
+    """The union of two sorted arrays with no value in common, sorted."""
+    out = np.empty(first.size + second.size, dtype=np.result_type(first, second))
+    # Each value of `second` lands after the values of `first` below it and
+    # the values of `second` before it; `first` fills the other places.
+    at = np.searchsorted(first, second) + np.arange(second.size)
+    taken = np.zeros(out.size, dtype=bool)
+    taken[at] = True
+    out[at] = second
+    out[~taken] = first
+    return out
 
 
 def close_set(flat, shape, footprint, mask=None, overwrite=False):

@@ -258,7 +258,18 @@ def _k_count_box_union(flat, n_cols, boxes, out):
     per-pixel mark, and no pixel visited twice.
     """
     n_boxes = boxes.shape[0]
-    order = np.argsort(boxes[:, 0], kind="mergesort")
+    # Boxes by first row: a counting sort over the rows (a library sort
+    # would take numba seconds to compile).
+    n_rows = flat.size // n_cols
+    first_of_row = np.zeros(n_rows + 1, dtype=np.int64)
+    for b in range(n_boxes):
+        first_of_row[boxes[b, 0] + 1] += 1
+    for r in range(n_rows):
+        first_of_row[r + 1] += first_of_row[r]
+    order = np.empty(n_boxes, dtype=np.int64)
+    for b in range(n_boxes):
+        order[first_of_row[boxes[b, 0]]] = b
+        first_of_row[boxes[b, 0]] += 1
     active = np.empty(n_boxes, dtype=np.int64)
     lows = np.empty(n_boxes, dtype=np.int64)
     highs = np.empty(n_boxes, dtype=np.int64)
