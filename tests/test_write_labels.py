@@ -224,3 +224,19 @@ def test_posterior_at_voxels_of_16_bit_data(tmp_path, volume_20x96x112):
         dense = posterior.compute()
         flat = np.sort(np.random.default_rng(1).choice(4 * 96 * 112, 500, replace=False))
         np.testing.assert_array_equal(posterior.nanoseg_posterior_at(3, 7, flat), dense[3:7].reshape(-1)[flat])
+
+
+def test_particle_table_of_voxel_lists_with_dask_companions(tmp_path, volume_20x96x112, small_slabs):
+    """Companions that are plain dask arrays are computed run by run and give the dense table."""
+    from nanoseg import measure
+
+    small_slabs(4 * 96 * 112 * 6)
+    source = _local(tmp_path, volume_20x96x112, (1, 96, 112))
+    posterior = NanoparticleMixture().fit_transform(source)
+    labels = NanoparticleLabeler(min_size=3).transform(posterior)
+    image = da.from_array(volume_20x96x112, chunks=(3, 96, 112))
+    probabilities = da.from_array(posterior.compute(), chunks=(4, 96, 112))
+    kwargs = {"spacing": (50, 10, 10), "memory_budget": 96 * 112 * 5 * 3}
+    got = measure.particle_table(labels, posterior=probabilities, intensity=image, **kwargs)
+    expected = measure.particle_table(labels.compute(), posterior=probabilities.compute(), intensity=volume_20x96x112, **kwargs)
+    _assert_same_table(got, expected)

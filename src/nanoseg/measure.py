@@ -464,7 +464,14 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
     sparse = getattr(labels, "nanoseg_sparse_labels", None)
     with tqdm(total=volume.shape[0], desc="Measuring", unit="plane", disable=not progress) as bar:
         if sparse is not None and not volume.is_2d:
-            n_jobs = min(os.cpu_count() or 1, _SPARSE_THREADS)
+            # Companions read from files or memory are read on threads; a
+            # lazy one (a classifier's probabilities, say) is computed by
+            # dask's own scheduler, one run at a time, as in the dense path.
+            lazy = any(
+                v.kind == "dask" and getattr(v.array, "nanoseg_posterior_at", None) is None
+                for v in companions.values()
+            )
+            n_jobs = 1 if lazy else min(os.cpu_count() or 1, _SPARSE_THREADS)
             # Only the companions are read densely: their bytes set the depth.
             companion_bytes = max(1, sum(v.dtype.itemsize for v in companions.values()))
             depth = volume.slab_depth(companion_bytes, (budget or SLAB_BYTES) // n_jobs)
