@@ -46,18 +46,3 @@ def test_help_defaults_are_the_estimators_defaults(name):
     for key, value in defaults.items():
         assert params[key] == value, key
 
-
-@pytest.mark.parametrize("collecting", [True, False])
-def test_numba_setup_leaves_the_garbage_collector_as_it_was(collecting):
-    """numba's one-time setup runs with the collector paused, then restores it."""
-    code = (
-        "import gc\n"
-        f"{'' if collecting else 'gc.disable()'}\n"
-        "import numpy as np\n"
-        "from nanoseg._ops import _numba, histogram\n"
-        "assert _numba.available()\n"
-        "counts = histogram.compiled_slice_histograms(np.full((1, 3, 3), 9, np.uint8))\n"
-        "print(gc.isenabled(), int(counts[0, 9]), _numba._PREPARED)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == [str(collecting), "9", "True"]

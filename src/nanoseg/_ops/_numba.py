@@ -23,7 +23,6 @@ closing and labelling loops.
 from __future__ import annotations
 
 import functools
-import gc
 import threading
 
 import numpy as np
@@ -92,40 +91,6 @@ def _numba():
     return numba
 
 
-_PREPARED = False
-
-
-def _prepare_numba(numba):
-    """Set up numba's typing and target contexts once per process, with the
-    cyclic garbage collector paused.
-
-    numba does this on the first call of any compiled function, even one
-    loaded from the cache: it imports its remaining modules and builds
-    thousands of typing templates. In a process that has already imported
-    large libraries (dask, distributed, scikit-learn), the collections that
-    these allocations trigger scan every object of those libraries and took
-    about half of that setup (0.1-0.13 s of 0.25 s measured). Pausing the
-    collector meanwhile only postpones collecting; it is turned back on as it
-    was. Nothing is done if numba's internals are not where expected.
-    """
-    global _PREPARED
-    if _PREPARED:
-        return
-    _PREPARED = True
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        from numba.core.registry import cpu_target
-
-        cpu_target.typing_context.refresh()
-        cpu_target.target_context.refresh()
-    except Exception:  # noqa: BLE001 - internal API: numba then sets itself up on the first call
-        pass
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def compile_into(namespace, names):
     """Replace ``namespace[name]`` by its compiled version for each of `names`, in order.
 
@@ -145,7 +110,6 @@ def compile_into(namespace, names):
     # they call one another by global name.
     work = [(globals(), name) for name in SHARED_KERNELS] + [(namespace, name) for name in names]
     with _LOCK:  # functools.cache in the callers does not stop two threads arriving at once
-        _prepare_numba(numba)
         for namespace_, name in work:
             function = namespace_[name]
             if isinstance(function, numba.core.dispatcher.Dispatcher):
