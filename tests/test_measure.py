@@ -386,3 +386,35 @@ def test_progress_bar_counts_planes(capsys):
     table = particle_table(labels, progress=True, memory_budget=1)
     assert "Measuring" in capsys.readouterr().err
     pd.testing.assert_frame_equal(table, particle_table(labels))
+
+
+@pytest.mark.parametrize("chunks", [(2, 8, 8), (3, 7, 9), (12, 24, 20)])
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_local_zarr_labels_are_searched_chunk_by_chunk(tmp_path, small_slabs, monkeypatch, chunks, zarr_format):
+    """Stored labels in a local zarr are read from their chunk files alone
+    (missing ones skipped), with the same table."""
+    labels = random_labels((12, 24, 20), 5, threshold=0.85)
+    labels[:, :, 10:] = 0  # whole chunks of background, never stored
+    intensity = np.random.default_rng(5).integers(0, 256, labels.shape, dtype=np.uint8)
+    posterior = np.random.default_rng(6).random(labels.shape).astype(np.float32)
+    small_slabs(1)
+    stored = zarr.create_array(store=str(tmp_path / "labels.zarr"), shape=labels.shape, chunks=chunks,
+                               dtype=labels.dtype, fill_value=0, zarr_format=zarr_format,
+                               config={"write_empty_chunks": False})
+    stored[...] = labels
+    dense = []
+    monkeypatch.setattr(measure, "_reduce_slab", lambda *a, **k: dense.append(1))
+    for companions in ({}, {"intensity": intensity, "posterior": posterior}):
+        table = particle_table(stored, spacing=SPACING_3D, **companions)
+        assert_matches(table, reference(labels, SPACING_3D, **companions))
+    assert not dense
+
+
+def test_negative_labels_in_a_local_zarr_are_refused(tmp_path):
+    labels = np.zeros((6, 4, 4), dtype=np.int32)
+    labels[4, 1, 1] = -3
+    stored = zarr.create_array(store=str(tmp_path / "labels.zarr"), shape=labels.shape, chunks=(2, 4, 4),
+                               dtype=labels.dtype, fill_value=0)
+    stored[...] = labels
+    with pytest.raises(ValueError, match="non-negative.*-3"):
+        particle_table(stored)

@@ -180,3 +180,22 @@ def test_writes_through_zarr_for_other_compressors(tmp_path):
     assert not chunk_files(target).writable
     list(write_slabs(target, data, [(0, 2), (2, 3)]))
     np.testing.assert_array_equal(target[:], data)
+
+
+@pytest.mark.parametrize("compressor", sorted(V3_COMPRESSORS))
+def test_nonzero_equals_a_search_of_the_read_block(tmp_path, compressor):
+    rng = np.random.default_rng(3)
+    data = (rng.random((7, 30, 41)) < 0.05) * rng.integers(1, 1000, (7, 30, 41))
+    data = data.astype(np.uint32)
+    data[:, :, 20:] = 0  # chunks of zeros, not stored
+    array = zarr.create_array(store=str(tmp_path / "a.zarr"), shape=data.shape, chunks=(3, 8, 9), dtype=data.dtype,
+                              fill_value=0, compressors=V3_COMPRESSORS[compressor],
+                              config={"write_empty_chunks": False})
+    array[...] = data
+    files = chunk_files(array)
+    assert files is not None
+    for region in (((0, 7), (0, 30), (0, 41)), ((2, 5), (3, 29), (1, 40)), ((4, 4), (0, 30), (0, 41))):
+        block = data[tuple(slice(a, b) for a, b in region)]
+        flat, values = files.nonzero(region)
+        np.testing.assert_array_equal(flat, np.flatnonzero(block))
+        np.testing.assert_array_equal(values, block.reshape(-1)[np.flatnonzero(block)])

@@ -200,6 +200,48 @@ class ChunkFiles(PerThreadState):
                 out[target] = self._decode(raw, self._scratch())[source]
         return out
 
+    def nonzero(self, region):
+        """The non-zero elements of the block ``[start:stop, ...]`` (``(start, stop)`` per axis).
+
+        Only the chunk files that exist are read (a missing chunk holds the
+        fill value, which must be 0), each decoded into a reused buffer and
+        searched there: no dense block is made.
+
+        Returns
+        -------
+        flat : (n,) int64
+            Sorted flat indices into the block.
+        values : (n,) array
+            The elements there.
+        """
+        if self.fill_value != 0:
+            raise ValueError("nonzero needs an array whose fill value is 0.")
+        shape = tuple(b - a for a, b in region)
+        found_flat, found_values = [], []
+        ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(region, self.chunks)] if all(shape) else [[]]
+        for coords in itertools.product(*ranges):
+            try:
+                raw = self._path(coords).read_bytes()
+            except FileNotFoundError:
+                continue
+            source, offset = [], []
+            for index, (a, b), c in zip(coords, region, self.chunks):
+                lo, hi = max(a, index * c), min(b, (index + 1) * c)
+                source.append(slice(lo - index * c, hi - index * c))
+                offset.append(lo - a)
+            part = self._decode(raw, self._scratch())[tuple(source)]
+            local = np.flatnonzero(part)
+            if local.size == 0:
+                continue
+            found_values.append(part.reshape(-1)[local] if part.flags.c_contiguous else part[np.unravel_index(local, part.shape)])
+            coordinates = np.unravel_index(local, part.shape)
+            found_flat.append(np.ravel_multi_index(tuple(c + o for c, o in zip(coordinates, offset)), shape))
+        if not found_flat:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=self.dtype)
+        flat, values = np.concatenate(found_flat), np.concatenate(found_values)
+        order = np.argsort(flat, kind="stable")
+        return flat[order], values[order]
+
     # -- writing ------------------------------------------------------------
     def write(self, start, data):
         """Write `data` as the planes ``start:start + len(data)`` of a new array.

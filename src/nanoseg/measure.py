@@ -279,6 +279,38 @@ def _reduce_sparse(sparse, companions, depth, n_jobs):
     yield from ordered_map(reduce, runs(), n_jobs)
 
 
+def _searches_chunk_files(volume):
+    """Whether the labels are a local zarr volume whose chunk files can be searched directly."""
+    from ._zarr_chunks import ChunkFiles
+
+    return not volume.is_2d and isinstance(volume.reader, ChunkFiles) and volume.reader.fill_value == 0
+
+
+def _reduce_chunk_files(volume, companions, depth, n_jobs):
+    """Partial statistics of stored labels, slab by slab, from their chunk files.
+
+    A label image is mostly background, and a writer that skips empty
+    chunks (as :func:`nanoseg.io.write_ome_zarr` does) leaves only the
+    chunks holding particles: each of those is decoded and searched for its
+    labelled voxels, and no dense label slab is made.
+    """
+    reader = volume.reader
+    plane_shape = tuple(int(n) for n in volume.shape[1:])
+
+    def reduce(group):
+        start, stop = int(group[0]), int(group[-1]) + 1
+        where, values = reader.nonzero(((start, stop), *((0, n) for n in plane_shape)))
+        if where.size == 0:
+            return None, stop - start
+        picked = {}
+        if companions:
+            slabs = _read(list(companions.values()), start, stop)
+            picked = {name: data.reshape(-1)[where] for name, data in zip(companions, slabs)}
+        return _reduce_voxels(where, values, start, (stop - start, *plane_shape), picked), stop - start
+
+    yield from ordered_map(reduce, volume.slabs(depth), n_jobs)
+
+
 # ---------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------
@@ -420,6 +452,12 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
     Slabs follow the chunks of `labels`; `posterior` and `intensity` read best
     when chunked alike along Z.
 
+    Labels stored in a local zarr array (as :func:`nanoseg.io.write_ome_zarr`
+    and ``nanoseg segment`` write them, leaving out the chunks that hold no
+    particle) are read chunk file by chunk file: only the stored chunks are
+    decoded, each searched for its labelled voxels, and no dense label slab
+    is made.
+
     The lazy labels of :class:`~nanoseg.NanoparticleLabeler` carry the
     voxel lists its labelling kept; they are measured from those, with no
     dense label plane made. A lazy posterior of
@@ -476,6 +514,14 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
             companion_bytes = max(1, sum(v.dtype.itemsize for v in companions.values()))
             depth = volume.slab_depth(companion_bytes, (budget or SLAB_BYTES) // n_jobs)
             for reduced, n_planes in _reduce_sparse(sparse, companions, depth, n_jobs):
+                if reduced is not None:
+                    accumulator.add(*reduced)
+                bar.update(n_planes)
+        elif _searches_chunk_files(volume):
+            lazy = any(v.kind == "dask" for v in companions.values())
+            n_jobs = 1 if lazy else min(os.cpu_count() or 1, _SPARSE_THREADS)
+            depth = volume.slab_depth(bytes_per_voxel, (budget or SLAB_BYTES) // n_jobs)
+            for reduced, n_planes in _reduce_chunk_files(volume, companions, depth, n_jobs):
                 if reduced is not None:
                     accumulator.add(*reduced)
                 bar.update(n_planes)
