@@ -40,8 +40,10 @@ _MIN_MERGE_ROWS = 1 << 16
 
 _AXES = ("z", "y", "x")
 
-# Threads reading the companions of lazy labels that carry their voxel lists.
-_SPARSE_THREADS = 4
+# Threads measuring slabs whose labels come as voxel lists (lazy labels that
+# carry them, or a local zarr searched chunk by chunk), unless a companion is
+# a dask graph, which dask's own scheduler computes.
+_MEASURE_THREADS = 4
 
 
 # ---------------------------------------------------------------------------
@@ -509,7 +511,7 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
                 v.kind == "dask" and getattr(v.array, "nanoseg_posterior_at", None) is None
                 for v in companions.values()
             )
-            n_jobs = 1 if lazy else min(os.cpu_count() or 1, _SPARSE_THREADS)
+            n_jobs = 1 if lazy else min(os.cpu_count() or 1, _MEASURE_THREADS)
             # Only the companions are read densely: their bytes set the depth.
             companion_bytes = max(1, sum(v.dtype.itemsize for v in companions.values()))
             depth = volume.slab_depth(companion_bytes, (budget or SLAB_BYTES) // n_jobs)
@@ -519,7 +521,7 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
                 bar.update(n_planes)
         elif _searches_chunk_files(volume):
             lazy = any(v.kind == "dask" for v in companions.values())
-            n_jobs = 1 if lazy else min(os.cpu_count() or 1, _SPARSE_THREADS)
+            n_jobs = 1 if lazy else min(os.cpu_count() or 1, _MEASURE_THREADS)
             depth = volume.slab_depth(bytes_per_voxel, (budget or SLAB_BYTES) // n_jobs)
             for reduced, n_planes in _reduce_chunk_files(volume, companions, depth, n_jobs):
                 if reduced is not None:
