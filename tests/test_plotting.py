@@ -532,3 +532,19 @@ def test_plot_features_selects_columns_in_background_units_by_name_or_family(lea
     assert titles == [n for n in second if n.startswith("gaussian@")]
     titles = [ax.get_title() for ax in plot_features(classifier, image, names=["gaussian", "intensity:background"])]
     assert titles == [n for n in names if n.startswith("gaussian@") and n not in second] + ["intensity:background"]
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_overlay_colours_equal_label2rgb(background):
+    from skimage.color import label2rgb
+
+    from nanoseg._plot_volume import colour_labels
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 25, (40, 50)) * (rng.random((40, 50)) < 0.4)
+    ids[ids > 0] += 1000
+    if not background:
+        ids[ids == 0] = 1001
+    shown = rng.random((40, 50))
+    expected = label2rgb(ids, image=shown, bg_label=0, bg_color=None, alpha=0.3, image_alpha=1.0)
+    np.testing.assert_allclose(colour_labels(ids, shown, 0.3), expected, rtol=0, atol=1e-12)

@@ -32,9 +32,29 @@ def _particles(ids):
     return f"{n_particles} particle{'s' if n_particles != 1 else ''}"
 
 
+def colour_labels(ids, shown, alpha):
+    """``skimage.color.label2rgb(ids, image=shown, bg_label=0, bg_color=None, alpha=alpha)``.
+
+    The same colours (scikit-image's default cycle, in the order of the
+    sorted labels) blended the same way, but computed on the labelled pixels
+    only: label2rgb ranks every pixel's label with a sort of the whole
+    plane, which took about a second on a 2048 x 2048 plane.
+    """
+    from skimage.color import color_dict
+    from skimage.color.colorlabel import DEFAULT_COLORS
+
+    rgb = np.repeat(np.asarray(shown, dtype=np.float64)[..., None], 3, axis=-1)
+    labelled = ids != 0
+    values = ids[labelled]
+    if values.size:
+        palette = np.array([color_dict[name] for name in DEFAULT_COLORS], dtype=np.float64)
+        rank = np.searchsorted(np.unique(values), values)
+        rgb[labelled] = palette[rank % len(palette)] * alpha + rgb[labelled] * (1 - alpha)
+    return rgb
+
+
 def draw_overlay(image, labels, plane, ax, alpha):
     """Draw one plane with its particles coloured and outlined; see ``plot_overlay``."""
-    from skimage.color import label2rgb
     from skimage.segmentation import mark_boundaries
 
     image_volume = as_volume(image, name="image")
@@ -44,7 +64,7 @@ def draw_overlay(image, labels, plane, ax, alpha):
     plane = check_plane(plane, label_volume, lambda: busiest_plane(label_volume))
     ids = label_volume.read(plane, plane + 1)[0].astype(np.int64)
     shown = grey(image_volume.read(plane, plane + 1)[0])
-    rgb = label2rgb(ids, image=shown, bg_label=0, bg_color=None, alpha=alpha, image_alpha=1.0)
+    rgb = colour_labels(ids, shown, alpha)
     rgb = mark_boundaries(rgb, ids, color=(1.0, 1.0, 0.0), mode="outer")
     ax = new_axes(ax)
     ax.imshow(rgb, interpolation="nearest")
