@@ -548,3 +548,13 @@ def test_overlay_colours_equal_label2rgb(background):
     shown = rng.random((40, 50))
     expected = label2rgb(ids, image=shown, bg_label=0, bg_color=None, alpha=0.3, image_alpha=1.0)
     np.testing.assert_allclose(colour_labels(ids, shown, 0.3), expected, rtol=0, atol=1e-12)
+
+
+def test_overlay_of_labels_stored_in_a_local_zarr(fitted, tmp_path):
+    """Stored labels: the busiest plane is found from the stored chunks alone."""
+    image, labels = fitted["image"], fitted["labels"]
+    stored = zarr.create_array(store=str(tmp_path / "labels.zarr"), shape=labels.shape, chunks=(2, 16, 16),
+                               dtype=labels.dtype, fill_value=0, config={"write_empty_chunks": False})
+    stored[...] = labels
+    expected = plot_overlay(image, labels).get_title()
+    assert plot_overlay(image, stored).get_title() == expected

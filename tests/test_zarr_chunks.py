@@ -199,3 +199,17 @@ def test_nonzero_equals_a_search_of_the_read_block(tmp_path, compressor):
         flat, values = files.nonzero(region)
         np.testing.assert_array_equal(flat, np.flatnonzero(block))
         np.testing.assert_array_equal(values, block.reshape(-1)[np.flatnonzero(block)])
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_count_nonzero_planes_reads_the_stored_chunks(tmp_path, zarr_format):
+    rng = np.random.default_rng(8)
+    data = ((rng.random((7, 30, 41)) < 0.05) * rng.integers(1, 9, (7, 30, 41))).astype(np.uint16)
+    data[:, :, 18:] = 0
+    data[5] = 0
+    array = zarr.create_array(store=str(tmp_path / "a.zarr"), shape=data.shape, chunks=(3, 8, 9), dtype=data.dtype,
+                              fill_value=0, zarr_format=zarr_format, config={"write_empty_chunks": False})
+    array[...] = data
+    files = chunk_files(array)
+    assert files is not None
+    np.testing.assert_array_equal(files.count_nonzero_planes(), np.count_nonzero(data.reshape(7, -1), axis=1))

@@ -242,6 +242,28 @@ class ChunkFiles(PerThreadState):
         order = np.argsort(flat, kind="stable")
         return flat[order], values[order]
 
+    def count_nonzero_planes(self):
+        """(shape[0],) int64: the non-zero elements of each plane (index along the first axis).
+
+        Only the chunk files that exist are read (a missing chunk holds the
+        fill value, which must be 0); each is counted where it was decoded.
+        """
+        if self.fill_value != 0:
+            raise ValueError("count_nonzero_planes needs an array whose fill value is 0.")
+        counts = np.zeros(self.shape[0], dtype=np.int64)
+        grid = [range(-(-n // c)) for n, c in zip(self.shape, self.chunks)]
+        for coords in itertools.product(*grid):
+            try:
+                raw = self._path(coords).read_bytes()
+            except FileNotFoundError:
+                continue
+            # Edge chunks are stored whole: count their part inside the array only.
+            inside = tuple(slice(0, min(c, n - i * c)) for i, c, n in zip(coords, self.chunks, self.shape))
+            part = self._decode(raw, self._scratch())[inside]
+            first = coords[0] * self.chunks[0]
+            counts[first : first + part.shape[0]] += np.count_nonzero(part.reshape(part.shape[0], -1), axis=1)
+        return counts
+
     # -- writing ------------------------------------------------------------
     def write(self, start, data):
         """Write `data` as the planes ``start:start + len(data)`` of a new array.
