@@ -114,7 +114,9 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
 
     image: (Y, X) uint8, C-contiguous. Level l seeds the pixels with
     values in firsts[l]..firsts[l] + spans[l] (the caller orders the
-    levels so that each one's seeds are a subset of the first one's).
+    levels so that each one's seeds are a subset of the previous one's:
+    higher levels look only at the seeds of the previous level's large
+    components).
     n_seeds: number of seeds of the first level when known (from the
     slice's histogram), else -1. out: (levels, 256) int64, overwritten.
     """
