@@ -35,6 +35,7 @@ def test_labels_written_from_voxel_lists_equal_the_dense_labels(
     assert labels.nanoseg_sparse_labels is not None
     expected = NanoparticleLabeler(min_size=3).transform(fitted.transform(volume_20x96x112))
     assert expected.max() > 1
+    assert labels.nanoseg_sparse_labels.n_labels == expected.max()
     used = []
     original = store_module.write_sparse_slabs
     monkeypatch.setattr(

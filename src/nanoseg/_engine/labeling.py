@@ -572,6 +572,8 @@ class SparseLabels:
     dtype : numpy.dtype
     bounds : list of (start, stop)
         The slabs, in Z order.
+    n_labels : int
+        The number of particles: the labels are 1..n_labels.
     """
 
     def __init__(self, labeler, plan):
@@ -580,6 +582,7 @@ class SparseLabels:
         self.shape = tuple(labeler.volume.shape)
         self.dtype = np.dtype(plan.table.dtype)
         self.bounds = list(plan.bounds)
+        self.n_labels = int(plan.n_labels)
 
     def slab(self, index):
         """Flat indices (into the slab) and labels of slab `index`'s labelled voxels.

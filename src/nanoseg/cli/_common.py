@@ -392,8 +392,15 @@ def _jsonable(params):
     return out
 
 
-def _count_labels(labels):
-    """Number of particles in sequential labels: their maximum, read slab by slab."""
+def _count_labels(labels, lazy=None):
+    """Number of particles in sequential labels: their maximum, read slab by slab.
+
+    The labeler's `lazy` labels they were written from know it already, so
+    nothing is read again.
+    """
+    sparse = getattr(lazy, "nanoseg_sparse_labels", None)
+    if sparse is not None:
+        return sparse.n_labels
     import dask.array as da
 
     return int(da.from_zarr(labels).max().compute()) if labels.size else 0

@@ -134,7 +134,7 @@ def _run_segment(
             )
     return SimpleNamespace(
         mixture=estimator, labeler=labeler, labels=written, spacing=spacing, table=particles,
-        n_particles=_count_labels(written), seconds=time.perf_counter() - start,
+        n_particles=_count_labels(written, labels), seconds=time.perf_counter() - start,
     )
 
 

@@ -109,7 +109,7 @@ def label(args):
         overwrite=args.overwrite, progress=_progress(args),
         attributes=_provenance("label", source=os.fspath(args.posterior), parameters=_jsonable(labeler.get_params())),
     )
-    print(f"Wrote {_count_labels(written)} particles to {args.output}, spacing {_spacing_text(spacing)}.")
+    print(f"Wrote {_count_labels(written, labels)} particles to {args.output}, spacing {_spacing_text(spacing)}.")
     return EXIT_OK
 
 
