@@ -191,21 +191,15 @@ def fit_particle_pmf(
             raise _collapse_error(n_iter, mass)
         if n_iter == 0:
             return EMResult(p_np, w_bg, float("nan"), 0, False)
-        nll = _loop_nll(p_stack, p_bg, p_np, w_bg, eps)
+        # NumPy's likelihood: the same operations as the NumPy loop's.
+        nll = mixture_nll(p_stack, p_bg, p_np, w_bg, eps)
         if status == em.UNSURE:
-            before = _loop_nll(p_stack, p_bg, p_before, w_before, eps) if n_iter > 1 else np.inf
+            before = mixture_nll(p_stack, p_bg, p_before, w_before, eps) if n_iter > 1 else np.inf
             if before - nll >= tol and n_iter < max_iter:
                 nll_prev = nll
                 continue
             status = em.DONE if before - nll < tol else em.RAN_OUT
         return EMResult(p_np, w_bg, nll, n_iter, status == em.DONE)
-
-
-def _loop_nll(p_stack, p_bg, p_np, w_bg, eps):
-    """The negative log-likelihood as the EM loop computes it (same operations, same order)."""
-    denominator = w_bg * p_bg + (1.0 - w_bg) * p_np
-    denominator += eps
-    return float(-(np.log(denominator) * p_stack).sum())
 
 
 def _collapse_error(iteration, mass):

@@ -126,6 +126,15 @@ def _k_sum(a):
     return 0.0 + _k_pairwise_sum(a, 0, a.size)
 
 
+def _k_mixture(w_bg, p_bg, p_np, eps, weighted_bg, denominator):
+    # w_bg p_bg, and the mixture w_bg p_bg + (1 - w_bg) p_np + eps, in the
+    # NumPy loop's order of operations.
+    for k in range(p_bg.size):
+        weighted_bg[k] = w_bg * p_bg[k]
+        denominator[k] = weighted_bg[k] + (1.0 - w_bg) * p_np[k]
+        denominator[k] = denominator[k] + eps
+
+
 def _k_em(p_stack, p_bg, p_np, w_bg, nll_prev, first, max_iter, tol, eps, margin, p_before):
     n = p_stack.size
     weighted_bg = np.empty(n)
@@ -133,10 +142,7 @@ def _k_em(p_stack, p_bg, p_np, w_bg, nll_prev, first, max_iter, tol, eps, margin
     gamma_bg = np.empty(n)
     work = np.empty(n)
     p_np = p_np.copy()
-    for k in range(n):
-        weighted_bg[k] = w_bg * p_bg[k]
-        denominator[k] = weighted_bg[k] + (1.0 - w_bg) * p_np[k]
-        denominator[k] = denominator[k] + eps
+    _k_mixture(w_bg, p_bg, p_np, eps, weighted_bg, denominator)
     nll = np.nan
     w_before = w_bg
     for iteration in range(first, max_iter):
@@ -155,10 +161,8 @@ def _k_em(p_stack, p_bg, p_np, w_bg, nll_prev, first, max_iter, tol, eps, margin
             p_np[k] = p_np[k] / total
             work[k] = p_stack[k] * gamma_bg[k]
         w_bg = min(max(_k_sum(work), eps), 1.0 - eps)
+        _k_mixture(w_bg, p_bg, p_np, eps, weighted_bg, denominator)
         for k in range(n):
-            weighted_bg[k] = w_bg * p_bg[k]
-            denominator[k] = weighted_bg[k] + (1.0 - w_bg) * p_np[k]
-            denominator[k] = denominator[k] + eps
             work[k] = np.log(denominator[k]) * p_stack[k]
         nll = -_k_sum(work)
         step = nll_prev - nll
@@ -172,7 +176,7 @@ def _k_em(p_stack, p_bg, p_np, w_bg, nll_prev, first, max_iter, tol, eps, margin
 
 @functools.cache
 def _compiled():
-    return _numba.compile_into(globals(), ("_k_block_sum", "_k_halves", "_k_pairwise_sum", "_k_sum", "_k_em"))
+    return _numba.compile_into(globals(), ("_k_block_sum", "_k_halves", "_k_pairwise_sum", "_k_sum", "_k_mixture", "_k_em"))
 
 
 def compiled_em(p_stack, p_bg, p_np, w_bg, nll_prev, first, *, max_iter, tol, eps):
