@@ -234,7 +234,7 @@ def test_threshold_probabilities_equals_numpy(kernel_path, dtype, bad):
 
 
 def test_merge_disjoint_sorted_sets():
-    from nanoseg._ops.morphology import merge_disjoint
+    from nanoseg._ops.voxel_sets import merge_disjoint
 
     rng = np.random.default_rng(4)
     for n in (0, 1, 7, 300):

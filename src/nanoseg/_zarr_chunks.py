@@ -139,6 +139,38 @@ class ChunkFiles(PerThreadState):
             region.append((start, max(start, stop)))
         return region
 
+    def _parts(self, region):
+        """The chunks a block ``(start, stop)`` per axis overlaps, and where.
+
+        Yields ``(coords, source, target, whole)``: the chunk's grid
+        coordinates, the slices of the chunk and of the block that
+        overlap, and whether the block holds the whole chunk. Nothing for
+        an empty block.
+        """
+        if not all(b > a for a, b in region):
+            return
+        ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(region, self.chunks)]
+        for coords in itertools.product(*ranges):
+            source, target, whole = [], [], True
+            for index, (a, b), c in zip(coords, region, self.chunks):
+                lo, hi = max(a, index * c), min(b, (index + 1) * c)
+                source.append(slice(lo - index * c, hi - index * c))
+                target.append(slice(lo - a, hi - a))
+                whole &= lo == index * c and hi - lo == c
+            yield coords, tuple(source), tuple(target), whole
+
+    def _stored_parts(self, region):
+        """``(target, values)`` for each stored chunk the block overlaps, `values`
+        a view of its decoded part; missing chunks (fill value 0) are skipped."""
+        if self.fill_value != 0:
+            raise ValueError("searching stored chunks needs an array whose fill value is 0.")
+        for coords, source, target, _ in self._parts(region):
+            try:
+                raw = self._path(coords).read_bytes()
+            except FileNotFoundError:
+                continue
+            yield target, self._decode(raw, self._scratch())[source]
+
     def _path(self, coords):
         return self.root / self.array.metadata.encode_chunk_key(tuple(coords))
 
@@ -172,15 +204,7 @@ class ChunkFiles(PerThreadState):
             raise ValueError(f"out has shape {out.shape}; the block's is {shape}.")
         if out.size == 0:
             return out
-        ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(region, self.chunks)]
-        for coords in itertools.product(*ranges):
-            source, target, whole = [], [], True
-            for index, (a, b), c, n in zip(coords, region, self.chunks, self.shape):
-                lo, hi = max(a, index * c), min(b, (index + 1) * c)
-                source.append(slice(lo - index * c, hi - index * c))
-                target.append(slice(lo - a, hi - a))
-                whole &= lo == index * c and hi - lo == c
-            source, target = tuple(source), tuple(target)
+        for coords, source, target, whole in self._parts(region):
             try:
                 raw = self._path(coords).read_bytes()
             except FileNotFoundError:
@@ -214,28 +238,16 @@ class ChunkFiles(PerThreadState):
         values : (n,) array
             The elements there.
         """
-        if self.fill_value != 0:
-            raise ValueError("nonzero needs an array whose fill value is 0.")
         shape = tuple(b - a for a, b in region)
         found_flat, found_values = [], []
-        ranges = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(region, self.chunks)] if all(shape) else [[]]
-        for coords in itertools.product(*ranges):
-            try:
-                raw = self._path(coords).read_bytes()
-            except FileNotFoundError:
-                continue
-            source, offset = [], []
-            for index, (a, b), c in zip(coords, region, self.chunks):
-                lo, hi = max(a, index * c), min(b, (index + 1) * c)
-                source.append(slice(lo - index * c, hi - index * c))
-                offset.append(lo - a)
-            part = self._decode(raw, self._scratch())[tuple(source)]
+        for target, part in self._stored_parts(region):
+            # One scan for the flat positions (much faster than np.nonzero's
+            # one array per axis), then their coordinates in the block.
             local = np.flatnonzero(part)
-            if local.size == 0:
-                continue
-            found_values.append(part.reshape(-1)[local] if part.flags.c_contiguous else part[np.unravel_index(local, part.shape)])
-            coordinates = np.unravel_index(local, part.shape)
-            found_flat.append(np.ravel_multi_index(tuple(c + o for c, o in zip(coordinates, offset)), shape))
+            if local.size:
+                coordinates = np.unravel_index(local, part.shape)
+                found_values.append(part[coordinates])
+                found_flat.append(np.ravel_multi_index(tuple(c + t.start for c, t in zip(coordinates, target)), shape))
         if not found_flat:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=self.dtype)
         flat, values = np.concatenate(found_flat), np.concatenate(found_values)
@@ -248,20 +260,9 @@ class ChunkFiles(PerThreadState):
         Only the chunk files that exist are read (a missing chunk holds the
         fill value, which must be 0); each is counted where it was decoded.
         """
-        if self.fill_value != 0:
-            raise ValueError("count_nonzero_planes needs an array whose fill value is 0.")
         counts = np.zeros(self.shape[0], dtype=np.int64)
-        grid = [range(-(-n // c)) for n, c in zip(self.shape, self.chunks)]
-        for coords in itertools.product(*grid):
-            try:
-                raw = self._path(coords).read_bytes()
-            except FileNotFoundError:
-                continue
-            # Edge chunks are stored whole: count their part inside the array only.
-            inside = tuple(slice(0, min(c, n - i * c)) for i, c, n in zip(coords, self.chunks, self.shape))
-            part = self._decode(raw, self._scratch())[inside]
-            first = coords[0] * self.chunks[0]
-            counts[first : first + part.shape[0]] += np.count_nonzero(part.reshape(part.shape[0], -1), axis=1)
+        for target, part in self._stored_parts([(0, n) for n in self.shape]):
+            counts[target[0]] += np.count_nonzero(part.reshape(part.shape[0], -1), axis=1)
         return counts
 
     # -- writing ------------------------------------------------------------

@@ -24,7 +24,7 @@ from skimage.morphology import ball, disk
 
 from . import _numba
 from ._numba import _k_coords, _k_grow, _k_inside  # noqa: F401 - called by the compiled loop
-from .voxel_sets import Neighbourhood, members, shift, sorted_unique
+from .voxel_sets import Neighbourhood, members, merge_disjoint, shift, sorted_unique
 
 
 def footprint(radius, ndim):
@@ -112,19 +112,6 @@ def compiled_close_set(state, flat, offsets):
     added = _compiled()["_k_close_set"](state.reshape(shape), flat, offsets)
     added.sort()
     return merge_disjoint(flat, added)
-
-
-def merge_disjoint(first, second):
-    """The union of two sorted arrays with no value in common, sorted."""
-    out = np.empty(first.size + second.size, dtype=np.result_type(first, second))
-    # Each value of `second` lands after the values of `first` below it and
-    # the values of `second` before it; `first` fills the other places.
-    at = np.searchsorted(first, second) + np.arange(second.size)
-    taken = np.zeros(out.size, dtype=bool)
-    taken[at] = True
-    out[at] = second
-    out[~taken] = first
-    return out
 
 
 def close_set(flat, shape, footprint, mask=None, overwrite=False):

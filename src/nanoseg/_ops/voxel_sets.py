@@ -73,3 +73,15 @@ class Neighbourhood:
         parts += [shift(border_coords, o, np.asarray(self.shape))[0] for o in self.offsets]
         return np.concatenate(parts)
 
+
+def merge_disjoint(first, second):
+    """The union of two sorted arrays with no value in common, sorted."""
+    out = np.empty(first.size + second.size, dtype=np.result_type(first, second))
+    # Each value of `second` lands after the values of `first` below it and
+    # the values of `second` before it; `first` fills the other places.
+    at = np.searchsorted(first, second) + np.arange(second.size)
+    taken = np.zeros(out.size, dtype=bool)
+    taken[at] = True
+    out[at] = second
+    out[~taken] = first
+    return out
