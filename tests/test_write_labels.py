@@ -241,3 +241,28 @@ def test_particle_table_of_voxel_lists_with_dask_companions(tmp_path, volume_20x
     got = measure.particle_table(labels, posterior=probabilities, intensity=image, **kwargs)
     expected = measure.particle_table(labels.compute(), posterior=probabilities.compute(), intensity=volume_20x96x112, **kwargs)
     _assert_same_table(got, expected)
+
+
+def test_particle_table_of_stored_labels_looks_the_posterior_up_at_their_voxels(
+    tmp_path, volume_20x96x112, small_slabs, monkeypatch
+):
+    """Labels written to a local zarr are searched chunk by chunk, and a lazy
+    mixture posterior beside them is looked up at their voxels only."""
+    import nanoseg._engine.posterior as posterior_module
+    from nanoseg import measure
+
+    small_slabs(4 * 96 * 112 * 6)
+    source = _local(tmp_path, volume_20x96x112, (1, 96, 112))
+    posterior = NanoparticleMixture().fit_transform(source)
+    labels = NanoparticleLabeler(min_size=3).transform(posterior)
+    stored = write_ome_zarr(tmp_path / "labels.zarr", labels, spacing=(50, 10, 10), kind="labels",
+                            chunks=(2, 32, 48), progress=False)
+    looked_up = []
+    original = posterior_module.PosteriorAt.__call__
+    monkeypatch.setattr(posterior_module.PosteriorAt, "__call__",
+                        lambda self, *a, **k: looked_up.append(1) or original(self, *a, **k))
+    kwargs = {"spacing": (50, 10, 10), "memory_budget": 96 * 112 * 9 * 3}
+    got = measure.particle_table(stored, posterior=posterior, intensity=source, **kwargs)
+    assert looked_up
+    expected = measure.particle_table(stored[:], posterior=posterior.compute(), intensity=volume_20x96x112, **kwargs)
+    _assert_same_table(got, expected)

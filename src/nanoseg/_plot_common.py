@@ -77,16 +77,13 @@ def busiest_plane(volume, threshold=None):
     probability map) instead of when they are nonzero.
     """
 
-    from ._zarr_chunks import ChunkFiles
-
     def count(block):
         block = block.reshape(len(block), -1)
         return np.count_nonzero(block if threshold is None else block >= threshold, axis=1)
 
-    reader = volume.reader if volume.kind == "zarr" and not volume.is_2d else None
-    if threshold is None and isinstance(reader, ChunkFiles) and reader.fill_value == 0:
+    if threshold is None and volume.stored_chunks is not None:
         # Stored labels: only the chunks that were written are read.
-        counts = reader.count_nonzero_planes()
+        counts = volume.stored_chunks.count_nonzero_planes()
     else:
         counts = np.concatenate([
             count(np.asarray(volume.read(int(g[0]), int(g[-1]) + 1)))

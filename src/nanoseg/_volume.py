@@ -24,7 +24,7 @@ import numpy as np
 import zarr
 
 from . import _backend, _plan
-from ._zarr_chunks import chunk_files
+from ._zarr_chunks import ChunkFiles, chunk_files
 
 
 def _dask_array_type():
@@ -79,6 +79,16 @@ class Volume:
         """
         files = chunk_files(self.array) if self.kind == "zarr" else None
         return self.array if files is None else files
+
+    @property
+    def stored_chunks(self):
+        """The chunk files of a 3D local zarr volume whose missing chunks read as 0, or None.
+
+        Such a volume (stored labels, for instance) can be searched chunk
+        file by chunk file, skipping the chunks that were never written.
+        """
+        reader = None if self.is_2d else self.reader
+        return reader if isinstance(reader, ChunkFiles) and reader.fill_value == 0 else None
 
     @property
     def shape(self):

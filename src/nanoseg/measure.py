@@ -15,6 +15,7 @@ whole volume had been in memory.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -22,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ._spacing import check_spacing
 from ._plan import SLAB_BYTES, ordered_map
+from ._spacing import check_spacing
 from ._validation import check_memory_budget
 from ._volume import as_volume, is_volume_list
 
@@ -236,34 +237,57 @@ def _read(volumes, start, stop):
     return out
 
 
-def _reduce_sparse(sparse, companions, depth, n_jobs):
-    """Partial statistics of lazy labels that carry their voxel lists
-    (``nanoseg_sparse_labels``, from :class:`~nanoseg.NanoparticleLabeler`),
-    in runs of at most `depth` planes: ``(partials or None, number of planes)``.
+def _sparse_runs(sparse, depth):
+    """``(start, stop, voxels)`` runs of at most `depth` planes of lazy labels
+    that carry their voxel lists (``nanoseg_sparse_labels``, from
+    :class:`~nanoseg.NanoparticleLabeler`); ``voxels()`` gives the run's
+    ``(where, values)``. No dense label plane is made."""
+    plane_size = int(np.prod(sparse.shape[1:]))
+    for index, (start, stop) in enumerate(sparse.bounds):
+        where, values = sparse.slab(index)
+        if where.size > 1 and not (where[1:] > where[:-1]).all():
+            order = np.argsort(where, kind="stable")
+            where, values = where[order], values[order]
+        for first in range(start, stop, depth):
+            last = min(first + depth, stop)
+            lo, hi = np.searchsorted(where, [(first - start) * plane_size, (last - start) * plane_size])
+            run = (where[lo:hi] - (first - start) * plane_size, values[lo:hi])
+            yield first, last, lambda run=run: run
 
-    No dense label plane is made. Companions are read only for runs that
-    hold particles, on `n_jobs` threads, and a lazy posterior that carries
-    its tables (``nanoseg_posterior_at``) is looked up at the particle
-    voxels only, from its input -- read once when it is also the intensity
-    companion.
+
+def _stored_runs(volume, depth):
+    """``(start, stop, voxels)`` runs of stored labels, slab by slab, whose
+    ``voxels()`` searches their chunk files (:attr:`Volume.stored_chunks
+    <nanoseg._volume.Volume.stored_chunks>`) for ``(where, values)``.
+
+    A label image is mostly background, and a writer that skips empty
+    chunks (as :func:`nanoseg.io.write_ome_zarr` does) leaves only the
+    chunks holding particles: each of those is decoded and searched for its
+    labelled voxels, and no dense label slab is made.
+    """
+    planes = [(0, int(n)) for n in volume.shape[1:]]
+    for group in volume.slabs(depth):
+        start, stop = int(group[0]), int(group[-1]) + 1
+        # Searched by the thread that reduces the run, not here.
+        yield start, stop, functools.partial(volume.stored_chunks.nonzero, ((start, stop), *planes))
+
+
+def _reduce_runs(runs, companions, plane_shape, n_jobs):
+    """Partial statistics of labelled voxels given run by run (``(start, stop,
+    voxels)``, ``voxels()`` giving sorted flat indices into the run's planes
+    and their labels), on `n_jobs` threads: ``(partials or None, number of
+    planes)`` per run.
+
+    Companions are read only for runs that hold particles, and a lazy
+    posterior that carries its tables (``nanoseg_posterior_at``) is looked up
+    at the particle voxels only, from its input -- read once when it is also
+    the intensity companion.
     """
     at = {name: getattr(v.array, "nanoseg_posterior_at", None) for name, v in companions.items()}
-    plane_shape = sparse.shape[1:]
-    plane_size = int(np.prod(plane_shape))
-
-    def runs():
-        for index, (start, stop) in enumerate(sparse.bounds):
-            where, values = sparse.slab(index)
-            if where.size > 1 and not (where[1:] > where[:-1]).all():
-                order = np.argsort(where, kind="stable")
-                where, values = where[order], values[order]
-            for first in range(start, stop, depth):
-                last = min(first + depth, stop)
-                lo, hi = np.searchsorted(where, [(first - start) * plane_size, (last - start) * plane_size])
-                yield first, last, where[lo:hi] - (first - start) * plane_size, values[lo:hi]
 
     def reduce(run):
-        start, stop, where, values = run
+        start, stop, voxels = run
+        where, values = voxels()
         if where.size == 0:
             return None, stop - start
         picked, raws = {}, {}
@@ -278,39 +302,7 @@ def _reduce_sparse(sparse, companions, depth, n_jobs):
                 picked[name] = posterior_at(start, stop, where, raw)
         return _reduce_voxels(where, values, start, (stop - start, *plane_shape), picked), stop - start
 
-    yield from ordered_map(reduce, runs(), n_jobs)
-
-
-def _searches_chunk_files(volume):
-    """Whether the labels are a local zarr volume whose chunk files can be searched directly."""
-    from ._zarr_chunks import ChunkFiles
-
-    return not volume.is_2d and isinstance(volume.reader, ChunkFiles) and volume.reader.fill_value == 0
-
-
-def _reduce_chunk_files(volume, companions, depth, n_jobs):
-    """Partial statistics of stored labels, slab by slab, from their chunk files.
-
-    A label image is mostly background, and a writer that skips empty
-    chunks (as :func:`nanoseg.io.write_ome_zarr` does) leaves only the
-    chunks holding particles: each of those is decoded and searched for its
-    labelled voxels, and no dense label slab is made.
-    """
-    reader = volume.reader
-    plane_shape = tuple(int(n) for n in volume.shape[1:])
-
-    def reduce(group):
-        start, stop = int(group[0]), int(group[-1]) + 1
-        where, values = reader.nonzero(((start, stop), *((0, n) for n in plane_shape)))
-        if where.size == 0:
-            return None, stop - start
-        picked = {}
-        if companions:
-            slabs = _read(list(companions.values()), start, stop)
-            picked = {name: data.reshape(-1)[where] for name, data in zip(companions, slabs)}
-        return _reduce_voxels(where, values, start, (stop - start, *plane_shape), picked), stop - start
-
-    yield from ordered_map(reduce, volume.slabs(depth), n_jobs)
+    yield from ordered_map(reduce, runs, n_jobs)
 
 
 # ---------------------------------------------------------------------------
@@ -501,9 +493,17 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
     stats = _statistics("posterior" in companions, "intensity" in companions)
     accumulator = _Accumulator(stats)
 
+    # Labels as voxel lists: those a lazy labelling kept, or those searched
+    # in stored chunks (decoded run by run: their bytes count in a run's).
     sparse = getattr(labels, "nanoseg_sparse_labels", None)
+    if sparse is not None and not volume.is_2d:
+        runs, label_bytes = functools.partial(_sparse_runs, sparse), 0
+    elif volume.stored_chunks is not None:
+        runs, label_bytes = functools.partial(_stored_runs, volume), volume.dtype.itemsize
+    else:
+        runs = None
     with tqdm(total=volume.shape[0], desc="Measuring", unit="plane", disable=not progress) as bar:
-        if sparse is not None and not volume.is_2d:
+        if runs is not None:
             # Companions read from files or memory are read on threads; a
             # lazy one (a classifier's probabilities, say) is computed by
             # dask's own scheduler, one run at a time, as in the dense path.
@@ -512,18 +512,9 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
                 for v in companions.values()
             )
             n_jobs = 1 if lazy else min(os.cpu_count() or 1, _MEASURE_THREADS)
-            # Only the companions are read densely: their bytes set the depth.
-            companion_bytes = max(1, sum(v.dtype.itemsize for v in companions.values()))
-            depth = volume.slab_depth(companion_bytes, (budget or SLAB_BYTES) // n_jobs)
-            for reduced, n_planes in _reduce_sparse(sparse, companions, depth, n_jobs):
-                if reduced is not None:
-                    accumulator.add(*reduced)
-                bar.update(n_planes)
-        elif _searches_chunk_files(volume):
-            lazy = any(v.kind == "dask" for v in companions.values())
-            n_jobs = 1 if lazy else min(os.cpu_count() or 1, _MEASURE_THREADS)
-            depth = volume.slab_depth(bytes_per_voxel, (budget or SLAB_BYTES) // n_jobs)
-            for reduced, n_planes in _reduce_chunk_files(volume, companions, depth, n_jobs):
+            run_bytes = max(1, label_bytes + sum(v.dtype.itemsize for v in companions.values()))
+            depth = volume.slab_depth(run_bytes, (budget or SLAB_BYTES) // n_jobs)
+            for reduced, n_planes in _reduce_runs(runs(depth), companions, volume.shape[1:], n_jobs):
                 if reduced is not None:
                     accumulator.add(*reduced)
                 bar.update(n_planes)
