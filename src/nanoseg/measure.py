@@ -454,10 +454,10 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
 
     The lazy labels of :class:`~nanoseg.NanoparticleLabeler` carry the
     voxel lists its labelling kept; they are measured from those, with no
-    dense label plane made. A lazy posterior of
-    :class:`~nanoseg.NanoparticleMixture` given with them is looked up at
-    the particle voxels only, from its input (read once when it is also
-    `intensity`). The table is the same as from the dense arrays, but for
+    dense label plane made. With labels measured as voxel lists (either
+    kind), a lazy posterior of :class:`~nanoseg.NanoparticleMixture` is
+    looked up at the particle voxels only, from its input (read once when
+    it is also `intensity`). The table is the same as from the dense arrays, but for
     the last bits of the means, which sum the voxels in other runs of planes.
 
     Examples
