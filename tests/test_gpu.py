@@ -4,7 +4,9 @@ Skipped without CuPy or without a usable device. Histograms and labels must
 be identical, fitted PMFs equal to 1e-12, and posteriors identical too (the
 lookup tables are computed on the host from identical histograms; the GPU
 only copies table entries). Kernels run both through the hand-written CUDA
-kernels and through CuPy's generic functions.
+kernels and through CuPy's generic functions. The classifier's features
+match SciPy's up to float32 rounding, and its probabilities match but for
+the rare voxel a rounding step sends down another branch of a tree.
 """
 
 import pickle
@@ -22,12 +24,14 @@ with warnings.catch_warnings():
 
 import dask.array as da
 import zarr
+from sklearn.base import clone
 from sklearn.pipeline import Pipeline
 
 import nanoseg._backend as backend_module
-from nanoseg import NanoparticleLabeler, NanoparticleMixture
-from nanoseg._ops import components, histogram, morphology, seeds
+from nanoseg import NanoparticleClassifier, NanoparticleLabeler, NanoparticleMixture
 from nanoseg._backend import CPU, get_backend
+from nanoseg._ops import components, histogram, morphology, seeds
+from nanoseg._ops.filters import FEATURES, FeatureSpec, compute_features
 from nanoseg.datasets import make_phantom
 
 pytestmark = [
@@ -241,7 +245,7 @@ def test_mixture_options_identical(case):
 
 @pytest.mark.parametrize("kind", ["numpy", "cupy", "zarr", "dask"])
 def test_mask_identical(case, kind):
-    image, chunks, cpu, posterior, _ = case
+    image, chunks, _, posterior, _ = case
     X = inputs(image, chunks)[kind]
     gpu = NanoparticleMixture(device="cuda").fit(X)
     got = gpu.predict(X, threshold=0.9)
@@ -318,3 +322,108 @@ def test_model_fitted_on_gpu_runs_on_cpu(case):
     for name, value in vars(loaded).items():
         assert not isinstance(value, cupy.ndarray), name
     np.testing.assert_array_equal(loaded.set_params(device="cpu").transform(image), posterior)
+
+
+# -- 16-bit volumes ----------------------------------------------------------------
+def test_uint16_mixture_identical(case):
+    image, chunks, *_ = case
+    wide = image.astype(np.uint16) * 37 + 500  # a 16-bit range the mixture bins into 256 bins
+    cpu = NanoparticleMixture().fit(wide)
+    expected = cpu.transform(wide)
+    for kind, X in inputs(wide, chunks).items():
+        gpu = NanoparticleMixture(device="cuda").fit(X)
+        assert_same_fit(gpu, cpu)
+        assert (gpu.binning_mode_, gpu.binning_low_, gpu.binning_high_, gpu.binning_shift_) == (
+            cpu.binning_mode_, cpu.binning_low_, cpu.binning_high_, cpu.binning_shift_
+        )
+        got = gpu.transform(X)
+        got = cupy.asnumpy(got) if kind == "cupy" else got.compute() if kind in ("zarr", "dask") else got
+        np.testing.assert_array_equal(got, expected, err_msg=kind)
+
+
+# -- the classifier's features and probabilities -----------------------------------
+FEATURE_SPECS = {
+    "3d": FeatureSpec(FEATURES, ((0.4, 1.0, 1.0), (0.8, 2.0, 2.0), (1.6, 4.0, 4.0))),
+    "2d": FeatureSpec(FEATURES, ((0.0, 1.0, 1.0), (0.0, 2.5, 2.5))),
+}
+
+
+def assert_features_close(got, expected, what):
+    # Gaussians differ from SciPy's by float32 rounding; derivatives and
+    # eigenvalues are finite differences of them, so compare each feature
+    # against its own magnitude.
+    assert got.shape == expected.shape and got.dtype == np.float32, what
+    for i, (g, e) in enumerate(zip(got, expected)):
+        scale = max(1.0, float(np.abs(e).max()))
+        error = float(np.abs(g.astype(np.float64) - e).max()) / scale
+        assert error <= 1e-4, f"{what}: feature {i} differs by {error:.2e} of its magnitude"
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_SPECS))
+@pytest.mark.parametrize("chosen", ["all", "mask", "indices"])
+def test_features_match_cpu(gpu, name, chosen):
+    spec = FEATURE_SPECS[name]
+    rng = np.random.default_rng(len(name) + len(chosen))
+    shape = (1, 150, 170) if spec.ndim == 2 else (18, 70, 90)
+    image = ndi.gaussian_filter(rng.normal(size=shape), (0, 1.5, 1.5)).astype(np.float32) * 5
+    extra = rng.normal(size=shape).astype(np.float32)
+    where = None if chosen == "all" else rng.random(shape) < 0.05
+    if chosen == "indices":
+        where = np.flatnonzero(where)
+    expected = compute_features(CPU, image, spec, extra, where)
+    on_device = None if where is None else cupy.asarray(where)
+    got = compute_features(gpu, cupy.asarray(image), spec, cupy.asarray(extra), on_device)
+    assert isinstance(got, cupy.ndarray)
+    assert_features_close(cupy.asnumpy(got), expected, f"{name}, {chosen}")
+
+
+def copy_fitted(model, **params):
+    copy = clone(model).set_params(**params)
+    copy.__dict__.update({k: v for k, v in model.__dict__.items() if k.endswith("_")})
+    return copy
+
+
+@pytest.fixture(scope="module")
+def trained():
+    volume, truth = make_phantom((40, 96, 96), n_particles=100, spacing=(50.0, 10.0, 10.0), random_state=1)
+    model = NanoparticleClassifier(spacing=(50.0, 10.0, 10.0), sigmas=(10, 20), random_state=0, n_jobs=1,
+                                   max_samples=20_000).fit(volume[:12], truth[:12])
+    return volume, truth, model
+
+
+def assert_probabilities_agree(got, expected, what):
+    # A feature one rounding step away can send a voxel down another branch
+    # of a tree: a handful of voxels may move by one tree's vote, no more.
+    difference = np.abs(got.astype(np.float64) - expected)
+    moved = np.count_nonzero(difference > 1e-6)
+    assert moved <= 1e-4 * difference.size, f"{what}: {moved} of {difference.size} voxels differ"
+    assert difference.max() <= 0.05, f"{what}: largest difference {difference.max():.3g}"
+
+
+@pytest.mark.parametrize("kind", ["numpy", "cupy", "zarr", "dask"])
+def test_classifier_probabilities_match_cpu(trained, kind):
+    volume, _, cpu = trained
+    expected = cpu.predict_proba(volume)
+    gpu = copy_fitted(cpu, device="cuda")
+    got = gpu.predict_proba(inputs(volume, (8, 96, 96))[kind])
+    if kind == "cupy":
+        assert isinstance(got, cupy.ndarray)
+        got = cupy.asnumpy(got)
+    elif kind in ("zarr", "dask"):
+        assert isinstance(got, da.Array)
+        got = got.compute()
+    assert got.dtype == np.float32
+    assert_probabilities_agree(got, expected, kind)
+    assert_features_close(gpu.features_of(volume[:6]), cpu.features_of(volume[:6]), "features_of")
+
+
+def test_classifier_trained_on_gpu_matches_cpu(trained):
+    volume, truth, cpu = trained
+    gpu = clone(cpu).set_params(device="cuda").fit(volume[:12], truth[:12])
+    assert gpu.feature_names_ == cpu.feature_names_
+    assert gpu.gate_level_ == pytest.approx(cpu.gate_level_)
+    # Trained on (nearly) identical features: the same voxels are particles.
+    same = np.mean((gpu.predict_proba(volume) >= 0.5) == (cpu.predict_proba(volume) >= 0.5))
+    assert same >= 0.999, same
+    restored = pickle.loads(pickle.dumps(gpu))
+    assert not any(isinstance(v, cupy.ndarray) for v in vars(restored).values())
