@@ -17,7 +17,6 @@ export PYTHONUNBUFFERED=1
 {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    git log -1 --format="source: %h %s" 2>/dev/null
     python3 - <<'PY'
 import importlib, platform
 names = ["numpy", "scipy", "skimage", "sklearn", "numba", "cupy", "zarr", "dask", "nanoseg"]

@@ -160,7 +160,8 @@ def _load_gpu():
         ndi=cundi,
         array_type=cupy.ndarray,
         download=_cupy_download,
-        scatter_add=cupyx.scatter_add,
+        # ufunc.at where CuPy has it (cupyx.scatter_add is deprecated since CuPy 14).
+        scatter_add=cupy.add.at if hasattr(cupy.add, "at") else cupyx.scatter_add,
         # Blocking streams: they overlap one another but stay ordered with
         # the default stream, on which callers' own CuPy work runs.
         new_stream=cupy.cuda.Stream,
