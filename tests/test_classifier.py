@@ -411,6 +411,24 @@ def test_features_on_the_stand_in_gpu_match_the_cpu(fitted, phantom_40x96x96, fa
     assert refit.n_features_ == fitted.n_features_
 
 
+def test_slabs_in_flight_on_the_stand_in_gpu_are_capped(fitted, phantom_40x96x96, fake_gpu, monkeypatch):
+    import nanoseg.classifier as classifier_module
+    from nanoseg._plan import GPU_SLABS_IN_FLIGHT
+
+    volume, _ = phantom_40x96x96
+    seen = []
+    original = classifier_module.classify_in_memory
+
+    def recording(volume, slab, chunks, n_jobs, bar):
+        seen.append(n_jobs)
+        return original(volume, slab, chunks, n_jobs, bar)
+
+    monkeypatch.setattr(classifier_module, "classify_in_memory", recording)
+    _copy_fitted(fitted, device="cuda", n_jobs=GPU_SLABS_IN_FLIGHT + 3).predict_proba(volume[:8])
+    _copy_fitted(fitted, device="cpu", n_jobs=GPU_SLABS_IN_FLIGHT + 3).predict_proba(volume[:8])
+    assert seen == [GPU_SLABS_IN_FLIGHT, GPU_SLABS_IN_FLIGHT + 3]
+
+
 def test_components_of_labels_and_masks_are_particles():
     # Instance labels and the equivalent boolean mask learn the same two classes
     # when no particles touch.

@@ -135,11 +135,6 @@ def _fake_download(array, out=None):
     return out
 
 
-def _fake_scatter_add(array, indices, values):
-    _refuse_host((array, indices, values), "scatter_add")
-    np.add.at(_plain(array), _plain(indices), _plain(values))
-
-
 class _Streams:
     opened = 0
 
@@ -157,7 +152,6 @@ FAKE_GPU = Backend(
     ndi=FakeNDI(),
     array_type=DeviceArray,
     download=_fake_download,
-    scatter_add=_fake_scatter_add,
     new_stream=_Streams,
 )
 
@@ -264,6 +258,27 @@ def test_paint_boxes_by_hand(fake_gpu):
     expected[1, 0:2, 2:4] = True  # row 0 -> rows 0..1 (clipped), col 3 -> cols 2..3 (clipped)
     expected[1, 1:4, 1:4] = True
     np.testing.assert_array_equal(painted, expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("pad", [0, 2])
+def test_paint_boxes_equals_painting_each_box(fake_gpu, seed, pad):
+    # Many boxes sharing corners (and repeated boxes) on both backends.
+    rng = np.random.default_rng(seed)
+    shape = (3, 9, 11)
+    n = 40
+    z = rng.integers(0, shape[0], n)
+    r0, c0 = rng.integers(0, shape[1], n), rng.integers(0, shape[2], n)
+    r1 = np.minimum(r0 + rng.integers(1, 4, n), shape[1])
+    c1 = np.minimum(c0 + rng.integers(1, 4, n), shape[2])
+    boxes = np.stack([z, r0, r1, c0, c1], axis=1)
+    boxes = np.concatenate([boxes, boxes[:5]])
+    expected = np.zeros(shape, dtype=bool)
+    for zz, a, b, c, d in boxes:
+        expected[zz, max(0, a - pad) : b + pad, max(0, c - pad) : d + pad] = True
+    np.testing.assert_array_equal(seeds_ops.paint_boxes(CPU, boxes, shape, pad), expected)
+    painted = seeds_ops.paint_boxes(fake_gpu, fake_gpu.to_device(boxes), shape, pad)
+    np.testing.assert_array_equal(fake_gpu.to_host(painted), expected)
 
 
 def test_raster_order_renumbers_a_scrambled_labelling(fake_gpu):

@@ -65,8 +65,6 @@ class Backend:
         The backend's array class.
     download : callable
         ``download(array, out=None)``: a backend array as a NumPy array.
-    scatter_add : callable
-        ``scatter_add(array, indices, values)``, unbuffered (``numpy.add.at``).
     new_stream : callable or None
         Makes a stream, so that threads overlap copies and kernels.
     synchronize : callable
@@ -78,7 +76,6 @@ class Backend:
     ndi: ModuleType
     array_type: type = np.ndarray
     download: Callable = _host_copy
-    scatter_add: Callable = np.add.at
     new_stream: Callable | None = None
     synchronize: Callable = lambda: None
 
@@ -138,7 +135,6 @@ def _load_gpu():
     """Import CuPy and build the CUDA backend, or raise GPUUnavailableError."""
     try:
         import cupy
-        import cupyx
         import cupyx.scipy.ndimage as cundi
     except ImportError as exc:
         raise GPUUnavailableError(
@@ -160,8 +156,6 @@ def _load_gpu():
         ndi=cundi,
         array_type=cupy.ndarray,
         download=_cupy_download,
-        # ufunc.at where CuPy has it (cupyx.scatter_add is deprecated since CuPy 14).
-        scatter_add=cupy.add.at if hasattr(cupy.add, "at") else cupyx.scatter_add,
         # Blocking streams: they overlap one another but stay ordered with
         # the default stream, on which callers' own CuPy work runs.
         new_stream=cupy.cuda.Stream,

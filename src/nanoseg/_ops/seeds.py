@@ -578,7 +578,10 @@ def paint_boxes(backend, boxes, shape, pad):
 
     Each box adds +1/-1 at its four corners of a zero array one larger than a
     slice; the 2D cumulative sum then counts, at every pixel, the boxes that
-    cover it.
+    cover it. Corners shared by several boxes are summed over the distinct
+    corners (sorted), so that no unbuffered scatter-add is needed: CuPy's
+    ``add.at`` invalidated kernel handles under threads (CuPy 14, seen on an
+    H200) and ``cupyx.scatter_add`` is deprecated.
     """
     xp = backend.xp
     n_slices, n_rows, n_cols = shape
@@ -588,7 +591,6 @@ def paint_boxes(backend, boxes, shape, pad):
     c0 = xp.maximum(boxes[:, 3] - pad, 0)
     c1 = xp.minimum(boxes[:, 4] + pad, n_cols)
     corners = xp.zeros((n_slices, n_rows + 1, n_cols + 1), dtype=np.int32)
-    flat = corners.reshape(-1)
     row_size, plane_size = n_cols + 1, (n_rows + 1) * (n_cols + 1)
     index = xp.concatenate(
         [
@@ -599,7 +601,13 @@ def paint_boxes(backend, boxes, shape, pad):
         ]
     )
     ones = xp.ones(boxes.shape[0], dtype=np.int32)
-    backend.scatter_add(flat, index, xp.concatenate([ones, -ones, -ones, ones]))
+    signs = xp.concatenate([ones, -ones, -ones, ones])
+    distinct, which = xp.unique(index, return_inverse=True)
+    sums = xp.zeros(distinct.size, dtype=np.int32)
+    for sign in (1, -1):
+        # Counts of each distinct corner among the +1 and the -1 corners.
+        sums += sign * xp.bincount(which.ravel()[signs == sign], minlength=distinct.size).astype(np.int32)
+    corners.reshape(-1)[distinct] = sums
     covered = xp.cumsum(xp.cumsum(corners, axis=1, dtype=np.int32), axis=2, dtype=np.int32)
     return covered[:, :n_rows, :n_cols] > 0
 
