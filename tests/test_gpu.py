@@ -198,21 +198,25 @@ def inputs(image, chunks):
     }
 
 
+def on_host(result, kind):
+    """A result as a NumPy array, checking that it came back as `kind` asks: CuPy, lazy dask or NumPy."""
+    if kind == "cupy":
+        assert isinstance(result, cupy.ndarray)
+        return cupy.asnumpy(result)
+    if kind in ("zarr", "dask"):
+        assert isinstance(result, da.Array)
+        return result.compute()
+    assert type(result) is np.ndarray
+    return result
+
+
 @pytest.mark.parametrize("kind", ["numpy", "cupy", "zarr", "dask"])
 def test_mixture_identical(case, kind, kernels_path):
     image, chunks, cpu, posterior, _ = case
     X = inputs(image, chunks)[kind]
     gpu = NanoparticleMixture(device="cuda").fit(X)
     assert_same_fit(gpu, cpu)
-    got = gpu.transform(X)
-    if kind == "cupy":
-        assert isinstance(got, cupy.ndarray)
-        got = cupy.asnumpy(got)
-    elif kind in ("zarr", "dask"):
-        assert isinstance(got, da.Array)
-        got = got.compute()
-    else:
-        assert type(got) is np.ndarray
+    got = on_host(gpu.transform(X), kind)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, posterior)
     np.testing.assert_array_equal(gpu.slice_weights(X), cpu.slice_weights(image))
@@ -248,11 +252,7 @@ def test_mask_identical(case, kind):
     image, chunks, _, posterior, _ = case
     X = inputs(image, chunks)[kind]
     gpu = NanoparticleMixture(device="cuda").fit(X)
-    got = gpu.predict(X, threshold=0.9)
-    if kind == "cupy":
-        got = cupy.asnumpy(got)
-    elif kind in ("zarr", "dask"):
-        got = got.compute()
+    got = on_host(gpu.predict(X, threshold=0.9), kind)
     assert got.dtype == bool
     np.testing.assert_array_equal(got, posterior >= 0.9)
 
@@ -262,13 +262,7 @@ def test_labels_identical(case, kind, small_slabs):
     image, chunks, _, posterior, labels = case
     small_slabs(chunks[0] * image[0].size * 6)  # slabs of one chunk: many faces to merge
     X = inputs(posterior, chunks)[kind]
-    got = NanoparticleLabeler(min_size=3, device="cuda").transform(X)
-    if kind == "cupy":
-        assert isinstance(got, cupy.ndarray)
-        got = cupy.asnumpy(got)
-    elif kind in ("zarr", "dask"):
-        assert isinstance(got, da.Array)
-        got = got.compute()
+    got = on_host(NanoparticleLabeler(min_size=3, device="cuda").transform(X), kind)
     assert got.dtype == np.uint32
     np.testing.assert_array_equal(got, labels)
 
@@ -336,9 +330,7 @@ def test_uint16_mixture_identical(case):
         assert (gpu.binning_mode_, gpu.binning_low_, gpu.binning_high_, gpu.binning_shift_) == (
             cpu.binning_mode_, cpu.binning_low_, cpu.binning_high_, cpu.binning_shift_
         )
-        got = gpu.transform(X)
-        got = cupy.asnumpy(got) if kind == "cupy" else got.compute() if kind in ("zarr", "dask") else got
-        np.testing.assert_array_equal(got, expected, err_msg=kind)
+        np.testing.assert_array_equal(on_host(gpu.transform(X), kind), expected, err_msg=kind)
 
 
 # -- the classifier's features and probabilities -----------------------------------
@@ -405,13 +397,7 @@ def test_classifier_probabilities_match_cpu(trained, kind):
     volume, _, cpu = trained
     expected = cpu.predict_proba(volume)
     gpu = copy_fitted(cpu, device="cuda")
-    got = gpu.predict_proba(inputs(volume, (8, 96, 96))[kind])
-    if kind == "cupy":
-        assert isinstance(got, cupy.ndarray)
-        got = cupy.asnumpy(got)
-    elif kind in ("zarr", "dask"):
-        assert isinstance(got, da.Array)
-        got = got.compute()
+    got = on_host(gpu.predict_proba(inputs(volume, (8, 96, 96))[kind]), kind)
     assert got.dtype == np.float32
     assert_probabilities_agree(got, expected, kind)
     assert_features_close(gpu.features_of(volume[:6]), cpu.features_of(volume[:6]), "features_of")
