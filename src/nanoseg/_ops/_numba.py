@@ -38,7 +38,11 @@ _COMPILED = {}
 
 def _k_grow(buffer, used):
     bigger = np.empty(max(64, 2 * buffer.size), dtype=buffer.dtype)
-    bigger[:used] = buffer[:used]
+    # An element loop, not a slice assignment: numba compiles a slice
+    # assignment's shape-mismatch error message, about 1.8 s of every
+    # first run's compilation.
+    for i in range(used):
+        bigger[i] = buffer[i]
     return bigger
 
 

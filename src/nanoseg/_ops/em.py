@@ -146,9 +146,10 @@ def _k_em(p_stack, p_bg, p_np, w_bg, nll_prev, first, max_iter, tol, eps, margin
     nll = np.nan
     w_before = w_bg
     for iteration in range(first, max_iter):
-        p_before[:] = p_np
         w_before = w_bg
         for k in range(n):
+            # Element by element, not p_before[:] = p_np: see _numba._k_grow.
+            p_before[k] = p_np[k]
             gamma_bg[k] = weighted_bg[k] / denominator[k]
             work[k] = (1.0 - gamma_bg[k]) * p_stack[k]
         mass = _k_sum(work)
