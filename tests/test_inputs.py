@@ -11,6 +11,7 @@ from zarr.storage import MemoryStore, WrapperStore
 import nanoseg._engine.fit as fit_engine
 import nanoseg._engine.labeling as labeling_module
 import nanoseg._engine.posterior as posterior_engine
+from nanoseg import _handoff as handoff
 from nanoseg import NanoparticleLabeler, NanoparticleMixture, _model
 from nanoseg._volume import as_volume
 from nanoseg._zarr_chunks import ChunkFiles
@@ -346,13 +347,14 @@ def test_labels_of_the_lazy_mask_from_predict_equal_those_of_the_posterior(
     assert calls == []
     # The mixture's lazy float posterior carries its boolean tables: the
     # labeler looks the mask up through them, thresholding no float block.
-    assert lazy.nanoseg_mask_at is not None
+    assert handoff.find(lazy, handoff.MASK_AT) is not None
     other = NanoparticleLabeler(threshold=threshold, min_size=3).transform(lazy)
     np.testing.assert_array_equal(other.compute(), expected)
     assert calls == []
-    # Any other lazy float posterior is thresholded block by block in its graph.
-    plain = da.Array(lazy.dask, lazy.name, lazy.chunks, lazy.dtype)
-    assert getattr(plain, "nanoseg_mask_at", None) is None
+    # Any other lazy float posterior (here one more step on the mixture's) is
+    # thresholded block by block in its graph.
+    plain = lazy.map_blocks(np.asarray, dtype=lazy.dtype)
+    assert handoff.find(plain, handoff.MASK_AT) is None
     other = NanoparticleLabeler(threshold=threshold, min_size=3).transform(plain)
     np.testing.assert_array_equal(other.compute(), expected)
     assert calls

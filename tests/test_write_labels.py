@@ -8,6 +8,7 @@ import zarr
 
 import nanoseg._engine.labeling as labeling_module
 import nanoseg._zarr_store as store_module
+from nanoseg import _handoff as handoff
 from nanoseg import NanoparticleLabeler, NanoparticleMixture
 from nanoseg.io import write_ome_zarr
 
@@ -32,10 +33,10 @@ def test_labels_written_from_voxel_lists_equal_the_dense_labels(
     monkeypatch.setattr(labeling_module, "KEPT_LABEL_BYTES", kept_bytes)
     source = _local(tmp_path, volume_20x96x112, chunks)
     labels = NanoparticleLabeler(min_size=3).transform(fitted.transform(source))
-    assert labels.nanoseg_sparse_labels is not None
+    assert handoff.find(labels, handoff.SPARSE_LABELS) is not None
     expected = NanoparticleLabeler(min_size=3).transform(fitted.transform(volume_20x96x112))
     assert expected.max() > 1
-    assert labels.nanoseg_sparse_labels.n_labels == expected.max()
+    assert handoff.find(labels, handoff.SPARSE_LABELS).n_labels == expected.max()
     used = []
     original = store_module.write_sparse_slabs
     monkeypatch.setattr(
@@ -57,7 +58,7 @@ def test_slabs_that_split_output_chunks_are_written_densely(tmp_path, volume_20x
     labels = NanoparticleLabeler(min_size=3).transform(fitted.transform(source))
     target = zarr.create_array(store=str(tmp_path / "t.zarr"), shape=labels.shape, chunks=(7, 96, 112),
                                dtype=labels.dtype, fill_value=0, **store_module.array_options())
-    assert store_module.write_sparse_slabs(target, labels.nanoseg_sparse_labels) is None
+    assert store_module.write_sparse_slabs(target, handoff.find(labels, handoff.SPARSE_LABELS)) is None
     written = write_ome_zarr(tmp_path / "labels.zarr", labels, spacing=(50, 10, 10), kind="labels",
                              chunks=(7, 96, 112), progress=False)
     np.testing.assert_array_equal(written[:], labels.compute())
@@ -67,7 +68,7 @@ def test_only_the_labelers_own_output_carries_voxel_lists(tmp_path, volume_20x96
     source = _local(tmp_path, volume_20x96x112, (2, 96, 112))
     labels = NanoparticleLabeler(min_size=3).transform(fitted.transform(source))
     shifted = labels + 1
-    assert getattr(shifted, "nanoseg_sparse_labels", None) is None
+    assert handoff.find(shifted, handoff.SPARSE_LABELS) is None
     written = write_ome_zarr(tmp_path / "shifted.zarr", shifted, spacing=(50, 10, 10), kind="labels",
                              progress=False)
     np.testing.assert_array_equal(written[:], labels.compute() + 1)
@@ -82,7 +83,7 @@ def test_a_lazy_posteriors_mask_keeps_the_tables_it_was_made_with(tmp_path, volu
     mixture.set_params(beta_prior=(1.0, 50.0)).fit(volume_20x96x112[::-1])
     for threshold in (0.5, 0.95):
         expected = posterior >= threshold
-        np.testing.assert_array_equal(lazy.nanoseg_mask_at(threshold).compute(), expected)
+        np.testing.assert_array_equal(handoff.find(lazy, handoff.MASK_AT)(threshold).compute(), expected)
         labels = NanoparticleLabeler(threshold=threshold, min_size=1).transform(lazy)
         dense = NanoparticleLabeler(threshold=threshold, min_size=1).transform(posterior)
         np.testing.assert_array_equal(labels.compute(), dense)
@@ -93,7 +94,7 @@ def test_float16_posterior_mask_equals_its_threshold(tmp_path, volume_20x96x112)
     lazy = mixture.transform(da.from_array(volume_20x96x112, chunks=(3, 96, 112)))
     posterior = lazy.compute()
     assert posterior.dtype == np.float16
-    np.testing.assert_array_equal(lazy.nanoseg_mask_at(0.95).compute(), posterior >= 0.95)
+    np.testing.assert_array_equal(handoff.find(lazy, handoff.MASK_AT)(0.95).compute(), posterior >= 0.95)
 
 
 @pytest.mark.parametrize("posterior_dtype", ["float32", "float16"])
@@ -115,7 +116,7 @@ def test_posterior_looked_up_from_chunk_files_equals_the_in_memory_one(
     expected = mixture.transform(image)
     np.testing.assert_array_equal(lazy.compute(), expected)
     np.testing.assert_array_equal(lazy[5:9, 10:70].compute(), expected[5:9, 10:70])
-    np.testing.assert_array_equal(lazy.nanoseg_mask_at(0.9).compute(), expected >= 0.9)
+    np.testing.assert_array_equal(handoff.find(lazy, handoff.MASK_AT)(0.9).compute(), expected >= 0.9)
     with pytest.raises(IndexError):
         posterior_module.LookedUpChunks(posterior_module.ChunkFiles(source, tmp_path / "image.zarr", None),
                                         np.zeros((20, 256), np.float32))[[0, 1]]
@@ -131,7 +132,7 @@ def test_one_pass_posterior_of_whole_slice_blocks_from_chunk_files(tmp_path, vol
     expected = mixture.transform(volume_20x96x112)
     np.testing.assert_array_equal(lazy.compute(), expected)
     np.testing.assert_array_equal(lazy[3:11].compute(), expected[3:11])
-    np.testing.assert_array_equal(lazy.nanoseg_mask_at(0.95).compute(), expected >= 0.95)
+    np.testing.assert_array_equal(handoff.find(lazy, handoff.MASK_AT)(0.95).compute(), expected >= 0.95)
     np.testing.assert_array_equal(mixture.predict(source, threshold=0.95).compute(), expected >= 0.95)
     labels = NanoparticleLabeler(min_size=3).transform(lazy)
     np.testing.assert_array_equal(labels.compute(), NanoparticleLabeler(min_size=3).transform(expected))
@@ -184,7 +185,7 @@ def test_particle_table_of_voxel_lists_equals_the_dense_one(
     mixture = NanoparticleMixture()
     posterior = mixture.fit_transform(source) if graph == "fit_transform" else mixture.fit(source).transform(source)
     labels = NanoparticleLabeler(min_size=3).transform(posterior)
-    assert labels.nanoseg_sparse_labels is not None and posterior.nanoseg_posterior_at is not None
+    assert handoff.find(labels, handoff.SPARSE_LABELS) is not None and handoff.find(posterior, handoff.POSTERIOR_AT) is not None
     dense_labels, dense_posterior = labels.compute(), posterior.compute()
     assert dense_labels.max() > 3
     dense_reads = []
@@ -212,7 +213,7 @@ def test_posterior_at_voxels_equals_the_posterior(tmp_path, volume_20x96x112):
     for posterior in (mixture.transform(source), mixture.transform(da.from_array(volume_20x96x112, (3, 96, 112)))):
         dense = posterior.compute()
         flat = np.random.default_rng(0).choice(5 * 96 * 112, 300, replace=False)
-        got = posterior.nanoseg_posterior_at(6, 11, np.sort(flat))
+        got = handoff.find(posterior, handoff.POSTERIOR_AT)(6, 11, np.sort(flat))
         assert got.dtype == dense.dtype
         np.testing.assert_array_equal(got, dense[6:11].reshape(-1)[np.sort(flat)])
 
@@ -224,7 +225,7 @@ def test_posterior_at_voxels_of_16_bit_data(tmp_path, volume_20x96x112):
     for posterior in (mixture.transform(source), NanoparticleMixture().fit_transform(source)):
         dense = posterior.compute()
         flat = np.sort(np.random.default_rng(1).choice(4 * 96 * 112, 500, replace=False))
-        np.testing.assert_array_equal(posterior.nanoseg_posterior_at(3, 7, flat), dense[3:7].reshape(-1)[flat])
+        np.testing.assert_array_equal(handoff.find(posterior, handoff.POSTERIOR_AT)(3, 7, flat), dense[3:7].reshape(-1)[flat])
 
 
 def test_particle_table_of_voxel_lists_with_dask_companions(tmp_path, volume_20x96x112, small_slabs):

@@ -116,7 +116,7 @@ def write_slabs(target, array, bounds, n_jobs=2):
 def write_sparse_slabs(target, sparse, n_jobs=2):
     """Write labels given slab by slab as voxel lists into the new array `target`.
 
-    `sparse` is the ``nanoseg_sparse_labels`` of a lazy labelling
+    `sparse` is the voxel lists a lazy labelling hands on
     (:class:`nanoseg._engine.labeling.SparseLabels`). Each chunk holding
     labelled voxels is filled in a reused buffer and written to its file;
     no dense block is made. Returns None when `target` or the slabs do not

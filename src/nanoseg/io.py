@@ -30,6 +30,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
+from . import _handoff as handoff
 from ._images import (
     PICTURE_SUFFIXES,
     TIFF_SUFFIXES,
@@ -590,9 +591,9 @@ def write_ome_zarr(
     slab_bytes = WRITE_BYTES // WRITE_SLABS_IN_FLIGHT
     bounds = slab_bounds(_source_edges(array, shape[0]), chunks[0], max(1, slab_bytes // max(1, line_bytes)))
     unit = "slice" if len(shape) == 3 else "row"
-    # nanoseg's lazy labels carry their voxel lists: written from those, no
-    # dense block is made (see nanoseg._zarr_store.write_sparse_slabs).
-    sparse = getattr(array, "nanoseg_sparse_labels", None)
+    # nanoseg's lazy labels hand on their voxel lists: written from those,
+    # no dense block is made (see nanoseg._zarr_store.write_sparse_slabs).
+    sparse = handoff.find(array, handoff.SPARSE_LABELS)
     written = None if sparse is None else write_sparse_slabs(target, sparse, n_jobs=WRITE_SLABS_IN_FLIGHT)
     if written is None:
         written = write_slabs(target, array, bounds, n_jobs=WRITE_SLABS_IN_FLIGHT)

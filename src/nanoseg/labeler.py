@@ -205,10 +205,12 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
 
         Notes
         -----
-        A lazy 3D result carries, as ``nanoseg_sparse_labels``, the particle
-        voxels the labelling found, slab by slab: :func:`nanoseg.io.write_ome_zarr`
-        writes the labels from those, chunk by chunk, without making dense
-        blocks (much faster than :func:`dask.array.store`). A lazy posterior
+        A lazy 3D result is a plain dask array, but nanoseg keeps the particle
+        voxels the labelling found, slab by slab, for as long as the array
+        lives: :func:`nanoseg.io.write_ome_zarr` writes the labels from those,
+        chunk by chunk, without making dense blocks (much faster than
+        :func:`dask.array.store`), and :func:`nanoseg.measure.particle_table`
+        measures the particles from them. A lazy posterior
         from :class:`NanoparticleMixture` is thresholded through the mixture's
         boolean tables rather than as floats (the same voxels).
         """

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from . import _handoff as handoff
 from ._plan import SLAB_BYTES, ordered_map
 from ._spacing import check_spacing
 from ._validation import check_memory_budget
@@ -239,8 +240,8 @@ def _read(volumes, start, stop):
 
 def _sparse_runs(sparse, depth):
     """``(start, stop, voxels)`` runs of at most `depth` planes of lazy labels
-    that carry their voxel lists (``nanoseg_sparse_labels``, from
-    :class:`~nanoseg.NanoparticleLabeler`); ``voxels()`` gives the run's
+    that hand on their voxel lists (from :class:`~nanoseg.NanoparticleLabeler`;
+    see :mod:`nanoseg._handoff`); ``voxels()`` gives the run's
     ``(where, values)``. No dense label plane is made."""
     plane_size = int(np.prod(sparse.shape[1:]))
     for index, (start, stop) in enumerate(sparse.bounds):
@@ -279,11 +280,11 @@ def _reduce_runs(runs, companions, plane_shape, n_jobs):
     planes)`` per run.
 
     Companions are read only for runs that hold particles, and a lazy
-    posterior that carries its tables (``nanoseg_posterior_at``) is looked up
+    posterior that hands on its tables (a mixture's) is looked up
     at the particle voxels only, from its input -- read once when it is also
     the intensity companion.
     """
-    at = {name: getattr(v.array, "nanoseg_posterior_at", None) for name, v in companions.items()}
+    at = {name: handoff.find(v.array, handoff.POSTERIOR_AT) for name, v in companions.items()}
 
     def reduce(run):
         start, stop, voxels = run
@@ -495,7 +496,7 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
 
     # Labels as voxel lists: those a lazy labelling kept, or those searched
     # in stored chunks (decoded run by run: their bytes count in a run's).
-    sparse = getattr(labels, "nanoseg_sparse_labels", None)
+    sparse = handoff.find(labels, handoff.SPARSE_LABELS)
     if sparse is not None and not volume.is_2d:
         runs, label_bytes = functools.partial(_sparse_runs, sparse), 0
     elif volume.stored_chunks is not None:
@@ -508,7 +509,7 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
             # lazy one (a classifier's probabilities, say) is computed by
             # dask's own scheduler, one run at a time, as in the dense path.
             lazy = any(
-                v.kind == "dask" and getattr(v.array, "nanoseg_posterior_at", None) is None
+                v.kind == "dask" and handoff.find(v.array, handoff.POSTERIOR_AT) is None
                 for v in companions.values()
             )
             n_jobs = 1 if lazy else min(os.cpu_count() or 1, _MEASURE_THREADS)

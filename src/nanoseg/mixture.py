@@ -514,9 +514,11 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
 
         Notes
         -----
-        A lazy 3D posterior carries its mask as ``nanoseg_mask_at(threshold)``
-        (the lazy ``posterior >= threshold`` looked up in boolean tables, as
-        :meth:`predict` does), which :class:`NanoparticleLabeler` uses; it keeps
+        A lazy 3D posterior is a plain dask array, but nanoseg keeps, for as
+        long as it lives, how to make its mask (the lazy ``posterior >=
+        threshold`` looked up in boolean tables, as :meth:`predict` does),
+        which :class:`NanoparticleLabeler` uses, and its values at given
+        voxels, which :func:`nanoseg.measure.particle_table` uses; both keep
         the tables the posterior was made with, whatever happens to the
         mixture afterwards. A local uint8 zarr volume is decoded and looked up
         in one task per block when its tables are known as the graph is built

@@ -31,6 +31,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
+from .. import _handoff as handoff
 from .._backend import get_backend, to_numpy
 from .._ops.components import face_touches, label_mask, label_set, label_voxels
 from .._ops.morphology import close_mask, close_set, footprint
@@ -385,7 +386,7 @@ class SlabLabeler:
         source = self.volume.to_dask()
         if source.dtype == bool:
             return source
-        mask_at = getattr(source, "nanoseg_mask_at", None)
+        mask_at = handoff.find(source, handoff.MASK_AT)
         if mask_at is not None:
             # A mixture's lazy posterior: boolean tables give the mask
             # directly, with no float posterior (its values are probabilities
@@ -558,8 +559,7 @@ class SlabLabeler:
         labels = da.concatenate(blocks, axis=0)
         # Writers that can (nanoseg.io.write_ome_zarr) take the labels from
         # here, slab by slab as voxel lists, without making dense blocks.
-        labels.nanoseg_sparse_labels = SparseLabels(self, plan)
-        return labels
+        return handoff.attach(labels, sparse_labels=SparseLabels(self, plan))
 
 
 class SparseLabels:

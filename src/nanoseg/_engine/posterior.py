@@ -27,6 +27,7 @@ import threading
 import numpy as np
 from tqdm import tqdm
 
+from .. import _handoff as handoff
 from .. import _model
 from .._backend import CPU, get_backend, to_numpy
 from .._model import mirror
@@ -95,8 +96,11 @@ def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
         mapped = binning if maps else None
         out = one_pass_graph(volume, tables, mapped)
         if threshold is None:
-            out.nanoseg_mask_at = MaskAt(one_pass_graph, volume, tables, mapped)
-            out.nanoseg_posterior_at = PosteriorAt(volume, tables, mapped)
+            handoff.attach(
+                out,
+                mask_at=MaskAt(one_pass_graph, volume, tables, mapped),
+                posterior_at=PosteriorAt(volume, tables, mapped),
+            )
         return volume.restore(out)
     if hists is None:
         hists = slice_histograms(model, volume, "Slice weights", backend, n_jobs)
@@ -107,8 +111,11 @@ def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
         mapped = binning if maps else None
         out = lookup_graph(volume, luts, backend.name, mapped)
         if threshold is None:
-            out.nanoseg_mask_at = MaskAt(lookup_graph, volume, luts, mapped, device=backend.name)
-            out.nanoseg_posterior_at = PosteriorAt(volume, luts, mapped)
+            handoff.attach(
+                out,
+                mask_at=MaskAt(lookup_graph, volume, luts, mapped, device=backend.name),
+                posterior_at=PosteriorAt(volume, luts, mapped),
+            )
         return volume.restore(out)
     if volume.kind == "cupy":
         # Already on the GPU: one lookup over the whole volume, no copies
@@ -149,7 +156,7 @@ def _posterior_in_memory(model, volume, backend, n_jobs, luts, binning, maps):
 class MaskAt:
     """``mask_at(threshold)``: a lazy posterior's mask ``posterior >= threshold``, looked up directly.
 
-    A lazy posterior carries one as ``nanoseg_mask_at``, so that a labeler
+    A lazy posterior hands one on (:mod:`nanoseg._handoff`), so that a labeler
     thresholding it asks for boolean tables instead (see
     :meth:`NanoparticleMixture.predict`): the same voxels, without making
     the float posterior. It holds the tables the posterior was made with,
@@ -175,7 +182,7 @@ class MaskAt:
 class PosteriorAt:
     """``posterior_at(start, stop, flat)``: a lazy posterior's values at a few voxels of planes ``start:stop``.
 
-    A lazy posterior carries one as ``nanoseg_posterior_at``, so that
+    A lazy posterior hands one on (:mod:`nanoseg._handoff`), so that
     measuring particles (:func:`nanoseg.measure.particle_table`) looks up
     only the particle voxels' values instead of computing the posterior of
     every voxel. The values are those of the posterior itself: the same

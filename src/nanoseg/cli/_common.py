@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import _handoff as handoff
 from .._version import __version__
 
 EXIT_OK = 0
@@ -398,7 +399,7 @@ def _count_labels(labels, lazy=None):
     The labeler's `lazy` labels they were written from know it already, so
     nothing is read again.
     """
-    sparse = getattr(lazy, "nanoseg_sparse_labels", None)
+    sparse = handoff.find(lazy, handoff.SPARSE_LABELS)
     if sparse is not None:
         return sparse.n_labels
     import dask.array as da
