@@ -279,6 +279,8 @@ def test_paint_boxes_equals_painting_each_box(fake_gpu, seed, pad):
     np.testing.assert_array_equal(seeds_ops.paint_boxes(CPU, boxes, shape, pad), expected)
     painted = seeds_ops.paint_boxes(fake_gpu, fake_gpu.to_device(boxes), shape, pad)
     np.testing.assert_array_equal(fake_gpu.to_host(painted), expected)
+    none = seeds_ops.paint_boxes(fake_gpu, fake_gpu.to_device(boxes[:0]), shape, pad)
+    assert not fake_gpu.to_host(none).any() and none.shape == shape
 
 
 def test_raster_order_renumbers_a_scrambled_labelling(fake_gpu):

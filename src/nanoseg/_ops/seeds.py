@@ -585,6 +585,8 @@ def paint_boxes(backend, boxes, shape, pad):
     """
     xp = backend.xp
     n_slices, n_rows, n_cols = shape
+    if boxes.shape[0] == 0:
+        return xp.zeros(shape, dtype=bool)
     z = boxes[:, 0]
     r0 = xp.maximum(boxes[:, 1] - pad, 0)
     r1 = xp.minimum(boxes[:, 2] + pad, n_rows)
