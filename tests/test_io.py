@@ -289,6 +289,11 @@ def test_labels_are_written_as_image_label(tmp_path):
     np.testing.assert_array_equal(array[...], labels)
     with pytest.raises(ValueError, match="Label images must hold integers"):
         write_ome_zarr(tmp_path / "float.zarr", labels.astype(float), spacing=(1, 1, 1), kind="labels")
+    # The arguments swapped: said so, and nothing written.
+    for path in (tmp_path / "swapped.zarr", str(tmp_path / "swapped.zarr")):
+        with pytest.raises(TypeError, match="look swapped"):
+            write_ome_zarr(labels, path, spacing=(1, 1, 1), kind="labels")
+    assert not (tmp_path / "swapped.zarr").exists()
 
 
 def test_write_2d_and_zarr_inputs(tmp_path):

@@ -547,6 +547,11 @@ def write_ome_zarr(
     >>> written.shape, written.metadata.dimension_names
     ((16, 24), ('y', 'x'))
     """
+    if isinstance(array, (str, Path)) and hasattr(path, "shape"):
+        raise TypeError(
+            "write_ome_zarr(path, array, ...) takes the path first; the arguments look swapped "
+            f"(path is a {type(path).__name__}, array is {array!r})."
+        )
     ndim = len(getattr(array, "shape", ()))
     # Two values are a 2D image's pixel size: a volume needs all three.
     spacing = check_spacing(spacing, ndim=3 if ndim == 3 else None)
