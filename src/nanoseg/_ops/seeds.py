@@ -579,9 +579,10 @@ def paint_boxes(backend, boxes, shape, pad):
     Each box adds +1/-1 at its four corners of a zero array one larger than a
     slice; the 2D cumulative sum then counts, at every pixel, the boxes that
     cover it. Corners shared by several boxes are summed over the distinct
-    corners (sorted), so that no unbuffered scatter-add is needed: CuPy's
-    ``add.at`` invalidated kernel handles under threads (CuPy 14, seen on an
-    H200) and ``cupyx.scatter_add`` is deprecated.
+    corners (sorted), so that no unbuffered scatter-add is needed:
+    ``cupyx.scatter_add`` is deprecated in CuPy 14, and GPU test runs that
+    used ``cupy.add.at`` instead failed with invalid kernel handles under
+    threads (cause not established; ``benchmarks/gpu``).
     """
     xp = backend.xp
     n_slices, n_rows, n_cols = shape
