@@ -368,6 +368,36 @@ def test_mixture_gpu_inputs_keep_their_kind(fake_gpu, volume_10x72x80):
     assert isinstance(got, DeviceArray)
 
 
+def test_host_volumes_are_looked_up_on_the_host(fake_gpu, volume_10x72x80, monkeypatch):
+    # Fitting runs on the GPU; the posterior of a host volume is a table
+    # lookup at memory speed on the host (no copy over the bus and back); a
+    # device volume is looked up on the device.
+    import nanoseg._engine.posterior as posterior_module
+
+    seen = []
+    original = posterior_module.apply_luts
+
+    def recording(backend, *args, **kwargs):
+        seen.append(backend.name)
+        return original(backend, *args, **kwargs)
+
+    monkeypatch.setattr(posterior_module, "apply_luts", recording)
+    cpu = NanoparticleMixture().fit(volume_10x72x80)
+    gpu = NanoparticleMixture(device="cuda", n_jobs=2)
+    for X in (volume_10x72x80, to_zarr(volume_10x72x80, (3, 72, 80)), da.from_array(volume_10x72x80, chunks=(4, 72, 80))):
+        before = _Streams.opened
+        gpu.fit(X)
+        assert _Streams.opened > before  # the fit's passes went to the device
+        for got in (gpu.transform(X), gpu.predict(X, threshold=0.9), gpu.fit_transform(X)):
+            got = got.compute() if isinstance(got, da.Array) else got
+            assert type(got) is np.ndarray
+        np.testing.assert_array_equal(np.asarray(gpu.transform(X)), cpu.transform(volume_10x72x80))
+    assert seen and set(seen) == {"cpu"}
+    seen.clear()
+    got = gpu.fit(on_device(volume_10x72x80)).transform(on_device(volume_10x72x80))
+    assert isinstance(got, DeviceArray) and seen == ["cuda"]
+
+
 def test_mixture_gpu_2d_and_list(fake_gpu, volume_10x72x80):
     crops = [volume_10x72x80[0], volume_10x72x80[3:6], volume_10x72x80[7]]
     cpu = NanoparticleMixture().fit(crops)
