@@ -42,6 +42,13 @@ TILE = 64
 #: denser phantom as fast; on one thread all sizes tie.
 CROP_VOXELS = 2**21
 
+#: The same on a GPU, where the dense filters cost little and each crop's
+#: features are a few hundred small launches under the interpreter lock (on
+#: an H200 the features of 64 crops took 0.75 s of 1.86 s; fewer, larger
+#: crops are expected to cut that, not yet measured on a GPU). A crop never
+#: exceeds its block, so this is at most a block with its halo.
+GPU_CROP_VOXELS = 2**23
+
 #: Working bytes per voxel of a block (with its halo): the raw intensities,
 #: the gate and its growth, the probabilities and the prior's posterior
 #: logit. Crops add at most ``CROP_VOXELS`` times the features' bytes per voxel.
@@ -384,7 +391,8 @@ class SlabClassifier:
         if not wanted.any():
             return out
         logit = self.posterior_logit(raw, z0)
-        for crop, inside in _crops(wanted, support(self.spec), CROP_VOXELS):
+        max_voxels = GPU_CROP_VOXELS if self.backend.is_gpu else CROP_VOXELS
+        for crop, inside in _crops(wanted, support(self.spec), max_voxels):
             extra = None if logit is None else logit[crop]
             flat = np.flatnonzero(inside)
             feats = self._features_on_host(raw[crop], extra, flat)
