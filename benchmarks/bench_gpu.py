@@ -10,6 +10,9 @@ on it -- fit, posterior with its thresholded mask, labels -- on
 * the GPU, streamed from the zarr array (lazy dask results, computed);
 * the GPU, with the volume already on the device (CuPy input and outputs).
 
+With ``device="cuda"``, the posterior of a host volume (NumPy or zarr) is
+looked up on the host, as on the CPU; the fit and the labels run on the GPU.
+
 Each configuration runs ``--repeat`` times; the script prints the median
 throughput of every stage in Gvoxel/s, the device's name, and whether each
 GPU configuration's labels are identical to the CPU's.
