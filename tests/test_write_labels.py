@@ -37,6 +37,7 @@ def test_labels_written_from_voxel_lists_equal_the_dense_labels(
     expected = NanoparticleLabeler(min_size=3).transform(fitted.transform(volume_20x96x112))
     assert expected.max() > 1
     assert handoff.find(labels, handoff.SPARSE_LABELS).n_labels == expected.max()
+    assert handoff.find(labels, handoff.SPARSE_LABELS).n_voxels == np.count_nonzero(expected)
     used = []
     original = store_module.write_sparse_slabs
     monkeypatch.setattr(
@@ -267,3 +268,17 @@ def test_particle_table_of_stored_labels_looks_the_posterior_up_at_their_voxels(
     assert looked_up
     expected = measure.particle_table(stored[:], posterior=posterior.compute(), intensity=volume_20x96x112, **kwargs)
     _assert_same_table(got, expected)
+
+
+@pytest.mark.parametrize("radius, min_size, connectivity", [(0, 1, 1), (1, 10, 2), (2, 30, 3)])
+def test_lazy_labels_count_their_particles_and_voxels(tmp_path, volume_20x96x112, fitted, small_slabs, radius, min_size, connectivity):
+    from nanoseg._plot_particles import particles_and_voxels
+
+    small_slabs(3 * 96 * 112 * 6)  # slabs of three planes: particles cross faces
+    source = _local(tmp_path, volume_20x96x112, (2, 48, 56))
+    params = {"threshold": 0.5, "radius": radius, "min_size": min_size, "connectivity": connectivity}
+    lazy = NanoparticleLabeler(**params).transform(fitted.transform(source))
+    dense = NanoparticleLabeler(**params).transform(fitted.transform(volume_20x96x112))
+    sparse = handoff.find(lazy, handoff.SPARSE_LABELS)
+    assert (sparse.n_labels, sparse.n_voxels) == (dense.max(), np.count_nonzero(dense)) and dense.max() > 1
+    assert particles_and_voxels(lazy) == particles_and_voxels(dense)

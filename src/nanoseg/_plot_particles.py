@@ -11,6 +11,7 @@ import numbers
 import numpy as np
 from sklearn.base import clone
 
+from . import _handoff as handoff
 from ._plot_common import new_axes
 from ._volume import is_dask_array, is_volume_list
 
@@ -36,6 +37,10 @@ def particles_and_voxels(labels):
     if is_volume_list(labels):
         counts = [particles_and_voxels(crop) for crop in labels]
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
+    sparse = handoff.find(labels, handoff.SPARSE_LABELS)
+    if sparse is not None:
+        # A labeler's lazy labels know both: no label block is made.
+        return sparse.n_labels, sparse.n_voxels
     if is_dask_array(labels):
         import dask
         import dask.array as da

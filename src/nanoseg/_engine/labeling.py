@@ -227,6 +227,7 @@ class LabelPlan:
     counts: list = field(default_factory=list)
     table: np.ndarray = None
     n_labels: int = 0
+    n_voxels: int = 0
     slabs: list = field(default_factory=list)
 
     def slab_table(self, index):
@@ -470,14 +471,15 @@ class SlabLabeler:
                 plan.slabs.append((flat, ids) if kept_bytes <= keep else None)
                 offset += count
                 bar.update(stop - start)
-        plan.table, plan.n_labels = self._merge(offset, np.concatenate(sizes), pairs)
+        plan.table, plan.n_labels, plan.n_voxels = self._merge(offset, np.concatenate(sizes), pairs)
         # The slabs' working memory is free now: give it back before the
         # labels are written (by other threads, in other malloc arenas).
         release_free_memory()
         return plan
 
     def _merge(self, n_total, sizes, pairs):
-        """Final label of every global id (index 0 is the background)."""
+        """Final label of every global id (index 0 is the background), the
+        number of particles and their voxels."""
         pairs = np.concatenate(pairs) if pairs else np.empty((0, 2), dtype=np.int64)
         n_nodes = n_total + 1
         if len(pairs):
@@ -500,7 +502,7 @@ class SlabLabeler:
         final[kept] = np.arange(1, n_labels + 1, dtype=dtype)
         table = final[component]
         table[0] = 0
-        return table, n_labels
+        return table, n_labels, int(component_sizes[kept].sum())
 
     def label_in_memory(self, verbose=False):
         """Labels of an in-memory volume as a (Z, Y, X) array.
@@ -574,6 +576,8 @@ class SparseLabels:
         The slabs, in Z order.
     n_labels : int
         The number of particles: the labels are 1..n_labels.
+    n_voxels : int
+        The number of labelled voxels.
     """
 
     def __init__(self, labeler, plan):
@@ -583,6 +587,7 @@ class SparseLabels:
         self.dtype = np.dtype(plan.table.dtype)
         self.bounds = list(plan.bounds)
         self.n_labels = int(plan.n_labels)
+        self.n_voxels = int(plan.n_voxels)
 
     def slab(self, index):
         """Flat indices (into the slab) and labels of slab `index`'s labelled voxels.
