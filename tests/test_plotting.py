@@ -429,7 +429,7 @@ def test_plot_probability_shows_image_probability_and_outlines(learned):
     np.testing.assert_array_equal(shown, probability[busiest])
     assert axes[1].images[0].get_clim() == (0.0, 1.0)
     assert outlined.shape == (*image.shape[1:], 3)
-    outline = find_boundaries(labels[busiest].astype(np.int64), mode="outer")
+    outline = find_boundaries(labels[busiest].astype(np.int32), mode="outer")
     assert outline.any()
     np.testing.assert_allclose(outlined[outline], np.tile([1.0, 1.0, 0.0], (outline.sum(), 1)))
     # Elsewhere, including inside the particles, the image itself.
@@ -548,6 +548,25 @@ def test_overlay_colours_equal_label2rgb(background):
     shown = rng.random((40, 50))
     expected = label2rgb(ids, image=shown, bg_label=0, bg_color=None, alpha=0.3, image_alpha=1.0)
     np.testing.assert_allclose(colour_labels(ids, shown, 0.3), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["separate", "touching", "everywhere"])
+def test_overlay_outlines_equal_find_boundaries(kind):
+    from skimage.measure import label
+
+    from nanoseg._plot_volume import outer_boundaries
+
+    rng = np.random.default_rng(len(kind))
+    for _ in range(60):
+        shape = tuple(int(n) for n in rng.integers(1, 45, 2))
+        if kind == "separate":
+            ids = label(rng.random(shape) < rng.uniform(0.02, 0.5))
+        elif kind == "touching":
+            ids = rng.integers(0, int(rng.integers(2, 6)), shape)
+        else:
+            ids = rng.integers(1, 4, shape)  # no background at all
+        expected = find_boundaries(ids.astype(np.int32), mode="outer")
+        np.testing.assert_array_equal(outer_boundaries(ids.astype(np.int64)), expected)
 
 
 def test_overlay_of_labels_stored_in_a_local_zarr(fitted, tmp_path):

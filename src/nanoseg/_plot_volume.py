@@ -53,10 +53,44 @@ def colour_labels(ids, shown, alpha):
     return rgb
 
 
+def outer_boundaries(ids):
+    """``skimage.segmentation.find_boundaries(ids, mode="outer")`` of a 2D label image.
+
+    The same pixels (for labels of up to 32 bits: with int64 labels
+    scikit-image's erosion overflows and also marks particle pixels on the
+    image's edge), found only around the labelled ones: a boundary pixel is
+    a labelled pixel or one of its 8 neighbours, and whether it is one
+    depends on its 3 x 3 neighbourhood alone (neighbours beyond the edge
+    repeat the edge, as scikit-image's reflected borders do at this
+    radius). The whole-plane filters took about 0.4 s on a 2048 x 2048 plane.
+    """
+    n_rows, n_cols = ids.shape
+    out = np.zeros(ids.shape, dtype=bool)
+    rows, cols = np.nonzero(ids)
+    if rows.size == 0:
+        return out
+    steps = np.array([(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
+    near_rows = np.clip(rows[:, None] + steps[:, 0], 0, n_rows - 1).ravel()
+    near_cols = np.clip(cols[:, None] + steps[:, 1], 0, n_cols - 1).ravel()
+    candidates = np.unique(near_rows * n_cols + near_cols)
+    rows, cols = np.divmod(candidates, n_cols)
+    # Each candidate's 3 x 3 neighbourhood, the edge repeated beyond the image.
+    around = ids[
+        np.clip(rows[:, None] + steps[:, 0], 0, n_rows - 1), np.clip(cols[:, None] + steps[:, 1], 0, n_cols - 1)
+    ]
+    cross = around[:, [1, 3, 4, 5, 7]]
+    changes = cross.max(axis=1) != cross.min(axis=1)
+    background = around[:, 4] == 0
+    # Between two particles: the neighbourhood's largest label differs from
+    # its smallest particle label (background counted as above every label).
+    particles_only = np.where(around == 0, np.iinfo(np.int64).max, around.astype(np.int64))
+    adjacent = (around.max(axis=1) != particles_only.min(axis=1)) & ~background
+    out.reshape(-1)[candidates[changes & (background | adjacent)]] = True
+    return out
+
+
 def draw_overlay(image, labels, plane, ax, alpha):
     """Draw one plane with its particles coloured and outlined; see ``plot_overlay``."""
-    from skimage.segmentation import mark_boundaries
-
     image_volume = as_volume(image, name="image")
     label_volume = as_volume(labels, name="labels")
     _same_shape(image, "labels", labels, "pass the labels computed from this image.")
@@ -65,7 +99,8 @@ def draw_overlay(image, labels, plane, ax, alpha):
     ids = label_volume.read(plane, plane + 1)[0].astype(np.int64)
     shown = grey(image_volume.read(plane, plane + 1)[0])
     rgb = colour_labels(ids, shown, alpha)
-    rgb = mark_boundaries(rgb, ids, color=(1.0, 1.0, 0.0), mode="outer")
+    # As mark_boundaries(rgb, ids, color=(1, 1, 0), mode="outer").
+    rgb[outer_boundaries(ids)] = (1.0, 1.0, 0.0)
     ax = new_axes(ax)
     ax.imshow(rgb, interpolation="nearest")
     ax.set_title(f"{where(label_volume, plane)}: {_particles(ids)}")
@@ -76,8 +111,6 @@ def draw_overlay(image, labels, plane, ax, alpha):
 
 def draw_probability(image, probability, labels, plane, axes, threshold):
     """Draw image, probability map and outlined particles; see ``plot_probability``."""
-    from skimage.segmentation import mark_boundaries
-
     require_matplotlib()
     image_volume = as_volume(image, name="image")
     probability_volume = as_volume(probability, name="probability")
@@ -102,7 +135,8 @@ def draw_probability(image, probability, labels, plane, axes, threshold):
     axes[1].figure.colorbar(mapped, ax=axes[1], shrink=0.8)
     if label_volume is not None:
         ids = np.asarray(label_volume.read(plane, plane + 1)[0]).astype(np.int64)
-        outlined = mark_boundaries(np.dstack([shown] * 3), ids, color=(1.0, 1.0, 0.0), mode="outer")
+        outlined = np.dstack([shown] * 3).astype(np.float64)
+        outlined[outer_boundaries(ids)] = (1.0, 1.0, 0.0)  # as mark_boundaries(..., mode="outer")
         axes[2].imshow(outlined, interpolation="nearest")
         axes[2].set_title(_particles(ids))
     for ax in axes:
