@@ -567,6 +567,8 @@ def test_overlay_outlines_equal_find_boundaries(kind):
             ids = rng.integers(1, 4, shape)  # no background at all
         expected = find_boundaries(ids.astype(np.int32), mode="outer")
         np.testing.assert_array_equal(outer_boundaries(ids.astype(np.int64)), expected)
+        sparse = ids * (rng.random(shape) < 0.05)  # few labelled pixels: found around them
+        np.testing.assert_array_equal(outer_boundaries(sparse), find_boundaries(sparse.astype(np.int32), mode="outer"))
 
 
 def test_overlay_of_labels_stored_in_a_local_zarr(fitted, tmp_path):

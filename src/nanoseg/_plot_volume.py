@@ -69,6 +69,13 @@ def outer_boundaries(ids):
     rows, cols = np.nonzero(ids)
     if rows.size == 0:
         return out
+    if rows.size > ids.size // 16:
+        # Densely labelled: the candidates' neighbourhoods would take more
+        # memory than the whole-plane filters, for no gain.
+        from skimage.segmentation import find_boundaries
+
+        wide = ids.max() >= np.iinfo(np.int32).max
+        return find_boundaries(ids if wide else ids.astype(np.int32), mode="outer")
     steps = np.array([(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
     near_rows = np.clip(rows[:, None] + steps[:, 0], 0, n_rows - 1).ravel()
     near_cols = np.clip(cols[:, None] + steps[:, 1], 0, n_cols - 1).ravel()
