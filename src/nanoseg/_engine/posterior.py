@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .. import _handoff as handoff
 from .. import _model
-from .._backend import CPU, get_backend, to_numpy
+from .._backend import CPU, to_numpy
 from .._model import mirror
 from .._ops.histogram import slice_histograms as _slice_histograms
 from .._ops.lookup import apply_luts, lookup_into, to_bins
@@ -81,12 +81,13 @@ def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
     """The posterior of one volume, or with a `threshold` its mask ``posterior >= threshold``.
 
     `hists` are the volume's slice histograms when already known (from the
-    fit); otherwise they are counted first, or, for a lazy volume on the
-    CPU, inside the graph.
+    fit); otherwise they are counted first, or, for a lazy volume, inside
+    the graph. `backend` is a GPU only for CuPy volumes: host volumes are
+    looked up on the host (see ``NanoparticleMixture._posterior_of``).
     """
     binning = fitted_binning(model)
     maps = volume.dtype != np.uint8 or not binning.is_identity
-    if is_lazy(volume.array) and hists is None and not backend.is_gpu:
+    if is_lazy(volume.array) and hists is None:
         # The slice weights are computed inside the graph from the chunks
         # the lookup reads anyway: one pass over the input, not two.
         tables = SliceTables(
@@ -109,11 +110,11 @@ def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
         luts = luts >= threshold
     if is_lazy(volume.array):
         mapped = binning if maps else None
-        out = lookup_graph(volume, luts, backend.name, mapped)
+        out = lookup_graph(volume, luts, mapped)
         if threshold is None:
             handoff.attach(
                 out,
-                mask_at=MaskAt(lookup_graph, volume, luts, mapped, device=backend.name),
+                mask_at=MaskAt(lookup_graph, volume, luts, mapped),
                 posterior_at=PosteriorAt(volume, luts, mapped),
             )
         return volume.restore(out)
@@ -123,30 +124,21 @@ def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
         tables = backend.to_device(luts)
         slab = to_bins(backend, volume.read(0, volume.shape[0], backend), binning)
         return volume.restore(apply_luts(backend, slab, tables))
-    return volume.restore(_posterior_in_memory(model, volume, backend, n_jobs, luts, binning, maps))
+    return volume.restore(_posterior_in_memory(model, volume, n_jobs, luts, binning, maps))
 
 
-def _posterior_in_memory(model, volume, backend, n_jobs, luts, binning, maps):
-    """Look a NumPy volume up slab by slab, on threads (copied to the GPU and back there)."""
+def _posterior_in_memory(model, volume, n_jobs, luts, binning, maps):
+    """Look a NumPy volume up slab by slab, on threads."""
     out = np.empty(volume.shape, dtype=luts.dtype)
     depth = slab_depth(
         volume, POSTERIOR_BYTES_PER_VOXEL + mapping_bytes(volume, maps),
         memory_budget=model.memory_budget, n_in_flight=n_jobs, verbose=model.verbose, what="posterior",
     )
-    tables = backend.to_device(luts)
-    # The tables must be on the device before other threads' streams read them.
-    backend.synchronize()
 
     def lookup(group):
         start, stop = int(group[0]), int(group[-1]) + 1
-        with backend.stream():
-            if not backend.is_gpu:
-                slab = to_bins(backend, volume.read(start, stop), binning)
-                apply_luts(backend, slab, luts[start:stop], out=out[start:stop])
-                return
-            slab = to_bins(backend, volume.read(start, stop, backend), binning)
-            result = apply_luts(backend, slab, tables[start:stop])
-            backend.to_host(result, out=out[start:stop])
+        slab = to_bins(CPU, volume.read(start, stop), binning)
+        apply_luts(CPU, slab, luts[start:stop], out=out[start:stop])
 
     for _ in ordered_map(lookup, volume.slabs(depth), n_jobs):
         pass
@@ -163,12 +155,11 @@ class MaskAt:
     so changing or refitting the mixture afterwards does not change it.
     """
 
-    def __init__(self, build, source, tables, binning, **options):
+    def __init__(self, build, source, tables, binning):
         self._build = build
         self._source = source
         self._tables = tables
         self._binning = binning
-        self._options = options
 
     def __call__(self, threshold):
         tables = self._tables
@@ -176,7 +167,7 @@ class MaskAt:
             tables = tables.at(threshold)
         else:
             tables = tables >= threshold  # as SliceTables thresholds, in the tables' dtype
-        return self._build(self._source, tables, binning=self._binning, **self._options)
+        return self._build(self._source, tables, binning=self._binning)
 
 
 class PosteriorAt:
@@ -218,21 +209,12 @@ class PosteriorAt:
         return tables[planes, values]
 
 
-def apply_luts_block(block, luts, device="cpu", binning=None):
-    """Look one chunk up (mapped to bins first when a `binning` is given); on a
-    GPU, a host chunk is copied there and back."""
-    backend = get_backend(device)
-    if not backend.is_gpu:
-        block = to_numpy(block)
-        if binning is not None:
-            block = to_bins(backend, block, binning)
-        return apply_luts(backend, block, luts)
-    with backend.stream():
-        slab = backend.to_device(block)
-        if binning is not None:
-            slab = to_bins(backend, slab, binning)
-        result = apply_luts(backend, slab, backend.to_device(luts))
-        return result if backend.owns(block) else backend.to_host(result)
+def apply_luts_block(block, luts, binning=None):
+    """Look one chunk up (mapped to bins first when a `binning` is given)."""
+    block = to_numpy(block)
+    if binning is not None:
+        block = to_bins(CPU, block, binning)
+    return apply_luts(CPU, block, luts)
 
 
 class LookedUpChunks(PerThreadState):
@@ -300,15 +282,15 @@ def _chunk_file_graph(volume, tables, binning, whole_slices):
     return da.from_array(LookedUpChunks(reader, tables), chunks=chunks, name=name, lock=False, fancy=False)
 
 
-def lookup_graph(volume, luts, device="cpu", binning=None):
+def lookup_graph(volume, luts, binning=None):
     """Lazy per-slice lookup of a lazy `volume` (3D view; restore it after).
 
-    uint8 volumes read from chunk files on the CPU are decoded and looked up
-    in one task per block (:class:`LookedUpChunks`); anything else by
+    uint8 volumes read from chunk files are decoded and looked up in one
+    task per block (:class:`LookedUpChunks`); anything else by
     :func:`lazy_posterior`.
     """
-    graph = _chunk_file_graph(volume, luts, binning, whole_slices=False) if device == "cpu" else None
-    return lazy_posterior(volume.to_dask(), luts, device, binning) if graph is None else graph
+    graph = _chunk_file_graph(volume, luts, binning, whole_slices=False)
+    return lazy_posterior(volume.to_dask(), luts, binning) if graph is None else graph
 
 
 def one_pass_graph(volume, tables, binning=None):
@@ -322,8 +304,8 @@ def one_pass_graph(volume, tables, binning=None):
     return one_pass_posterior(volume.to_dask(), tables, binning) if graph is None else graph
 
 
-def lazy_posterior(source, luts, device="cpu", binning=None):
-    """Lazy per-slice lookup: one task per input chunk, on `device` ("cpu" or "cuda").
+def lazy_posterior(source, luts, binning=None):
+    """Lazy per-slice lookup: one task per input chunk.
 
     With a `binning`, each chunk is mapped to bins in its own task, so the
     mapped volume never exists as a whole.
@@ -334,7 +316,7 @@ def lazy_posterior(source, luts, device="cpu", binning=None):
     options = {} if binning is None else {"binning": binning}
     return da.blockwise(
         apply_luts_block, "zyx", source, "zyx", tables, "zv",
-        dtype=luts.dtype, concatenate=True, device=device, **options,
+        dtype=luts.dtype, concatenate=True, **options,
     )
 
 
@@ -415,6 +397,6 @@ def one_pass_posterior(source, tables, binning=None):
     luts = hists.map_blocks(tables, dtype=tables.dtype)
     return da.blockwise(
         apply_luts_block, "zyx", source, "zyx", luts, "zv",
-        dtype=tables.dtype, concatenate=True, device="cpu", **options,
+        dtype=tables.dtype, concatenate=True, **options,
     )
 
