@@ -77,14 +77,18 @@ def outer_boundaries(ids):
         wide = ids.max() >= np.iinfo(np.int32).max
         return find_boundaries(ids if wide else ids.astype(np.int32), mode="outer")
     steps = np.array([(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
-    near_rows = np.clip(rows[:, None] + steps[:, 0], 0, n_rows - 1).ravel()
-    near_cols = np.clip(cols[:, None] + steps[:, 1], 0, n_cols - 1).ravel()
+
+    def neighbourhoods(rows, cols):
+        # (pixels, 9) rows and columns of each pixel's 3 x 3 neighbourhood,
+        # the edge repeated beyond the image.
+        return (
+            np.clip(rows[:, None] + steps[:, 0], 0, n_rows - 1),
+            np.clip(cols[:, None] + steps[:, 1], 0, n_cols - 1),
+        )
+
+    near_rows, near_cols = neighbourhoods(rows, cols)
     candidates = np.unique(near_rows * n_cols + near_cols)
-    rows, cols = np.divmod(candidates, n_cols)
-    # Each candidate's 3 x 3 neighbourhood, the edge repeated beyond the image.
-    around = ids[
-        np.clip(rows[:, None] + steps[:, 0], 0, n_rows - 1), np.clip(cols[:, None] + steps[:, 1], 0, n_cols - 1)
-    ]
+    around = ids[neighbourhoods(*np.divmod(candidates, n_cols))]
     cross = around[:, [1, 3, 4, 5, 7]]
     changes = cross.max(axis=1) != cross.min(axis=1)
     background = around[:, 4] == 0

@@ -603,14 +603,12 @@ def paint_boxes(backend, boxes, shape, pad):
             z * plane_size + r1 * row_size + c1,
         ]
     )
-    ones = xp.ones(boxes.shape[0], dtype=np.int32)
+    ones = xp.ones(boxes.shape[0], dtype=np.float64)
     signs = xp.concatenate([ones, -ones, -ones, ones])
     distinct, which = xp.unique(index, return_inverse=True)
-    sums = xp.zeros(distinct.size, dtype=np.int32)
-    for sign in (1, -1):
-        # Counts of each distinct corner among the +1 and the -1 corners.
-        sums += sign * xp.bincount(which.ravel()[signs == sign], minlength=distinct.size).astype(np.int32)
-    corners.reshape(-1)[distinct] = sums
+    # Sums of small integers in float64: exact.
+    sums = xp.bincount(which.ravel(), weights=signs, minlength=distinct.size)
+    corners.reshape(-1)[distinct] = sums.astype(np.int32)
     covered = xp.cumsum(xp.cumsum(corners, axis=1, dtype=np.int32), axis=2, dtype=np.int32)
     return covered[:, :n_rows, :n_cols] > 0
 
