@@ -429,6 +429,53 @@ def test_slabs_in_flight_on_the_stand_in_gpu_are_capped(fitted, phantom_40x96x96
     assert seen == [GPU_SLABS_IN_FLIGHT, GPU_SLABS_IN_FLIGHT + 3]
 
 
+def test_stand_in_gpu_features_one_block_at_a_time_in_larger_crops(fitted, phantom_40x96x96, fake_gpu, monkeypatch):
+    # Blocks classified on dask's threads compute their GPU features one at
+    # a time, in crops of up to GPU_CROP_VOXELS; on the CPU, in parallel
+    # crops of up to CROP_VOXELS.
+    import threading
+    import time
+
+    import dask.array as da
+
+    import nanoseg._engine.classify as classify_module
+
+    volume, _ = phantom_40x96x96
+    expected = fitted.predict_proba(volume)
+    lock = threading.Lock()
+    state = {"inside": 0, "most": 0}
+    original_features = classify_module.compute_features
+
+    def counting(*args, **kwargs):
+        with lock:
+            state["inside"] += 1
+            state["most"] = max(state["most"], state["inside"])
+        time.sleep(0.01)  # long enough for other threads to arrive
+        try:
+            return original_features(*args, **kwargs)
+        finally:
+            with lock:
+                state["inside"] -= 1
+
+    sizes = []
+    original_crops = classify_module._crops
+
+    def recording(wanted, reach, max_voxels):
+        sizes.append(max_voxels)
+        return original_crops(wanted, reach, max_voxels)
+
+    monkeypatch.setattr(classify_module, "compute_features", counting)
+    monkeypatch.setattr(classify_module, "_crops", recording)
+    lazy = da.from_array(volume, chunks=(20, 48, 48))
+    # A tiny budget: blocks of a few planes, classified on several threads.
+    gpu = _copy_fitted(fitted, device="cuda", n_jobs=4, memory_budget=4096)
+    np.testing.assert_allclose(gpu.predict_proba(lazy).compute(scheduler="threads", num_workers=4), expected, atol=1e-6)
+    assert state["most"] == 1 and set(sizes) == {classify_module.GPU_CROP_VOXELS}
+    state["most"], sizes[:] = 0, []
+    _copy_fitted(fitted, n_jobs=4, memory_budget=4096).predict_proba(lazy).compute(scheduler="threads", num_workers=4)
+    assert state["most"] > 1 and set(sizes) == {classify_module.CROP_VOXELS}
+
+
 def test_components_of_labels_and_masks_are_particles():
     # Instance labels and the equivalent boolean mask learn the same two classes
     # when no particles touch.
