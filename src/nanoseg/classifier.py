@@ -142,10 +142,10 @@ class NanoparticleClassifier(VolumeEstimatorMixin, TransformerMixin, BaseEstimat
     device : {"cpu", "cuda", "auto"}, default="cpu"
         Where the features are computed ("cuda" through CuPy); the
         classifier itself runs on the CPU. Features match the CPU's within
-        float tolerance. On a GPU at most four slabs are in flight. With the
-        default gate only a few per cent of the voxels are classified, and
-        the CPU's compiled features were faster than the GPU's on a 16-core
-        H200 machine (64 against 23 Mvoxel/s; ``benchmarks/gpu``).
+        float tolerance. On a GPU at most four slabs are in flight and one
+        block's features are computed at a time; on a 16-core H200 machine
+        this was 1.9 times the CPU with the default gate (144 against 76
+        Mvoxel/s; ``benchmarks/gpu``).
     verbose : bool, default=False
         Show progress bars and the slab size chosen.
     random_state : int, RandomState instance or None, default=None
