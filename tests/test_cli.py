@@ -117,6 +117,34 @@ def test_demo_reports_what_it_found(capsys):
     assert found > 0 and int(hit.group(1)) <= truth
     # The demo phantom is one the method handles: most particles are found.
     assert int(hit.group(1)) >= truth // 2 and dice > 0.3 and 0 < f1 <= 1
+    merged = re.search(r"more than one ground-truth particle: (\d+)", out)
+    assert merged is None or 0 < int(merged.group(1)) <= found
+
+
+def test_demo_counts_detections_that_merge_particles():
+    from nanoseg.cli._segment import _detections_merging
+
+    truth = np.zeros((1, 6, 12), dtype=np.int32)
+    truth[0, 1:3, 1:3], truth[0, 1:3, 3:5], truth[0, 1:3, 8:10] = 1, 2, 3
+    labels = np.zeros_like(truth, dtype=np.uint32)
+    labels[0, 1:3, 1:5] = 7  # covers particles 1 and 2
+    labels[0, 1:3, 8:10] = 2  # covers particle 3 alone
+    labels[0, 4, 4] = 5  # covers none
+    assert _detections_merging(labels, truth) == 1
+    assert _detections_merging(labels, np.zeros_like(truth)) == 0
+    labels[0, 2, 9] = 7  # detection 7 now touches three particles: still one detection
+    assert _detections_merging(labels, truth) == 1
+
+
+@pytest.mark.parametrize("compile_seconds, mentioned", [(0.0, False), (0.2, False), (7.4, True)])
+def test_run_time_mentions_a_first_run_compilation(compile_seconds, mentioned):
+    from types import SimpleNamespace
+
+    from nanoseg.cli._segment import _timing_text
+
+    text = _timing_text(SimpleNamespace(seconds=8.56, compile_seconds=compile_seconds))
+    assert text.startswith("8.56 s")
+    assert ("7.4 s of it compiling" in text) is mentioned
 
 
 def test_demo_keeps_its_files_in_a_folder(tmp_path, capsys):

@@ -242,3 +242,22 @@ def test_merge_disjoint_sorted_sets():
         split = rng.random(n) < rng.random()
         first, second = np.sort(values[split]), np.sort(values[~split])
         np.testing.assert_array_equal(merge_disjoint(first, second), np.sort(values))
+
+
+def test_compile_clock_counts_compilation_only(monkeypatch):
+    numba = pytest.importorskip("numba")
+
+    def twice(x):
+        return 2 * x
+
+    compiled = numba.njit(twice)  # not cached: the first call compiles
+    with jit.compile_clock() as clock:
+        assert compiled(3) == 6
+    assert clock.seconds > 0
+    with jit.compile_clock() as again:
+        assert compiled(4) == 8  # already compiled: nothing to count
+    assert again.seconds == 0
+    monkeypatch.setattr(jit, "ENABLED", False)
+    with jit.compile_clock() as off:
+        assert numba.njit(twice)(5) == 10
+    assert off.seconds == 0

@@ -22,6 +22,7 @@ closing and labelling loops.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 
@@ -132,6 +133,43 @@ def compile_into(namespace, names):
 def available():
     """True when the compiled kernels can be used."""
     return ENABLED and _numba() is not None
+
+
+class CompileClock:
+    """Seconds numba spent compiling kernels in a :func:`compile_clock` block.
+
+    Loading a kernel from numba's cache does not count: only the first run
+    after an installation (or an upgrade) compiles.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def _add(self, seconds):
+        self.seconds += seconds
+
+
+@contextlib.contextmanager
+def compile_clock():
+    """Measure the time numba spends compiling inside the ``with`` block.
+
+    Yields a :class:`CompileClock`, whose ``seconds`` is set when the block
+    ends (0 without numba, or where its event API is missing). Compilation
+    holds numba's global lock, so compilations on several threads add up
+    without overlapping.
+    """
+    clock = CompileClock()
+    event = None
+    if available():
+        try:
+            from numba.core import event
+        except ImportError:  # pragma: no cover - numba without its event API
+            event = None
+    if event is None or not hasattr(event, "install_timer"):
+        yield clock
+        return
+    with event.install_timer("numba:compile", clock._add):
+        yield clock
 
 
 def as_3d(shape, offsets):
