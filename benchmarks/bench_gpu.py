@@ -5,6 +5,7 @@ does: chunks of one slice by 1024 x 1024 pixels), then the three stages run
 on it -- fit, posterior with its thresholded mask, labels -- on
 
 * the CPU, from a NumPy array in memory (the reference for the labels);
+* the CPU, from the zarr array (lazy dask results, computed);
 * the GPU, streamed from host memory (NumPy input: slabs are copied to the
   GPU and results back);
 * the GPU, streamed from the zarr array (lazy dask results, computed);
@@ -58,6 +59,7 @@ THRESHOLD = 0.95
 STAGES = ("fit", "posterior + mask", "labels")
 CONFIGS = (
     ("cpu", "numpy"),
+    ("cpu", "zarr"),
     ("cuda", "numpy"),
     ("cuda", "zarr"),
     ("cuda", "cupy"),
