@@ -1,5 +1,6 @@
 """Tests for nanoseg.plotting: the QC figures render headless and show the right data."""
 
+import re
 import sys
 
 import matplotlib
@@ -278,6 +279,71 @@ def test_overlay_2d_and_errors(fitted):
         plot_overlay(image, labels[..., :95])
     with pytest.raises(TypeError, match="integer labels or a boolean mask"):
         plot_overlay(image, labels.astype(float))
+
+
+def _window_counts_by_brute_force(plane, size, step):
+    # Labelled pixels of every size x size window on a grid of `step`, with
+    # the window flush with the far edges added, counted one by one.
+    def starts(n):
+        found = list(range(0, n - size + 1, step))
+        return found if found[-1] == n - size else [*found, n - size]
+
+    return {
+        (r, c): np.count_nonzero(plane[r : r + size, c : c + size])
+        for r in starts(plane.shape[0])
+        for c in starts(plane.shape[1])
+    }
+
+
+def test_overlay_window_shows_the_busiest_square_at_full_resolution():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (2, 80, 96), dtype=np.uint8)
+    labels = np.zeros(image.shape, dtype=np.uint32)
+    labels[1, 5, 7] = 1  # a lone particle
+    labels[1, 50:53, 60:63], labels[1, 55:58, 66:69], labels[1, 60:62, 61:64] = 2, 3, 4  # a cluster
+    counts = _window_counts_by_brute_force(labels[1], 20, 5)
+    best = max(counts.values())
+    ax = plot_overlay(image, labels, window=20)
+    title = ax.get_title()
+    r0, r1, c0, c1 = map(int, re.search(r"rows (\d+)-(\d+), columns (\d+)-(\d+)", title).groups())
+    assert title.startswith("plane z = 1: ") and (r1 - r0 + 1, c1 - c0 + 1) == (20, 20)
+    assert counts[(r0, c0)] == best
+    (shown,) = ax.images
+    # The axes keep the plane's coordinates.
+    assert shown.get_extent() == [c0 - 0.5, c1 + 0.5, r1 + 0.5, r0 - 0.5]
+    window = shown.get_array()
+    whole = plot_overlay(image, labels).images[0].get_array()[r0 : r1 + 1, c0 : c1 + 1]
+    assert window.shape == (20, 20, 3)
+    # Exactly those pixels of the whole plane's overlay: the same colours,
+    # and outlines of particles just outside the window drawn at its edge.
+    np.testing.assert_array_equal(window, whole)
+    # Particle 2 (rows 50-52) lies just above this window: its outline's
+    # lowest row is the window's first.
+    below = plot_overlay(image, labels, window=(slice(53, 70), slice(58, 80))).images[0].get_array()
+    whole = plot_overlay(image, labels).images[0].get_array()
+    assert (below[0, 2:5] == (1.0, 1.0, 0.0)).all()
+    np.testing.assert_array_equal(below, whole[53:70, 58:80])
+
+
+def test_overlay_window_by_slices_small_planes_and_errors():
+    image = np.zeros((12, 16), dtype=np.uint8)
+    labels = np.zeros((12, 16), dtype=np.int32)
+    labels[2:4, 3:5] = 1
+    ax = plot_overlay(image, labels, window=(slice(1, 5), slice(2, None)))
+    assert ax.get_title() == "image: rows 1-4, columns 2-15, 1 particle"
+    assert ax.images[0].get_array().shape == (4, 14, 3)
+    # A window larger than the plane shows it whole.
+    assert ax.images[0].get_extent() == [1.5, 15.5, 4.5, 0.5]
+    assert plot_overlay(image, labels, window=64).images[0].get_array().shape == (12, 16, 3)
+    # No particle: the window in the middle.
+    assert plot_overlay(image, np.zeros_like(labels), window=4).get_title() == "image: rows 4-7, columns 6-9, 0 particles"
+    for bad, error in [(0, ValueError), (-3, ValueError), (True, TypeError), (2.5, TypeError), ((slice(0, 4),), TypeError)]:
+        with pytest.raises(error, match="window must"):
+            plot_overlay(image, labels, window=bad)
+    with pytest.raises(ValueError, match="at least one row and one column"):
+        plot_overlay(image, labels, window=(slice(3, 3), slice(None)))
+    with pytest.raises(ValueError, match="without steps"):
+        plot_overlay(image, labels, window=(slice(None, None, 2), slice(None)))
 
 
 # ---------------------------------------------------------------------------

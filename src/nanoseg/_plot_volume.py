@@ -8,6 +8,8 @@ scikit-image is imported only when a figure is drawn.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from ._plot_common import busiest_plane, check_plane, grey, new_axes, panels, require_matplotlib, where
@@ -32,13 +34,16 @@ def _particles(ids):
     return f"{n_particles} particle{'s' if n_particles != 1 else ''}"
 
 
-def colour_labels(ids, shown, alpha):
+def colour_labels(ids, shown, alpha, palette_labels=None):
     """``skimage.color.label2rgb(ids, image=shown, bg_label=0, bg_color=None, alpha=alpha)``.
 
     The same colours (scikit-image's default cycle, in the order of the
     sorted labels) blended the same way, but computed on the labelled pixels
     only: label2rgb ranks every pixel's label with a sort of the whole
-    plane, which took about a second on a 2048 x 2048 plane.
+    plane, which took about a second on a 2048 x 2048 plane. With
+    `palette_labels` (sorted, containing every label of `ids`), labels are
+    ranked among those instead, so that part of a plane gets the colours the
+    whole plane would.
     """
     from skimage.color import color_dict
     from skimage.color.colorlabel import DEFAULT_COLORS
@@ -48,7 +53,8 @@ def colour_labels(ids, shown, alpha):
     values = ids[labelled]
     if values.size:
         palette = np.array([color_dict[name] for name in DEFAULT_COLORS], dtype=np.float64)
-        rank = np.searchsorted(np.unique(values), values)
+        ranked = np.unique(values) if palette_labels is None else palette_labels
+        rank = np.searchsorted(ranked, values)
         rgb[labelled] = palette[rank % len(palette)] * alpha + rgb[labelled] * (1 - alpha)
     return rgb
 
@@ -100,21 +106,91 @@ def outer_boundaries(ids):
     return out
 
 
-def draw_overlay(image, labels, plane, ax, alpha):
+def busiest_window(ids, size):
+    """(rows, cols) slices of the `size` x `size` window of `ids` holding the most labelled pixels.
+
+    Windows start on a grid of a quarter of `size`; ties go to the first in
+    raster order, and a plane without particles gives its centre. A plane
+    smaller than `size` along an axis is shown whole along it.
+    """
+    labelled = np.asarray(ids) != 0
+    step = max(1, size // 4)
+    starts = []
+    for n in labelled.shape:
+        width = min(size, n)
+        axis_starts = np.arange(0, n - width + 1, step)
+        if axis_starts[-1] != n - width:
+            axis_starts = np.append(axis_starts, n - width)  # a window flush with the far edge too
+        starts.append((axis_starts, width))
+    (row_starts, height), (col_starts, width) = starts
+    table = np.zeros((labelled.shape[0] + 1, labelled.shape[1] + 1), dtype=np.int64)
+    table[1:, 1:] = labelled.cumsum(axis=0).cumsum(axis=1)
+    r, c = np.ix_(row_starts, col_starts)
+    counts = table[r + height, c + width] - table[r, c + width] - table[r + height, c] + table[r, c]
+    if counts.max() == 0:
+        row0, col0 = (labelled.shape[0] - height) // 2, (labelled.shape[1] - width) // 2
+    else:
+        i, j = np.unravel_index(np.argmax(counts), counts.shape)
+        row0, col0 = int(row_starts[i]), int(col_starts[j])
+    return slice(row0, row0 + height), slice(col0, col0 + width)
+
+
+def check_window(window, shape):
+    """`window` (None, a size or a pair of slices) as (rows, cols) slices, or None for the whole plane."""
+    if window is None:
+        return None
+    if isinstance(window, numbers.Integral) and not isinstance(window, bool):
+        if window < 1:
+            raise ValueError(f"window must be a positive size in pixels; got {window}.")
+        return int(window)
+    if isinstance(window, tuple) and len(window) == 2 and all(isinstance(s, slice) for s in window):
+        bounds = [s.indices(n) for s, n in zip(window, shape)]
+        if any(step != 1 or stop <= start for start, stop, step in bounds):
+            raise ValueError(f"window must select at least one row and one column, without steps; got {window!r}.")
+        return tuple(slice(start, stop) for start, stop, _ in bounds)
+    raise TypeError(f"window must be None, a size in pixels or a pair of slices (rows, cols); got {window!r}.")
+
+
+def _window_overlay(ids, shown, alpha, rows, cols):
+    """The whole plane's overlay, cut to `rows`, `cols`, computed on the window only.
+
+    Colours are ranked among the plane's labels and outlines found on the
+    window grown by one pixel, so the window shows exactly those pixels of
+    the whole plane's overlay.
+    """
+    rgb = colour_labels(ids[rows, cols], shown[rows, cols], alpha, palette_labels=np.unique(ids[ids > 0]))
+    grown = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip((rows, cols), ids.shape))
+    inner = tuple(slice(s.start - g.start, s.start - g.start + (s.stop - s.start)) for s, g in zip((rows, cols), grown))
+    rgb[outer_boundaries(ids[grown])[inner]] = (1.0, 1.0, 0.0)
+    return rgb
+
+
+def draw_overlay(image, labels, plane, ax, alpha, window=None):
     """Draw one plane with its particles coloured and outlined; see ``plot_overlay``."""
     image_volume = as_volume(image, name="image")
     label_volume = as_volume(labels, name="labels")
     _same_shape(image, "labels", labels, "pass the labels computed from this image.")
     _check_labels_dtype(label_volume)
+    window = check_window(window, label_volume.shape[-2:])
     plane = check_plane(plane, label_volume, lambda: busiest_plane(label_volume))
     ids = label_volume.read(plane, plane + 1)[0].astype(np.int64)
     shown = grey(image_volume.read(plane, plane + 1)[0])
-    rgb = colour_labels(ids, shown, alpha)
-    # As mark_boundaries(rgb, ids, color=(1, 1, 0), mode="outer").
-    rgb[outer_boundaries(ids)] = (1.0, 1.0, 0.0)
+    title = f"{where(label_volume, plane)}: "
+    extent = None
+    if window is None:
+        rgb = colour_labels(ids, shown, alpha)
+        # As mark_boundaries(rgb, ids, color=(1, 1, 0), mode="outer").
+        rgb[outer_boundaries(ids)] = (1.0, 1.0, 0.0)
+    else:
+        rows, cols = busiest_window(ids, window) if isinstance(window, int) else window
+        rgb = _window_overlay(ids, shown, alpha, rows, cols)
+        ids = ids[rows, cols]
+        # Axes in the plane's own pixel coordinates, not the window's.
+        extent = (cols.start - 0.5, cols.stop - 0.5, rows.stop - 0.5, rows.start - 0.5)
+        title += f"rows {rows.start}-{rows.stop - 1}, columns {cols.start}-{cols.stop - 1}, "
     ax = new_axes(ax)
-    ax.imshow(rgb, interpolation="nearest")
-    ax.set_title(f"{where(label_volume, plane)}: {_particles(ids)}")
+    ax.imshow(rgb, interpolation="nearest", extent=extent)
+    ax.set_title(title + _particles(ids))
     ax.set_xlabel("x (column)")
     ax.set_ylabel("y (row)")
     return ax

@@ -23,6 +23,7 @@ them as an array. matplotlib is an optional dependency: install it with
 from __future__ import annotations
 
 from . import _plot_classifier, _plot_common, _plot_model, _plot_particles, _plot_report, _plot_volume
+from ._volume import as_volume
 
 __all__ = [
     "plot_feature_importances",
@@ -43,8 +44,11 @@ DEFAULT_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 #: Files :func:`write_report` writes into its directory.
 REPORT_FILES = (
     "index.html", "mixture.png", "slice_weights.png", "size_distribution.png",
-    "overlay.png", "threshold_sensitivity.png",
+    "overlay.png", "overlay_detail.png", "threshold_sensitivity.png",
 )
+
+#: Side, in pixels, of the report's full-resolution overlay window.
+REPORT_WINDOW = 256
 
 
 # ---------------------------------------------------------------------------
@@ -221,7 +225,7 @@ def plot_size_distribution(table, ax=None, *, column="equivalent_diameter", bins
 # ---------------------------------------------------------------------------
 
 
-def plot_overlay(image, labels, *, plane=None, ax=None, alpha=0.3):
+def plot_overlay(image, labels, *, plane=None, ax=None, alpha=0.3, window=None):
     """Show one plane of the image with its particles coloured and outlined.
 
     Parameters
@@ -237,11 +241,19 @@ def plot_overlay(image, labels, *, plane=None, ax=None, alpha=0.3):
         Where to draw; a new figure when None.
     alpha : float, optional
         Opacity of the particle colours.
+    window : int or (slice, slice), optional
+        Show part of the plane at full resolution, where particles a few
+        pixels across can be checked: an int shows the square of that many
+        pixels (fewer where the plane is smaller) holding the most particle
+        pixels of the plane; a pair of slices shows those rows and columns.
+        The axes keep the plane's pixel coordinates. By default the whole
+        plane.
 
     Returns
     -------
     ax : matplotlib.axes.Axes
-        Showing one RGB image; its title names the plane.
+        Showing one RGB image; its title names the plane (and the window's
+        rows and columns).
 
     See Also
     --------
@@ -256,8 +268,10 @@ def plot_overlay(image, labels, *, plane=None, ax=None, alpha=0.3):
     >>> labels[2, 2:5, 2:5] = 1
     >>> plot_overlay(image, labels).get_title()
     'plane z = 2: 1 particle'
+    >>> plot_overlay(image, labels, window=4).get_title()
+    'plane z = 2: rows 1-4, columns 1-4, 1 particle'
     """
-    return _plot_volume.draw_overlay(image, labels, plane, ax, alpha)
+    return _plot_volume.draw_overlay(image, labels, plane, ax, alpha, window)
 
 
 def plot_probability(image, probability, labels=None, *, plane=None, axes=None, threshold=0.5):
@@ -500,8 +514,10 @@ def write_report(directory, *, mixture, image, labels, table, posterior=None, la
     Notes
     -----
     The directory receives ``index.html``, ``mixture.png``,
-    ``slice_weights.png``, ``size_distribution.png``, ``overlay.png`` and,
-    with `posterior`, ``threshold_sensitivity.png``. The summary gives the
+    ``slice_weights.png``, ``size_distribution.png``, ``overlay.png`` (the
+    plane with the most particle voxels), ``overlay_detail.png`` (its
+    256 x 256 pixel square with the most particle pixels, at full
+    resolution) and, with `posterior`, ``threshold_sensitivity.png``. The summary gives the
     particle count, quantiles of the particle sizes, the fitted intensities
     and background weight, and the range of the per-slice particle fraction.
 
@@ -520,19 +536,23 @@ def write_report(directory, *, mixture, image, labels, table, posterior=None, la
     ...     index = write_report(pathlib.Path(folder) / "report", mixture=mixture,
     ...                          image=image, labels=labels, table=table)
     ...     sorted(p.name for p in index.parent.iterdir())
-    ['index.html', 'mixture.png', 'overlay.png', 'size_distribution.png', 'slice_weights.png']
+    ['index.html', 'mixture.png', 'overlay.png', 'overlay_detail.png', 'size_distribution.png', 'slice_weights.png']
     """
     _plot_common.require_matplotlib()
     _plot_model.check_mixture(mixture)
     directory = _plot_report.prepare_directory(directory, REPORT_FILES, overwrite)
     weights = mixture.slice_weights(image)
     stack_weight = 1.0 - float(mixture.background_weight_)
+    # Both overlays show the same plane, found once.
+    label_volume = as_volume(labels, name="labels")
+    plane = None if label_volume.is_2d else _plot_common.busiest_plane(label_volume)
     # Drawn through the public functions, so the report follows their defaults.
     drawings = {
         "mixture.png": lambda ax: plot_mixture(mixture, ax=ax),
         "slice_weights.png": lambda ax: _plot_model.draw_slice_weights(ax, weights, stack_weight),
         "size_distribution.png": lambda ax: plot_size_distribution(table, ax=ax),
-        "overlay.png": lambda ax: plot_overlay(image, labels, ax=ax),
+        "overlay.png": lambda ax: plot_overlay(image, labels, plane=plane, ax=ax),
+        "overlay_detail.png": lambda ax: plot_overlay(image, labels, plane=plane, ax=ax, window=REPORT_WINDOW),
     }
     if posterior is not None:
         drawings["threshold_sensitivity.png"] = lambda ax: plot_threshold_sensitivity(
