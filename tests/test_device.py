@@ -398,6 +398,63 @@ def test_host_volumes_are_looked_up_on_the_host(fake_gpu, volume_10x72x80, monke
     assert isinstance(got, DeviceArray) and seen == ["cuda"]
 
 
+@pytest.mark.parametrize("kind", ["zarr", "dask", "zarr16"])
+def test_gpu_fit_reads_lazy_volumes_on_more_threads(fake_gpu, volume_10x72x80, small_slabs, monkeypatch, kind):
+    # A GPU keeps few slabs in flight, but zarr and dask slabs are decoded on
+    # the host: they are read by one thread per core (n_jobs) and copied to
+    # the device by the GPU's threads; the fit is the same.
+    import threading
+
+    import nanoseg._engine.fit as fit_module
+    import nanoseg._volume as volume_module
+
+    small_slabs(72 * 80 * 4)  # one slice a slab: many slabs
+    image = volume_10x72x80 if kind != "zarr16" else volume_10x72x80.astype(np.uint16) * 200
+    X = da.from_array(image, chunks=(3, 72, 80)) if kind == "dask" else to_zarr(image, (1, 72, 40))
+    readers, computers = set(), set()
+    read_slices = volume_module.Volume.read_slices
+
+    def recording_read(self, indices, backend=None):
+        if backend is None:
+            readers.add(threading.current_thread().name)
+        return read_slices(self, indices, backend)
+
+    enter = _Streams.__enter__
+
+    def recording_enter(self):
+        computers.add(threading.current_thread().name)  # GPU work runs in a stream
+        return enter(self)
+
+    monkeypatch.setattr(volume_module.Volume, "read_slices", recording_read)
+    monkeypatch.setattr(_Streams, "__enter__", recording_enter)
+    gpu = NanoparticleMixture(device="cuda", n_jobs=2 * GPU_SLABS_IN_FLIGHT).fit(X)
+    assert_same_fit(gpu, NanoparticleMixture().fit(image))
+    assert len(readers) > GPU_SLABS_IN_FLIGHT  # more readers than slabs on the device
+    assert computers and not computers & readers
+    backend = backend_module.get_backend("cuda")
+    model = NanoparticleMixture(n_jobs=8)
+    volume = volume_module.as_volume(X)
+    assert fit_module.host_readers(model, [volume], backend, 4) == 8
+    assert fit_module.host_readers(model, [volume], backend, 8) is None  # no more readers than computers
+    assert fit_module.host_readers(model, [volume], CPU, 2) is None
+    assert fit_module.host_readers(model, [volume_module.as_volume(image)], backend, 4) is None
+
+
+def test_map_slabs_keeps_the_order_and_reads_ahead_on_the_host(fake_gpu):
+    from nanoseg._engine.fit import map_slabs
+    from nanoseg._volume import as_volume
+
+    volume = as_volume(np.arange(7 * 4 * 5, dtype=np.uint8).reshape(7, 4, 5))
+    work = [(volume, [i]) for i in range(7)]
+
+    def first_value(position, slab):
+        assert isinstance(slab, DeviceArray)
+        return position, int(FAKE_GPU.to_host(slab)[0, 0, 0])
+
+    for n_read in (None, 3):
+        assert list(map_slabs(first_value, work, FAKE_GPU, 2, n_read)) == [(i, 20 * i) for i in range(7)]
+
+
 def test_mixture_gpu_2d_and_list(fake_gpu, volume_10x72x80):
     crops = [volume_10x72x80[0], volume_10x72x80[3:6], volume_10x72x80[7]]
     cpu = NanoparticleMixture().fit(crops)
