@@ -203,18 +203,19 @@ class Probe:
 
         def timed_merge(self, n_total, sizes, pairs):
             t0 = time.perf_counter()
-            table, n_labels = merge(self, n_total, sizes, pairs)
+            merged = merge(self, n_total, sizes, pairs)  # (table, n_labels, n_voxels)
             probe.add(
                 merge_s=time.perf_counter() - t0, merge_global_ids=int(n_total),
                 merge_pairs=int(sum(len(p) for p in pairs)),
             )
-            probe.data["n_labels"] = int(n_labels)
-            return table, n_labels
+            probe.data["n_labels"] = int(merged[1])
+            return merged
 
         def timed_read_mask(self, lo, hi):
             t0 = time.perf_counter()
             mask = read_mask(self, lo, hi)
             probe.add(read_mask_s=time.perf_counter() - t0, read_mask_bytes=int(mask.nbytes))
+            probe.data["masks_packed"] = getattr(self, "_packed_mask", None) is not None
             return mask
 
         def timed_analyse(self, *args, **kwargs):
@@ -668,7 +669,8 @@ def print_report(result):
         p = last["stages"]["labels"]["probe"]
         print(f"client side of 'labels' under the cluster (last run): analysis pass {p['analyse_s']:.2f} s, "
               f"threads waiting for masks from the cluster {p['read_mask_s']:.2f} s ({p['read_mask_bytes'] / 2**20:.0f} "
-              f"MiB of boolean slabs with halos), local close + label {p['local_labels_s']:.2f} s "
+              f"MiB of boolean slabs with halos{', sent packed 8 pixels a byte' if p.get('masks_packed') else ''}), "
+              f"local close + label {p['local_labels_s']:.2f} s "
               f"({p['local_labels_calls']} slabs of {p['slab_depth']} planes), face pairs {p['face_pairs_s']:.3f} s, "
               f"union-find {p['merge_s']:.3f} s; slab compute options {p['compute_options']}")
         graph = last["stages"]["labels"]["graph_tasks"]
@@ -747,8 +749,8 @@ NOTES = [
      " itself on n_jobs threads of the client process, so it runs in the client in both modes (workers idle)."),
     ("labels: transform() runs the analysis pass in the client. SlabLabeler leaves a distributed client alone"
      " (no 'sync' scheduler option): each slab's boolean mask (zarr read, slice histograms, lookup, threshold)"
-     " is a dask computation run on the workers, and the whole mask (1 byte a voxel, each plane once through"
-     " the plane cache) is sent to the client, where n_jobs threads close and label it and the face merge and"
+     " is a dask computation run on the workers, and the whole mask (packed 8 voxels a byte where the X"
+     " chunks allow it, else 1 byte a voxel; each plane once through the plane cache) is sent to the client, where n_jobs threads close and label it and the face merge and"
      " union-find follow. Only the writing (scatter of the kept sparse labels into uint32 blocks, zarr writes)"
      " and, past KEPT_LABEL_BYTES, the relabelling of dropped slabs run as worker tasks."),
     ("The threaded run computes each slab's mask with dask's synchronous scheduler inside one of the"

@@ -38,3 +38,58 @@ def test_local_cluster_matches_local(tmp_path, client, small_slabs):
     local = NanoparticleLabeler(min_size=3).transform(local_mixture.transform(image))
     np.testing.assert_array_equal(on_cluster, local)
     np.testing.assert_array_equal(posterior.compute(), local_mixture.transform(image))
+
+
+def test_masks_cross_to_the_client_packed(tmp_path, client, small_slabs, monkeypatch):
+    # On a cluster the analysis pass's masks travel to the client: packed 8
+    # pixels a byte where the X chunks allow it, as they are otherwise; the
+    # labels are the same either way.
+    import dask.array as da
+
+    import nanoseg._engine.labeling as labeling
+
+    small_slabs(4 * 96 * 96 * 6)
+    image, _ = make_phantom((16, 96, 100), n_particles=25, random_state=22)
+    posterior = NanoparticleMixture(max_iter=100_000).fit(image).transform(image)
+    local = NanoparticleLabeler(min_size=3).transform(posterior)
+    arrived = []
+    unpack = labeling.unpack_mask_bits
+
+    def recording(packed, width):
+        arrived.append(packed.dtype)
+        return unpack(packed, width)
+
+    monkeypatch.setattr(labeling, "unpack_mask_bits", recording)
+    store = zarr.create_array(store=str(tmp_path / "p.zarr"), shape=posterior.shape, chunks=(2, 48, 48), dtype="float32")
+    store[...] = posterior
+    stored = zarr.open_array(str(tmp_path / "p.zarr"), mode="r")
+    # Blocks 36 pixels wide would end inside a byte: sent unpacked.
+    for X, packed in [(stored, True), (da.from_array(posterior, chunks=(2, 48, 36)), False)]:
+        arrived.clear()
+        labels = NanoparticleLabeler(min_size=3).transform(X)
+        np.testing.assert_array_equal(labels.compute(), local)
+        assert bool(arrived) is packed and set(arrived) <= {np.dtype(np.uint8)}
+    # Slabs not kept by the analysis pass are labelled again when written:
+    # their masks travel packed too.
+    from nanoseg.io import read_image, write_ome_zarr
+
+    monkeypatch.setattr(labeling, "KEPT_LABEL_BYTES", 0)
+    labels = NanoparticleLabeler(min_size=3).transform(stored)
+    arrived.clear()
+    write_ome_zarr(tmp_path / "labels.zarr", labels, spacing=(50.0, 10.0, 10.0), kind="labels", progress=False)
+    assert arrived
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "labels.zarr")[0]), local)
+
+
+def test_packed_masks_unpack_to_the_same_pixels():
+    import dask.array as da
+
+    from nanoseg._engine.labeling import pack_mask_bits, unpack_mask_bits
+
+    mask = np.random.default_rng(5).random((5, 7, 43)) < 0.3
+    for chunks in [(2, 7, 16), (5, 3, 8), (1, 7, 43)]:
+        packed = pack_mask_bits(da.from_array(mask, chunks=chunks))
+        assert packed.dtype == np.uint8 and packed.shape == (5, 7, 6)
+        np.testing.assert_array_equal(unpack_mask_bits(packed.compute(), 43), mask)
+        np.testing.assert_array_equal(unpack_mask_bits(packed[1:4].compute(), 43), mask[1:4])
+    assert pack_mask_bits(da.from_array(mask, chunks=(2, 7, 12))) is None  # a block would end inside a byte

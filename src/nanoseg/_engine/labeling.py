@@ -250,6 +250,30 @@ class LabelSettings:
     name: str = "X"
 
 
+def pack_mask_bits(mask):
+    """A boolean dask array with each block's rows packed 8 pixels a byte, or None.
+
+    A mask computed by other processes crosses to the labelling process one
+    byte a pixel (dask.distributed does not compress by default); packed, it
+    crosses in an eighth of that (:func:`numpy.packbits`, undone by
+    :func:`unpack_mask_bits`). Blocks can be packed one by one and joined
+    only when every block but the last along X is a whole number of bytes
+    wide; otherwise, and for device (CuPy) blocks, None: the mask travels
+    as it is.
+    """
+    if any(width % 8 for width in mask.chunks[-1][:-1]) or not isinstance(mask._meta, np.ndarray):
+        return None
+    packed_chunks = (*mask.chunks[:-1], tuple((width + 7) // 8 for width in mask.chunks[-1]))
+    return mask.map_blocks(
+        np.packbits, axis=-1, chunks=packed_chunks, dtype=np.uint8, meta=np.empty((0,) * mask.ndim, np.uint8)
+    )
+
+
+def unpack_mask_bits(packed, width):
+    """The boolean mask, `width` pixels wide, of rows packed by :func:`pack_mask_bits`."""
+    return np.unpackbits(packed, axis=-1, count=width).view(bool)
+
+
 def local_labels(settings, mask, start, stop, lo, owned=False):
     """Label slab ``start:stop`` from the thresholded `mask` covering slices ``lo:...``.
 
@@ -348,11 +372,17 @@ class SlabLabeler:
         self._lazy_mask = None if volume.in_memory else self.lazy_mask()
         self._compute_options = {} if self._lazy_mask is None else self._slab_compute_options()
         self._windows = None
+        # The mask as it travels to this process: packed 8 pixels a byte
+        # when other processes compute it (see pack_mask_bits).
+        self._packed_mask = None
         if self._lazy_mask is not None:
+            if self._masks_travel():
+                self._packed_mask = pack_mask_bits(self._lazy_mask)
             # Slabs come from culled windows of the graph, so that a slab's
             # cost does not grow with the volume's depth.
             self._windows = GraphWindows(
-                self._lazy_mask, longest=depth + 4 * radius, depth=depth,
+                self._lazy_mask if self._packed_mask is None else self._packed_mask,
+                longest=depth + 4 * radius, depth=depth,
                 n_cached=n_jobs + 1, compute_options=self._compute_options,
             )
         self._planes = None
@@ -372,6 +402,30 @@ class SlabLabeler:
         if self.n_jobs > 1 and get_scheduler(collections=[self._lazy_mask]) is dask.threaded.get:
             return {"scheduler": "sync"}
         return {}
+
+    def _masks_travel(self):
+        """Whether the lazy mask is computed in other processes (a distributed
+        client, or dask's process pool) and sent here."""
+        import dask.local
+        import dask.threaded
+        from dask.base import get_scheduler
+
+        scheduler = get_scheduler(collections=[self._lazy_mask])
+        return scheduler not in (dask.threaded.get, dask.local.get_sync, None)
+
+    def _arrived(self, mask):
+        """A computed piece of the mask as a boolean array (unpacked if it travelled packed)."""
+        if self._packed_mask is None:
+            return mask
+        return unpack_mask_bits(mask, self.volume.shape[-1])
+
+    def fetch_mask(self, lo, hi):
+        """Thresholded slices ``lo:hi`` of a lazy input, computed now (no window, no cache)."""
+        source = self._lazy_mask if self._packed_mask is None else self._packed_mask
+        return self._arrived(source[lo:hi].compute(**self._compute_options))
+
+    def _compute_mask_blocks(self, lo, hi):
+        return [(first, self._arrived(piece)) for first, piece in self._windows.compute_blocks(lo, hi)]
 
     def halo_bounds(self, start, stop):
         halo = 2 * self.settings.radius
@@ -406,7 +460,7 @@ class SlabLabeler:
         if self._lazy_mask is not None:
             if self._planes is not None:
                 return self._planes.read(lo, hi)
-            return self._windows.compute(lo, hi)
+            return self._arrived(self._windows.compute(lo, hi))
         # In-memory inputs were validated whole by the estimator. A host
         # posterior is thresholded on the host: the mask is 4x smaller to upload.
         backend = self.backend if self.volume.kind == "cupy" else None
@@ -453,7 +507,7 @@ class SlabLabeler:
                 for start, stop in self.bounds:
                     lo, hi = self.halo_bounds(start, stop)
                     uses[lo:hi] += 1
-                self._planes = PlaneCache(self._windows.compute_blocks, uses)
+                self._planes = PlaneCache(self._compute_mask_blocks, uses)
             results = ordered_map(self.read_and_label, range(len(self.bounds)), self.n_jobs)
             for (start, stop), (flat, ids, count) in zip(self.bounds, results):
                 plan.offsets.append(offset)
@@ -603,7 +657,7 @@ class SparseLabels:
         else:
             start, stop = plan.bounds[index]
             lo, hi = labeler.halo_bounds(start, stop)
-            mask = labeler._lazy_mask[lo:hi].compute(**labeler._compute_options)
+            mask = labeler.fetch_mask(lo, hi)
             flat, values = _final_voxels(labeler.settings, mask, start, stop, lo, lookup)
         kept = values != 0  # components under the minimum size
         return flat[kept], values[kept]
