@@ -201,14 +201,12 @@ class Probe:
             probe.add(local_labels_s=time.perf_counter() - t0, local_labels_calls=1)
             return out
 
-        def timed_merge(self, n_total, sizes, pairs):
+        def timed_merge(self, merger):
             t0 = time.perf_counter()
-            merged = merge(self, n_total, sizes, pairs)  # (table, n_labels, n_voxels)
-            probe.add(
-                merge_s=time.perf_counter() - t0, merge_global_ids=int(n_total),
-                merge_pairs=int(sum(len(p) for p in pairs)),
-            )
-            probe.data["n_labels"] = int(merged[1])
+            merged = merge(self, merger)
+            # The union-find's nodes are the components touching across a face.
+            probe.add(merge_s=time.perf_counter() - t0, merge_global_ids=merged.n_open, merge_pairs=merged.n_pairs)
+            probe.data["n_labels"] = int(merged.n_labels)
             return merged
 
         def timed_read_mask(self, lo, hi):
@@ -696,7 +694,7 @@ def print_report(result):
         print("\nface merge against the number of slabs (threaded scheduler, 2 slabs in flight, fresh process each):\n")
         head = ("slab depth", "slabs", "faces", "analysis s", "face pairs s", "ms / face", "alone ms / face",
                 "union-find s",
-                "global ids", "face pairs", "particles", "label checksum", "peak RSS MiB")
+                "union-find nodes (components touching a face)", "face pairs", "particles", "label checksum", "peak RSS MiB")
         print("| " + " | ".join(head) + " |")
         print("|" + "---:|" * len(head))
         for r in sweep:

@@ -12,8 +12,11 @@ the order a whole-volume :func:`scipy.ndimage.label` or
 :func:`skimage.measure.label` gives -- so the labels are identical to
 whole-volume labelling followed by size filtering and sequential relabelling.
 
-Only per-slab face planes and per-component sizes are kept between slabs:
-memory is bounded by the slab size, not the volume size.
+Only per-slab face planes and the components that may still become
+particles are kept between slabs (those touching a neighbour across a face,
+and the others of at least ``min_size`` voxels: see
+:mod:`nanoseg._engine.merge`), so memory grows with the particles, not with
+every speck found.
 
 On a GPU each slab is closed and labelled densely with ``cupyx.scipy.ndimage``
 (same border handling as SciPy), its labels are renumbered in raster order,
@@ -27,8 +30,6 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from .. import _handoff as handoff
@@ -39,6 +40,7 @@ from .._ops.threshold import threshold_probabilities
 from .._plan import LABEL_BYTES_PER_VOXEL, ordered_map, release_free_memory
 from .._validation import check_probabilities
 from .graph_windows import GraphWindows
+from .merge import ComponentMerger
 
 #: Bytes of sparse slab labels a lazy labelling keeps from its analysis pass
 #: (12 bytes per foreground voxel: 256 MiB is 22 million particle voxels).
@@ -220,22 +222,38 @@ class PlaneCache:
 
 @dataclass
 class LabelPlan:
-    """What the analysis pass learned: enough to label any slab finally."""
+    """What the analysis pass learned: enough to label any slab finally.
+
+    ``labelled[i]`` holds slab i's local ids that got a final label and those
+    labels (see :class:`~nanoseg._engine.merge.ComponentMerger`); every other
+    local id, below the minimum size, maps to 0.
+    """
 
     bounds: list
     offsets: list = field(default_factory=list)
     counts: list = field(default_factory=list)
-    table: np.ndarray = None
+    labelled: list = field(default_factory=list)
+    dtype: np.dtype = np.dtype(np.uint32)
     n_labels: int = 0
     n_voxels: int = 0
     slabs: list = field(default_factory=list)
 
     def slab_table(self, index):
         """Lookup from slab `index`'s local labels to final labels (0 stays 0)."""
-        offset, count = self.offsets[index], self.counts[index]
-        lookup = self.table[offset : offset + count + 1].copy()
-        lookup[0] = 0
-        return lookup
+        return dense_lookup(self.compact_table(index))
+
+    def compact_table(self, index):
+        """Slab `index`'s lookup as ``(count, local ids, labels)``: what a task
+        needs, a few bytes per particle rather than per component."""
+        return (self.counts[index], *self.labelled[index])
+
+
+def dense_lookup(compact):
+    """The lookup array (local id -> final label) of a :meth:`LabelPlan.compact_table`."""
+    count, local, labels = compact
+    lookup = np.zeros(count + 1, dtype=labels.dtype)
+    lookup[local] = labels
+    return lookup
 
 
 @dataclass(frozen=True)
@@ -479,7 +497,7 @@ class SlabLabeler:
 
     # -- whole volume ---------------------------------------------------------
     def analyse(self, keep=0, verbose=False):
-        """Label every slab, merge across faces and build the final table.
+        """Label every slab, merge across faces and number the particles.
 
         Parameters
         ----------
@@ -493,7 +511,7 @@ class SlabLabeler:
         LabelPlan
         """
         plan = LabelPlan(bounds=self.bounds)
-        sizes, pairs = [np.zeros(1, dtype=np.int64)], []
+        merger = ComponentMerger(self.min_size)
         plane_shape = self.volume.shape[1:]
         plane_size = plane_shape[0] * plane_shape[1]
         offset = kept_bytes = 0
@@ -512,51 +530,29 @@ class SlabLabeler:
             for (start, stop), (flat, ids, count) in zip(self.bounds, results):
                 plan.offsets.append(offset)
                 plan.counts.append(count)
-                sizes.append(np.bincount(ids, minlength=count + 1)[1:].astype(np.int64))
+                below = None
                 if previous_face is not None:
-                    pairs.append(
-                        face_pairs(
-                            previous_face, plane_of(flat, ids, 0, plane_size), plane_shape,
-                            offset - plan.counts[-2], offset, self.settings.connectivity,
-                        )
+                    below = face_pairs(
+                        previous_face, plane_of(flat, ids, 0, plane_size), plane_shape,
+                        offset - plan.counts[-2], offset, self.settings.connectivity,
                     )
+                merger.add_slab(offset, np.bincount(ids, minlength=count + 1)[1:], below)
                 previous_face = plane_of(flat, ids, stop - start - 1, plane_size)
                 kept_bytes += flat.nbytes + ids.nbytes
                 plan.slabs.append((flat, ids) if kept_bytes <= keep else None)
                 offset += count
                 bar.update(stop - start)
-        plan.table, plan.n_labels, plan.n_voxels = self._merge(offset, np.concatenate(sizes), pairs)
+        merged = self._merge(merger)
+        plan.labelled, plan.dtype = merged.labelled, merged.dtype
+        plan.n_labels, plan.n_voxels = merged.n_labels, merged.n_voxels
         # The slabs' working memory is free now: give it back before the
         # labels are written (by other threads, in other malloc arenas).
         release_free_memory()
         return plan
 
-    def _merge(self, n_total, sizes, pairs):
-        """Final label of every global id (index 0 is the background), the
-        number of particles and their voxels."""
-        pairs = np.concatenate(pairs) if pairs else np.empty((0, 2), dtype=np.int64)
-        n_nodes = n_total + 1
-        if len(pairs):
-            graph = coo_matrix(
-                (np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
-                shape=(n_nodes, n_nodes),
-            )
-            n_components, component = connected_components(graph, directed=False)
-        else:
-            n_components, component = n_nodes, np.arange(n_nodes)
-        component_sizes = np.bincount(component, weights=sizes, minlength=n_components)
-        # A component is numbered by its smallest global id, i.e. its first
-        # voxel in raster order; np.unique's return_index gives exactly that.
-        ids, first = np.unique(component[1:], return_index=True)
-        order = ids[np.argsort(first, kind="stable")]
-        kept = order[component_sizes[order] >= self.min_size]
-        n_labels = int(kept.size)
-        dtype = np.uint32 if n_labels < 2**32 else np.uint64
-        final = np.zeros(n_components, dtype=dtype)
-        final[kept] = np.arange(1, n_labels + 1, dtype=dtype)
-        table = final[component]
-        table[0] = 0
-        return table, n_labels, int(component_sizes[kept].sum())
+    def _merge(self, merger):
+        """Number the particles across the slabs (a method, so benchmarks can time it)."""
+        return merger.merge()
 
     def label_in_memory(self, verbose=False):
         """Labels of an in-memory volume as a (Z, Y, X) array.
@@ -567,7 +563,7 @@ class SlabLabeler:
         on_device = self.volume.kind == "cupy"
         xp = self.backend.xp if on_device else np
         put = self.backend.to_device if on_device else np.asarray
-        out = xp.zeros(self.volume.shape, dtype=plan.table.dtype)
+        out = xp.zeros(self.volume.shape, dtype=plan.dtype)
         flat_out = out.reshape(-1)
         plane_size = self.volume.shape[1] * self.volume.shape[2]
         for index, ((start, _), (flat, ids)) in enumerate(zip(plan.bounds, plan.slabs)):
@@ -594,10 +590,9 @@ class SlabLabeler:
         step = max(1, self.volume.chunk_depth)
         blocks = []
         for index, (start, stop) in enumerate(plan.bounds):
-            lookup = plan.slab_table(index)
             if plan.slabs[index] is not None:
                 flat, ids = plan.slabs[index]
-                values = lookup[ids]
+                values = plan.slab_table(index)[ids]
                 for a in range(start, stop, step):
                     b = min(a + step, stop)
                     offset = (a - start) * plane_size
@@ -605,13 +600,15 @@ class SlabLabeler:
                     task = dask.delayed(_scatter, pure=True)(
                         flat[lo_i:hi_i] - offset, values[lo_i:hi_i], (b - a, *plane_shape)
                     )
-                    blocks.append(da.from_delayed(task, (b - a, *plane_shape), dtype=plan.table.dtype))
+                    blocks.append(da.from_delayed(task, (b - a, *plane_shape), dtype=plan.dtype))
                 continue
             lo, hi = self.halo_bounds(start, stop)
+            # The task carries the slab's compact table, not a lookup as long
+            # as its components: most are specks that get no label.
             task = dask.delayed(_final_slab, pure=True)(
-                self.settings, self._lazy_mask[lo:hi], start, stop, lo, lookup, plane_shape
+                self.settings, self._lazy_mask[lo:hi], start, stop, lo, plan.compact_table(index), plane_shape
             )
-            blocks.append(da.from_delayed(task, (stop - start, *plane_shape), dtype=plan.table.dtype))
+            blocks.append(da.from_delayed(task, (stop - start, *plane_shape), dtype=plan.dtype))
         labels = da.concatenate(blocks, axis=0)
         # Writers that can (nanoseg.io.write_ome_zarr) take the labels from
         # here, slab by slab as voxel lists, without making dense blocks.
@@ -638,7 +635,7 @@ class SparseLabels:
         self._labeler = labeler
         self._plan = plan
         self.shape = tuple(labeler.volume.shape)
-        self.dtype = np.dtype(plan.table.dtype)
+        self.dtype = np.dtype(plan.dtype)
         self.bounds = list(plan.bounds)
         self.n_labels = int(plan.n_labels)
         self.n_voxels = int(plan.n_voxels)
@@ -671,7 +668,13 @@ def _scatter(flat, values, shape):
 
 def _final_voxels(settings, mask, start, stop, lo, lookup):
     """Slab ``start:stop`` labelled again from its `mask` (with halo, from plane
-    `lo`): flat indices of its labelled voxels and their final labels."""
+    `lo`): flat indices of its labelled voxels and their final labels.
+
+    `lookup` maps local ids to final labels, as an array or as a compact
+    table (:meth:`LabelPlan.compact_table`).
+    """
+    if isinstance(lookup, tuple):
+        lookup = dense_lookup(lookup)
     with get_backend(settings.device).stream():
         flat, ids, _ = local_labels(settings, mask, start, stop, lo)
     return flat, lookup[ids]
