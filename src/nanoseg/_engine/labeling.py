@@ -438,9 +438,10 @@ class SlabLabeler:
         return unpack_mask_bits(mask, self.volume.shape[-1])
 
     def fetch_mask(self, lo, hi):
-        """Thresholded slices ``lo:hi`` of a lazy input, computed now (no window, no cache)."""
-        source = self._lazy_mask if self._packed_mask is None else self._packed_mask
-        return self._arrived(source[lo:hi].compute(**self._compute_options))
+        """Thresholded slices ``lo:hi`` of a lazy input, computed now, from the
+        graph's windows (a slice of the whole graph would cull all of it for
+        every slab) but not through the analysis pass's plane cache."""
+        return self._arrived(self._windows.compute(lo, hi))
 
     def _compute_mask_blocks(self, lo, hi):
         return [(first, self._arrived(piece)) for first, piece in self._windows.compute_blocks(lo, hi)]
