@@ -53,25 +53,34 @@ def test_labels_written_from_voxel_lists_equal_the_dense_labels(
     assert 0 < len(stored) < np.prod([-(-n // c) for n, c in zip(expected.shape, (chunks[0], 32, 48))])
 
 
-def test_slabs_labelled_again_take_their_masks_from_graph_windows(
+def test_slabs_labelled_again_take_their_masks_from_graph_windows_or_chunk_files(
     tmp_path, volume_20x96x112, fitted, small_slabs, monkeypatch
 ):
     # A slab labelled again when written computes its mask from a culled
     # window of the graph, not from a slice of the whole graph (whose cull
-    # costs every slab time in proportion to the volume's depth).
+    # costs every slab time in proportion to the volume's depth); a mixture's
+    # lookup of a local zarr array is read from the chunk files, without dask.
     from nanoseg._engine.graph_windows import GraphWindows
+    from nanoseg._engine.posterior import LookedUpChunks
 
     small_slabs(2 * 96 * 112 * 6)
     monkeypatch.setattr(labeling_module, "KEPT_LABEL_BYTES", 0)
     monkeypatch.setattr(GraphWindows, "whole", property(lambda self: False))  # windows even for this small volume
-    labels = NanoparticleLabeler(min_size=3).transform(fitted.transform(_local(tmp_path, volume_20x96x112, (1, 96, 112))))
-    windowed = []
-    compute = GraphWindows.compute
-    monkeypatch.setattr(GraphWindows, "compute", lambda self, lo, hi: windowed.append((lo, hi)) or compute(self, lo, hi))
-    written = write_ome_zarr(tmp_path / "labels.zarr", labels, spacing=(50, 10, 10), kind="labels", progress=False)
     expected = NanoparticleLabeler(min_size=3).transform(fitted.transform(volume_20x96x112))
-    np.testing.assert_array_equal(written[:], expected)
-    assert len(windowed) == len(handoff.find(labels, handoff.SPARSE_LABELS).bounds)
+    posterior = zarr.create_array(store=str(tmp_path / "p.zarr"), shape=expected.shape, chunks=(1, 96, 112), dtype="float32")
+    posterior[...] = fitted.transform(volume_20x96x112)
+    windowed, direct = [], []
+    compute, getitem = GraphWindows.compute, LookedUpChunks.__getitem__
+    monkeypatch.setattr(GraphWindows, "compute", lambda self, lo, hi: windowed.append((lo, hi)) or compute(self, lo, hi))
+    monkeypatch.setattr(LookedUpChunks, "__getitem__", lambda self, key: direct.append(key) or getitem(self, key))
+    for source, through in [(posterior, windowed), (fitted.transform(_local(tmp_path, volume_20x96x112, (1, 96, 112))), direct)]:
+        labels = NanoparticleLabeler(min_size=3).transform(source)
+        windowed.clear(), direct.clear()
+        written = write_ome_zarr(tmp_path / "labels.zarr", labels, spacing=(50, 10, 10), kind="labels",
+                                 overwrite=True, progress=False)
+        np.testing.assert_array_equal(written[:], expected)
+        assert len(through) == len(handoff.find(labels, handoff.SPARSE_LABELS).bounds)
+        assert not (windowed if through is direct else direct)
 
 
 def test_slabs_that_split_output_chunks_are_written_densely(tmp_path, volume_20x96x112, fitted, small_slabs):

@@ -393,9 +393,13 @@ class SlabLabeler:
         # The mask as it travels to this process: packed 8 pixels a byte
         # when other processes compute it (see pack_mask_bits).
         self._packed_mask = None
+        # The mask's planes read without dask, where this process computes them.
+        self._direct = None
         if self._lazy_mask is not None:
             if self._masks_travel():
                 self._packed_mask = pack_mask_bits(self._lazy_mask)
+            else:
+                self._direct = self._direct_planes()
             # Slabs come from culled windows of the graph, so that a slab's
             # cost does not grow with the volume's depth.
             self._windows = GraphWindows(
@@ -431,6 +435,13 @@ class SlabLabeler:
         scheduler = get_scheduler(collections=[self._lazy_mask])
         return scheduler not in (dask.threaded.get, dask.local.get_sync, None)
 
+    def _direct_planes(self):
+        """A mixture's mask of a local zarr array, read plane by plane from its
+        chunk files (see ``MaskAt.planes``), or None."""
+        source = self.volume.to_dask()
+        mask_at = None if source.dtype == bool else handoff.find(source, handoff.MASK_AT)
+        return None if mask_at is None else mask_at.planes(self.settings.threshold)
+
     def _arrived(self, mask):
         """A computed piece of the mask as a boolean array (unpacked if it travelled packed)."""
         if self._packed_mask is None:
@@ -441,9 +452,13 @@ class SlabLabeler:
         """Thresholded slices ``lo:hi`` of a lazy input, computed now, from the
         graph's windows (a slice of the whole graph would cull all of it for
         every slab) but not through the analysis pass's plane cache."""
+        if self._direct is not None:
+            return self._direct[lo:hi]
         return self._arrived(self._windows.compute(lo, hi))
 
     def _compute_mask_blocks(self, lo, hi):
+        if self._direct is not None:
+            return self._direct[lo:hi]
         return [(first, self._arrived(piece)) for first, piece in self._windows.compute_blocks(lo, hi)]
 
     def halo_bounds(self, start, stop):
@@ -479,7 +494,7 @@ class SlabLabeler:
         if self._lazy_mask is not None:
             if self._planes is not None:
                 return self._planes.read(lo, hi)
-            return self._arrived(self._windows.compute(lo, hi))
+            return self.fetch_mask(lo, hi)
         # In-memory inputs were validated whole by the estimator. A host
         # posterior is thresholded on the host: the mask is 4x smaller to upload.
         backend = self.backend if self.volume.kind == "cupy" else None

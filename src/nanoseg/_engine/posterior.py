@@ -161,13 +161,28 @@ class MaskAt:
         self._tables = tables
         self._binning = binning
 
-    def __call__(self, threshold):
+    def _tables_at(self, threshold):
         tables = self._tables
         if isinstance(tables, SliceTables):
-            tables = tables.at(threshold)
-        else:
-            tables = tables >= threshold  # as SliceTables thresholds, in the tables' dtype
-        return self._build(self._source, tables, binning=self._binning)
+            return tables.at(threshold)
+        return tables >= threshold  # as SliceTables thresholds, in the tables' dtype
+
+    def __call__(self, threshold):
+        return self._build(self._source, self._tables_at(threshold), binning=self._binning)
+
+    def planes(self, threshold):
+        """The same mask read without dask: ``planes(threshold)[lo:hi]`` gives
+        planes ``lo:hi`` as a NumPy array, decoded and looked up straight from
+        the chunk files (:class:`LookedUpChunks`); None where the graph is
+        not made that way.
+
+        A dask computation of a few planes costs some milliseconds of graph
+        work in the calling process, most of the labelling's time besides
+        decoding on a local machine; a labeller whose scheduler runs in its
+        own process reads the planes this way instead.
+        """
+        whole_slices = self._build is one_pass_graph
+        return _chunk_file_reader(self._source, self._tables_at(threshold), self._binning, whole_slices)
 
 
 class PosteriorAt:
@@ -263,23 +278,35 @@ class LookedUpChunks(PerThreadState):
         return apply_luts(CPU, block, luts)
 
 
-def _chunk_file_graph(volume, tables, binning, whole_slices):
-    """The lookup of a lazy uint8 `volume` read from chunk files, one task per block
-    (:class:`LookedUpChunks`), or None where that does not apply: other
-    readers, mapped (binned) data, 2D images, or, with `whole_slices`,
-    blocks that do not hold whole slices."""
-    import dask.array as da
-    from dask.base import tokenize
-
+def _chunk_file_reader(volume, tables, binning, whole_slices):
+    """:class:`LookedUpChunks` of a lazy uint8 `volume` read from chunk files, or
+    None where that does not apply: other readers, mapped (binned) data, 2D
+    images, or, with `whole_slices`, dask blocks that would not hold whole
+    slices."""
     reader = volume.reader
     if binning is not None or not isinstance(reader, ChunkFiles) or volume.is_2d:
         return None
     chunks = dask_chunks(reader.shape, reader.chunks, reader.dtype.itemsize)
     if whole_slices and tuple(chunks[1:]) != tuple(reader.shape[1:]):
         return None
+    return LookedUpChunks(reader, tables)
+
+
+def _chunk_file_graph(volume, tables, binning, whole_slices):
+    """The lookup of a lazy uint8 `volume` read from chunk files, one task per block
+    (:class:`LookedUpChunks`), or None where that does not apply (see
+    :func:`_chunk_file_reader`)."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    looked_up = _chunk_file_reader(volume, tables, binning, whole_slices)
+    if looked_up is None:
+        return None
+    reader = volume.reader
+    chunks = dask_chunks(reader.shape, reader.chunks, reader.dtype.itemsize)
     prefix = "nanoseg-one-pass-" if whole_slices else "nanoseg-lookup-"
     name = prefix + tokenize(str(reader.root), reader.shape, chunks, tables)
-    return da.from_array(LookedUpChunks(reader, tables), chunks=chunks, name=name, lock=False, fancy=False)
+    return da.from_array(looked_up, chunks=chunks, name=name, lock=False, fancy=False)
 
 
 def lookup_graph(volume, luts, binning=None):
