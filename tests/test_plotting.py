@@ -554,8 +554,10 @@ def test_write_report_writes_figures_and_summary(fitted, tmp_path):
         table=table, posterior=fitted["posterior"],
     )
     assert index == tmp_path / "report" / "index.html"
-    assert sorted(p.name for p in index.parent.iterdir()) == sorted(plotting.REPORT_FILES)
-    for name in plotting.REPORT_FILES[1:]:
+    # 96 x 96 planes are shown whole at full resolution: no detail window.
+    written = [name for name in plotting.REPORT_FILES if name != "overlay_detail.png"]
+    assert sorted(p.name for p in index.parent.iterdir()) == sorted(written)
+    for name in written[1:]:
         assert imread(index.parent / name).ndim == 3
         assert f'src="{name}"' in index.read_text()
     text = index.read_text()
@@ -645,3 +647,16 @@ def test_overlay_of_labels_stored_in_a_local_zarr(fitted, tmp_path):
     stored[...] = labels
     expected = plot_overlay(image, labels).get_title()
     assert plot_overlay(image, stored).get_title() == expected
+
+
+def test_write_report_adds_a_detail_window_for_large_planes(fitted, tmp_path, monkeypatch):
+    monkeypatch.setattr(plotting, "REPORT_WINDOW", 40)
+    image, labels = fitted["image"], fitted["labels"]
+    index = write_report(tmp_path / "report", mixture=fitted["mixture"], image=image, labels=labels, table=fitted["table"])
+    detail = imread(index.parent / "overlay_detail.png")
+    assert detail.ndim == 3 and 'src="overlay_detail.png"' in index.read_text()
+    # Replaced by a report of small planes, the detail figure does not linger.
+    monkeypatch.setattr(plotting, "REPORT_WINDOW", 256)
+    write_report(tmp_path / "report", mixture=fitted["mixture"], image=image, labels=labels, table=fitted["table"],
+                 overwrite=True)
+    assert not (index.parent / "overlay_detail.png").exists()

@@ -517,7 +517,7 @@ def write_report(directory, *, mixture, image, labels, table, posterior=None, la
     ``slice_weights.png``, ``size_distribution.png``, ``overlay.png`` (the
     plane with the most particle voxels), ``overlay_detail.png`` (its
     256 x 256 pixel square with the most particle pixels, at full
-    resolution) and, with `posterior`, ``threshold_sensitivity.png``. The summary gives the
+    resolution; only for planes larger than that) and, with `posterior`, ``threshold_sensitivity.png``. The summary gives the
     particle count, quantiles of the particle sizes, the fitted intensities
     and background weight, and the range of the per-slice particle fraction.
 
@@ -536,7 +536,7 @@ def write_report(directory, *, mixture, image, labels, table, posterior=None, la
     ...     index = write_report(pathlib.Path(folder) / "report", mixture=mixture,
     ...                          image=image, labels=labels, table=table)
     ...     sorted(p.name for p in index.parent.iterdir())
-    ['index.html', 'mixture.png', 'overlay.png', 'overlay_detail.png', 'size_distribution.png', 'slice_weights.png']
+    ['index.html', 'mixture.png', 'overlay.png', 'size_distribution.png', 'slice_weights.png']
     """
     _plot_common.require_matplotlib()
     _plot_model.check_mixture(mixture)
@@ -552,8 +552,11 @@ def write_report(directory, *, mixture, image, labels, table, posterior=None, la
         "slice_weights.png": lambda ax: _plot_model.draw_slice_weights(ax, weights, stack_weight),
         "size_distribution.png": lambda ax: plot_size_distribution(table, ax=ax),
         "overlay.png": lambda ax: plot_overlay(image, labels, plane=plane, ax=ax),
-        "overlay_detail.png": lambda ax: plot_overlay(image, labels, plane=plane, ax=ax, window=REPORT_WINDOW),
     }
+    if max(label_volume.shape[-2:]) > REPORT_WINDOW:  # else the whole plane is already at full resolution
+        drawings["overlay_detail.png"] = lambda ax: plot_overlay(
+            image, labels, plane=plane, ax=ax, window=REPORT_WINDOW
+        )
     if posterior is not None:
         drawings["threshold_sensitivity.png"] = lambda ax: plot_threshold_sensitivity(
             posterior, labeler=labeler, ax=ax
