@@ -371,8 +371,10 @@ def host_readers(model, volumes, backend, n_jobs):
     slabs are read on one thread per core (the estimator's ``n_jobs``) and
     handed to the GPU's threads: on an H200 machine with 16 cores, 0.73 s
     against 0.80 s for a 0.54 Gvoxel zarr phantom (the cores' own fit, which
-    reads once, took 0.51 s; ``benchmarks/gpu``). None where the reading threads are the computing ones: on the
-    CPU, and for volumes in memory.
+    reads once, took 0.51 s; ``benchmarks/gpu``).
+
+    None where the reading threads are the computing ones: on the CPU, and
+    for volumes in memory.
     """
     if not backend.is_gpu or not any(volume.kind in ("zarr", "dask") for volume in volumes):
         return None

@@ -154,9 +154,10 @@ def compile_clock():
     """Measure the time numba spends compiling inside the ``with`` block.
 
     Yields a :class:`CompileClock`, whose ``seconds`` is set when the block
-    ends (0 without numba, or where its event API is missing). Compilation
-    holds numba's global lock, so compilations on several threads add up
-    without overlapping.
+    ends (0 without numba, or where its event API is missing). numba
+    compiles under a global lock, so the time is that of the compilations
+    on any thread, one after the other (the figure is meant for a message,
+    not for a benchmark).
     """
     clock = CompileClock()
     event = None
