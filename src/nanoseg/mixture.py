@@ -384,8 +384,8 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
         its bytes would cross the bus in (one a voxel) and the posterior's
         back (four). On an H200 machine with 16 cores the GPU took 0.99 s
         where the host took 0.38 s for 0.54 Gvoxel (``benchmarks/gpu``); on
-        the host, the GPU run's posterior took 0.40 s. A
-        CuPy volume is looked up on its GPU.
+        the host, the GPU run's posterior took 0.40 s. A CuPy volume is
+        looked up on its GPU.
         """
         if volume.kind != "cupy":
             backend = CPU

@@ -517,9 +517,10 @@ def write_report(directory, *, mixture, image, labels, table, posterior=None, la
     ``slice_weights.png``, ``size_distribution.png``, ``overlay.png`` (the
     plane with the most particle voxels), ``overlay_detail.png`` (its
     256 x 256 pixel square with the most particle pixels, at full
-    resolution; only for planes larger than that) and, with `posterior`, ``threshold_sensitivity.png``. The summary gives the
-    particle count, quantiles of the particle sizes, the fitted intensities
-    and background weight, and the range of the per-slice particle fraction.
+    resolution; only for planes larger than that) and, with `posterior`,
+    ``threshold_sensitivity.png``. The summary gives the particle count,
+    quantiles of the particle sizes, the fitted intensities and background
+    weight, and the range of the per-slice particle fraction.
 
     Examples
     --------
