@@ -32,7 +32,7 @@ from nanoseg._ops import components as components_ops
 from nanoseg._ops import histogram as histogram_ops
 from nanoseg._ops import seeds as seeds_ops
 from nanoseg._backend import CPU, Backend, GPUUnavailableError
-from nanoseg._plan import GPU_SLABS_IN_FLIGHT, device_n_jobs
+from nanoseg._plan import GPU_SLABS_IN_FLIGHT, device_n_jobs, host_readers
 from nanoseg.datasets import make_phantom
 
 
@@ -405,7 +405,6 @@ def test_gpu_fit_reads_lazy_volumes_on_more_threads(fake_gpu, volume_10x72x80, s
     # the device by the GPU's threads; the fit is the same.
     import threading
 
-    import nanoseg._engine.fit as fit_module
     import nanoseg._volume as volume_module
 
     small_slabs(72 * 80 * 4)  # one slice a slab: many slabs
@@ -434,10 +433,10 @@ def test_gpu_fit_reads_lazy_volumes_on_more_threads(fake_gpu, volume_10x72x80, s
     backend = backend_module.get_backend("cuda")
     model = NanoparticleMixture(n_jobs=8)
     volume = volume_module.as_volume(X)
-    assert fit_module.host_readers(model, [volume], backend, 4) == 8
-    assert fit_module.host_readers(model, [volume], backend, 8) is None  # no more readers than computers
-    assert fit_module.host_readers(model, [volume], CPU, 2) is None
-    assert fit_module.host_readers(model, [volume_module.as_volume(image)], backend, 4) is None
+    assert host_readers(model.n_jobs, backend, [volume], 4) == 8
+    assert host_readers(model.n_jobs, backend, [volume], 8) is None  # no more readers than computers
+    assert host_readers(model.n_jobs, CPU, [volume], 2) is None
+    assert host_readers(model.n_jobs, backend, [volume_module.as_volume(image)], 4) is None
 
 
 def test_map_slabs_keeps_the_order_and_reads_ahead_on_the_host(fake_gpu):

@@ -38,7 +38,7 @@ from .._ops.histogram import slice_histograms
 from .._ops.lookup import to_bins
 from .._ops.seeds import drop_bright, excluded_box_histograms, slab_background_histograms
 from .._plan import (
-    HISTOGRAM_BYTES_PER_VOXEL, effective_n_jobs, mapping_bytes, ordered_map, release_free_memory, slab_depth,
+    HISTOGRAM_BYTES_PER_VOXEL, host_readers, mapping_bytes, ordered_map, release_free_memory, slab_depth,
 )
 from .._validation import check_intensity_range
 
@@ -88,7 +88,7 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
     maps = wide or not keeps_8bit_values(model)
     # The one-read fit holds one slab to the end (see _histogram_and_seed_pass).
     once = _reads_once(model, backend, maps)
-    n_read = host_readers(model, volumes, backend, n_jobs)
+    n_read = host_readers(model.n_jobs, backend, volumes, n_jobs)
     work = [
         (volume, group)
         for volume, indices in zip(volumes, sampled)
@@ -363,30 +363,11 @@ def _settle_background(model, work, backend, n_jobs, progress, slice_hists, pred
     return total, None
 
 
-def host_readers(model, volumes, backend, n_jobs):
-    """Threads that read (and decode) slabs on the host for a GPU pass, or None.
-
-    A GPU keeps few slabs in flight (``n_jobs``), but zarr and dask volumes
-    are decoded on the host, where that would leave most cores idle. Such
-    slabs are read on one thread per core (the estimator's ``n_jobs``) and
-    handed to the GPU's threads: on an H200 machine with 16 cores, 0.73 s
-    against 0.80 s for a 0.54 Gvoxel zarr phantom (the cores' own fit, which
-    reads once, took 0.51 s; ``benchmarks/gpu``).
-
-    None where the reading threads are the computing ones: on the CPU, and
-    for volumes in memory.
-    """
-    if not backend.is_gpu or not any(volume.kind in ("zarr", "dask") for volume in volumes):
-        return None
-    n_read = effective_n_jobs(model.n_jobs)
-    return n_read if n_read > n_jobs else None
-
-
 def map_slabs(function, work, backend, n_jobs, n_read=None):
     """Yield ``function(position, slab)`` for the slabs of `work` in order, `n_jobs` at a time.
 
     Each slab is read onto `backend` inside its thread's stream. With
-    `n_read` (see :func:`host_readers`), slabs are read on the host by
+    `n_read` (see :func:`~nanoseg._plan.host_readers`), slabs are read on the host by
     `n_read` threads of their own, at most `n_read` ahead, and copied to the
     device by the computing thread.
     """
