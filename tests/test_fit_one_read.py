@@ -128,7 +128,8 @@ def test_spread_order_is_a_permutation_starting_at_both_ends(n):
 @pytest.mark.parametrize("shape", [(37, 200), (64, 64), (5, 129)])
 def test_several_seed_levels_at_once_match_one_at_a_time(shape, dark):
     """Every level of one call of the compiled kernel equals the plain
-    seed-box histogram at that level (blocks of 64 pixels straddle rows)."""
+    seed-box histogram at that level (rows whose width is no multiple of 8
+    end inside a word of the seed scan)."""
     rng = np.random.default_rng(sum(shape))
     from scipy import ndimage as ndi
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from .._model import N_BINS
 from . import _numba
-from ._numba import _k_find, _k_grow, _k_union  # noqa: F401 - called by the compiled loop
+from ._numba import _k_find  # noqa: F401 - called by the compiled loop
 from .components import label_set
 from .histogram import histogram, masked_slice_histograms, slice_histograms
 
@@ -109,6 +109,23 @@ def _seed_boxes(backend, seeds, min_seed_size):
 
 
 
+def _k_join(parent, a, b, size, row_min, row_max, col_min, col_max):
+    # Union of the components of seeds `a` and `b` (the smaller root stays
+    # root, as in _k_union), their sizes and bounding boxes merged at the root.
+    a = _k_find(parent, a)
+    b = _k_find(parent, b)
+    if a == b:
+        return
+    if b < a:
+        a, b = b, a
+    parent[b] = a
+    size[a] += size[b]
+    row_min[a] = min(row_min[a], row_min[b])
+    row_max[a] = max(row_max[a], row_max[b])
+    col_min[a] = min(col_min[a], col_min[b])
+    col_max[a] = max(col_max[a], col_max[b])
+
+
 def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out):
     """Histogram of the pixels inside the grown seed boxes, for several seed levels.
 
@@ -119,14 +136,18 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
     components).
     n_seeds: number of seeds of the first level when known (from the
     slice's histogram), else -1. out: (levels, 256) int64, overwritten.
+    Returns 0, or -1 when there are more seeds than `n_seeds` announced
+    (`out` is then incomplete).
     """
     n_rows, n_cols = image.shape
     flat = image.reshape(-1)
     out[:] = 0
     if firsts.size == 0:
-        return out
-    # Seeds of the widest level, row by row. Blocks of 64 pixels with no
-    # seed are skipped after one vectorised test.
+        return 0
+    # Seeds of the widest level, row by row: the row's seed tests are
+    # written as bytes (a loop the compiler vectorises), then read eight at
+    # a time as one 64-bit word; only the few words with a seed are looked
+    # at pixel by pixel.
     first = np.uint8(firsts[0])
     span = np.uint8(spans[0])
     n_all = n_seeds
@@ -134,97 +155,90 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
         n_all = 0
         for p in range(flat.size):
             n_all += np.uint8(flat[p] - first) <= span
-    # Room for one more block of seeds than announced, so that a block's
+    # Room for one more word of seeds than announced, so that a word's
     # pixels can be stored without a test each (see below).
-    all_cols = np.empty(n_all + 64, dtype=np.int32)
+    all_cols = np.empty(n_all + 8, dtype=np.int32)
     all_starts = np.empty(n_rows + 1, dtype=np.int64)
+    n_words = (n_cols + 7) // 8
+    marks = np.zeros(8 * n_words, dtype=np.uint8)  # zeros past the row's end stay zeros
+    words = marks.view(np.uint64)
     k = 0
-    # Unsigned indices: with signed ones the compiler must allow for
-    # negative (from the end) indexing and does not vectorise the test.
-    width = np.uint64(n_cols)
-    block = np.uint64(64)
     for row in range(n_rows):
         all_starts[row] = k
-        base = np.uint64(row) * width
-        for c in range(np.uint64(0), width, block):
-            stop = min(c + block, width)
-            # The block's smallest value shifted by `first` (with uint8
-            # wrap-around) is within `span` when any pixel seeds.
-            least = np.uint8(255)
-            for q in range(base + c, base + stop):
-                least = min(least, np.uint8(flat[q] - first))
-            if least <= span:
-                while k + 64 > all_cols.size:  # more seeds than announced: never write past the end
-                    all_cols = _k_grow(all_cols, k)
+        base = row * n_cols
+        for q in range(n_cols):
+            marks[q] = np.uint8(flat[base + q] - first) <= span
+        for j in range(n_words):
+            if words[j] != 0:
+                if k + 8 > all_cols.size:
+                    # More seeds than announced: stop before writing past
+                    # the end (growing the buffer here, in the loop, would
+                    # cost reference counting on every pixel).
+                    return -1
                 # Every pixel's column is written and kept only when it
                 # seeds: no branch to mispredict.
-                for q in range(c, stop):
-                    all_cols[k] = np.int32(q)
-                    k += np.uint8(flat[base + q] - first) <= span
+                c = 8 * j
+                for b in range(8):
+                    all_cols[k] = np.int32(c + b)
+                    k += marks[c + b]
     all_starts[n_rows] = k
-    n_all = k
-    cols = np.empty(n_all, dtype=np.int32)
-    starts = np.empty(n_rows + 1, dtype=np.int64)
-    parent = np.empty(n_all, dtype=np.int64)
-    size = np.empty(n_all, dtype=np.int64)
-    row_min = np.empty(n_all, dtype=np.int64)
-    row_max = np.empty(n_all, dtype=np.int64)
-    col_min = np.empty(n_all, dtype=np.int64)
-    col_max = np.empty(n_all, dtype=np.int64)
-    boxes = np.empty((n_all, 4), dtype=np.int64)
-    # all_cols / all_starts hold the candidate seeds of the next level: at
-    # first every seed of the widest level; after each level, only the seeds
-    # of its components of min_size pixels or more. A higher level's seeds
-    # are a subset of a lower one's, so each of its components lies inside
-    # one component of the level below: inside a small one, it is small too.
+    # One list of candidate seeds, compacted in place from level to level:
+    # at first every seed of the widest level; after each level, only those
+    # of its higher level that lie in its components of min_size pixels or
+    # more. A higher level's seeds are a subset of a lower one's, so each of
+    # its components lies inside one component of the level below: inside a
+    # small one, it is small too. Entries only ever move to a lower index.
+    cols = all_cols
+    starts = all_starts
+    n = k
+    parent = np.empty(n, dtype=np.int64)
+    size = np.empty(n, dtype=np.int64)
+    row_min = np.empty(n, dtype=np.int64)
+    row_max = np.empty(n, dtype=np.int64)
+    col_min = np.empty(n, dtype=np.int64)
+    col_max = np.empty(n, dtype=np.int64)
+    boxes = np.empty((n, 4), dtype=np.int64)
     for level in range(firsts.size):
-        first = np.uint8(firsts[level])
-        span = np.uint8(spans[level])
-        n = 0
-        for row in range(n_rows):
-            starts[row] = n
-            base = row * n_cols
-            for i in range(all_starts[row], all_starts[row + 1]):
-                if np.uint8(flat[base + all_cols[i]] - first) <= span:
-                    cols[n] = all_cols[i]
-                    n += 1
-        starts[n_rows] = n
+        if level > 0:
+            first = np.uint8(firsts[level])
+            span = np.uint8(spans[level])
+            n = 0
+            lo = starts[0]
+            for row in range(n_rows):
+                hi = starts[row + 1]
+                starts[row] = n
+                base = row * n_cols
+                for i in range(lo, hi):
+                    c = cols[i]
+                    cols[n] = c
+                    n += np.uint8(flat[base + c] - first) <= span
+                lo = hi
+            starts[n_rows] = n
         if n == 0:
             break  # no candidate seeds here, so none at the higher levels
         # 8-connected components: each seed joins its left neighbour and
         # the up to three seeds above it, found with a pointer that only
-        # moves forward through the row above.
-        for i in range(n):
-            parent[i] = i
+        # moves forward through the row above. Each root keeps its
+        # component's size and bounding box, merged as components join.
         for row in range(n_rows):
             above = starts[row - 1] if row > 0 else 0
             for i in range(starts[row], starts[row + 1]):
                 c = cols[i]
+                parent[i] = i
+                size[i] = 1
+                row_min[i] = row
+                row_max[i] = row
+                col_min[i] = c
+                col_max[i] = c
                 if i > starts[row] and cols[i - 1] == c - 1:
-                    _k_union(parent, i, i - 1)
+                    _k_join(parent, i, i - 1, size, row_min, row_max, col_min, col_max)
                 if row > 0:
                     while above < starts[row] and cols[above] < c - 1:
                         above += 1
                     t = above
                     while t < starts[row] and cols[t] <= c + 1:
-                        _k_union(parent, i, t)
+                        _k_join(parent, i, t, size, row_min, row_max, col_min, col_max)
                         t += 1
-        # Size and bounding box of each component, kept at its root.
-        for i in range(n):
-            size[i] = 0
-        for row in range(n_rows):
-            for i in range(starts[row], starts[row + 1]):
-                root = _k_find(parent, i)
-                c = cols[i]
-                if size[root] == 0:
-                    row_min[root] = row
-                    col_min[root] = c
-                    col_max[root] = c
-                else:
-                    col_min[root] = min(col_min[root], c)
-                    col_max[root] = max(col_max[root], c)
-                row_max[root] = row
-                size[root] += 1
         # The grown, clipped boxes of the components kept.
         n_boxes = 0
         for i in range(n):
@@ -238,16 +252,22 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
         if n_boxes == 0:
             break  # every component is small: so are all at the higher levels
         _k_count_box_union(flat, n_cols, boxes[:n_boxes], out[level])
+        if level == firsts.size - 1:
+            break
         # The next level's candidates: the seeds of the components kept.
         m = 0
+        lo = starts[0]
         for row in range(n_rows):
-            all_starts[row] = m
-            for i in range(starts[row], starts[row + 1]):
-                if size[_k_find(parent, i)] >= min_size:
-                    all_cols[m] = cols[i]
-                    m += 1
-        all_starts[n_rows] = m
-    return out
+            hi = starts[row + 1]
+            starts[row] = m
+            for i in range(lo, hi):
+                c = cols[i]
+                cols[m] = c
+                m += size[_k_find(parent, i)] >= min_size
+            lo = hi
+        starts[n_rows] = m
+        n = m
+    return 0
 
 
 def _k_count_box_union(flat, n_cols, boxes, out):
@@ -338,7 +358,7 @@ def _k_count_box_union(flat, n_cols, boxes, out):
 
 @functools.cache
 def _compiled():
-    return _numba.compile_into(globals(), ("_k_grow", "_k_find", "_k_union", "_k_count_box_union", "_k_excluded_box_histograms"))
+    return _numba.compile_into(globals(), ("_k_find", "_k_join", "_k_count_box_union", "_k_excluded_box_histograms"))
 
 
 def seed_ranges(lows, dark):
@@ -374,9 +394,10 @@ def excluded_box_histograms(image, lows, *, min_seed_size, halo_pad, dark=False,
         found = np.zeros((int(usable.sum()), 256), dtype=np.int64)
         first, span = int(firsts[usable][0]), int(spans[usable][0])
         n_seeds = -1 if hist is None else int(np.asarray(hist)[first : first + span + 1].sum())
-        _compiled()["_k_excluded_box_histograms"](
-            image, firsts[usable], spans[usable], int(min_seed_size), int(halo_pad), n_seeds, found
-        )
+        arguments = (firsts[usable], spans[usable], int(min_seed_size), int(halo_pad))
+        if _compiled()["_k_excluded_box_histograms"](image, *arguments, n_seeds, found) < 0:
+            # `hist` was not this slice's: count the seeds afresh.
+            _compiled()["_k_excluded_box_histograms"](image, *arguments, -1, found)
         out[order[usable]] = found
     return out
 
