@@ -10,7 +10,7 @@ labelled end to end twice, each time in a fresh process:
 Each run times three stages separately (cluster start-up, with the numba
 kernels loaded on the workers, is timed on its own and is in none of them):
 
-``fit``     ``NanoparticleMixture().fit(zarr)``
+``fit``     ``NanoparticleMixture().fit(zarr)`` (under the cluster, one task per slab on the workers)
 ``labels``  ``NanoparticleLabeler().transform(mixture.transform(zarr))`` stored to a uint32 zarr
             array: the analysis pass (``transform``) and the writing of the lazy labels are
             reported apart
@@ -743,8 +743,10 @@ def print_report(result):
 
 
 NOTES = [
-    ("Under a distributed client the fit does not use dask: NanoparticleMixture.fit reads the zarr slabs"
-     " itself on n_jobs threads of the client process, so it runs in the client in both modes (workers idle)."),
+    ("fit: under a distributed client, NanoparticleMixture.fit of the zarr volume runs one task per slab on the"
+     " workers (nanoseg._engine.fit_workers): each reads its slab's chunk files and returns its slice histograms"
+     " and its seed boxes' excluded histograms at five levels around its own; the client adds up the counts"
+     " and runs EM. Under the threaded scheduler the fit reads its slabs on n_jobs threads of the process."),
     ("labels: transform() runs the analysis pass in the client. SlabLabeler leaves a distributed client alone"
      " (no 'sync' scheduler option): each slab's boolean mask (zarr read, slice histograms, lookup, threshold)"
      " is a dask computation run on the workers, and the whole mask (packed 8 voxels a byte where the X"

@@ -93,3 +93,88 @@ def test_packed_masks_unpack_to_the_same_pixels():
         np.testing.assert_array_equal(unpack_mask_bits(packed.compute(), 43), mask)
         np.testing.assert_array_equal(unpack_mask_bits(packed[1:4].compute(), 43), mask[1:4])
     assert pack_mask_bits(da.from_array(mask, chunks=(2, 7, 12))) is None  # a block would end inside a byte
+
+
+FITTED = (
+    "stack_histogram_", "background_histogram_", "stack_pmf_", "background_pmf_", "particle_pmf_",
+    "low_intensity_", "high_intensity_", "background_weight_", "n_iter_", "n_slices_fit_",
+)
+
+
+def _assert_same_fit(ours, theirs):
+    for name in FITTED:
+        np.testing.assert_array_equal(getattr(ours, name), getattr(theirs, name), err_msg=name)
+
+
+def _stored(tmp_path, image, chunks, name="image.zarr"):
+    store = zarr.create_array(store=str(tmp_path / name), shape=image.shape, chunks=chunks, dtype=image.dtype)
+    store[...] = image
+    return zarr.open_array(str(tmp_path / name), mode="r")
+
+
+def _fit_task_names(client, X, **params):
+    """Fit under the client; return the model and the names of the fit's tasks that ran on workers."""
+    from dask.utils import key_split
+
+    with distributed.get_task_stream(client) as stream:
+        model = NanoparticleMixture(max_iter=100_000, **params).fit(X)
+    return model, {key_split(task["key"]) for task in stream.data}
+
+
+def test_fit_of_a_stored_volume_runs_on_the_workers(tmp_path, client, small_slabs):
+    # Under a client the fit's slabs are tasks on the workers (one read:
+    # histograms and seed boxes at a band of levels); the model is the
+    # local one, to the bit.
+    small_slabs(2 * 96 * 96 * 6)
+    image, _ = make_phantom((24, 96, 96), n_particles=40, random_state=31)
+    z = _stored(tmp_path, image, (2, 48, 96))
+    model, names = _fit_task_names(client, z)
+    assert any("slab-counts-and-boxes" in name for name in names), names
+    _assert_same_fit(model, NanoparticleMixture(max_iter=100_000).fit(image))
+
+
+def test_slabs_whose_band_misses_the_level_are_counted_again_on_the_workers(tmp_path, client, small_slabs, monkeypatch):
+    # A stack whose brightness drifts along Z: slabs' own seed levels differ
+    # from the stack's by more than a band of 0, so most are read again.
+    from nanoseg._engine import fit_workers
+
+    monkeypatch.setattr(fit_workers, "BAND", 0)
+    small_slabs(2 * 96 * 96 * 6)
+    image, _ = make_phantom((24, 96, 96), n_particles=40, random_state=32)
+    drift = np.linspace(-25, 25, image.shape[0])[:, None, None]
+    image = np.clip(image + drift, 0, 255).astype(np.uint8)
+    z = _stored(tmp_path, image, (2, 96, 96))
+    model, names = _fit_task_names(client, z)
+    assert any("slab-background" in name for name in names), names
+    _assert_same_fit(model, NanoparticleMixture(max_iter=100_000).fit(image))
+
+
+@pytest.mark.parametrize("params", [{"halo": "dilation"}, {"sampling_step": 3}, {"percentile_low": "otsu"}])
+def test_fit_of_a_lazy_volume_on_the_workers_matches_local(client, small_slabs, params):
+    import dask.array as da
+
+    small_slabs(2 * 96 * 96 * 6)
+    image, _ = make_phantom((20, 96, 96), n_particles=40, random_state=33)
+    model, names = _fit_task_names(client, da.from_array(image, chunks=(3, 48, 48)), **params)
+    task = "slab-slice-histograms" if params.get("halo") == "dilation" else "slab-counts-and-boxes"
+    assert any(task in name for name in names), names
+    _assert_same_fit(model, NanoparticleMixture(max_iter=100_000, **params).fit(image))
+
+
+def test_16bit_fit_on_the_workers_matches_local(tmp_path, client, small_slabs):
+    small_slabs(2 * 96 * 96 * 6)
+    image, _ = make_phantom((12, 96, 96), n_particles=30, random_state=34)
+    wide = (image.astype(np.uint16) * 37 + 900).astype(np.uint16)
+    model, names = _fit_task_names(client, _stored(tmp_path, wide, (4, 96, 96)))
+    assert any("slab-value-counts" in name for name in names), names
+    _assert_same_fit(model, NanoparticleMixture(max_iter=100_000).fit(wide))
+    for name in ("binning_mode_", "binning_low_", "binning_high_", "binning_shift_"):
+        assert getattr(model, name) == getattr(NanoparticleMixture(max_iter=100_000).fit(wide), name)
+
+
+def test_in_memory_volumes_are_fitted_here(client):
+    # A NumPy volume would have to travel to the workers whole: fitted in
+    # this process, no task.
+    image, _ = make_phantom((8, 64, 64), n_particles=15, random_state=35)
+    _, names = _fit_task_names(client, image)
+    assert not any(name.startswith("slab-") for name in names), names

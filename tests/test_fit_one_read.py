@@ -29,9 +29,9 @@ class SliceCounter:
         self.slices = 0
         original = fit_engine._background_pass
 
-        def counting(model, work, *args):
+        def counting(model, work, *args, **kwargs):
             self.slices += sum(len(group) for _, group in work)
-            return original(model, work, *args)
+            return original(model, work, *args, **kwargs)
 
         monkeypatch.setattr(fit_engine, "_background_pass", counting)
 

@@ -112,7 +112,9 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     n_jobs : int, default=None
         Threads working on slabs at once. None takes the ``n_jobs`` of an
         enclosing :func:`joblib.parallel_config`, or else one per CPU; -1
-        means one per CPU, -2 all but one, and so on.
+        means one per CPU, -2 all but one, and so on. Under a
+        ``dask.distributed`` client, `fit` sends the slabs of a zarr or
+        dask volume to the workers instead (one task per slab).
     posterior_dtype : {"float32", "float16"}, default="float32"
         dtype of the posterior. "float16" halves what a stored posterior
         takes; the lookup tables are rounded once to float16 (relative error

@@ -17,6 +17,10 @@ predicted the final level contributes its counts as they are; any other
 slab is read again. The fitted model is the same either way, voxel for
 voxel; only the number of reads differs.
 
+Under a ``dask.distributed`` client, the passes over a zarr or dask volume
+run as tasks on the workers instead (:mod:`nanoseg._engine.fit_workers`),
+with the same per-slab functions and the same model.
+
 The functions take the estimator itself as `model` and read only its
 hyper-parameters.
 """
@@ -41,6 +45,7 @@ from .._plan import (
     HISTOGRAM_BYTES_PER_VOXEL, host_readers, mapping_bytes, ordered_map, release_free_memory, slab_depth,
 )
 from .._validation import check_intensity_range
+from . import fit_workers
 
 #: The binning of 8-bit data under binning="auto": every value is its own bin.
 IDENTITY = Binning("range", 0, 255)
@@ -89,6 +94,7 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
     # The one-read fit holds one slab to the end (see _histogram_and_seed_pass).
     once = _reads_once(model, backend, maps)
     n_read = host_readers(model.n_jobs, backend, volumes, n_jobs)
+    client = fit_workers.client_for(volumes, backend)
     work = [
         (volume, group)
         for volume, indices in zip(volumes, sampled)
@@ -103,6 +109,8 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
     ]
     progress = {"total": n_slices, "unit": "slice", "disable": not model.verbose}
     predicted = None
+    # Under a distributed client, every pass runs its slabs on the workers.
+    remote = None if client is None else fit_workers.WorkerSlabs(client, work)
 
     if wide:
         # Pass 1 for 16-bit data: the binning must be fixed before any slab
@@ -110,20 +118,23 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
         # slices (65,536 counters: 512 KiB per thread, whatever the
         # volume's size). The per-slice histograms of the mapped data are
         # counted in pass 2, which reads every slab anyway: no extra pass.
-        value_counts = _value_counts(work, backend, n_jobs, progress, n_read)
+        value_counts = _value_counts(work, backend, n_jobs, progress, n_read, remote)
         binning = _choose_binning(model, value_counts)
         slice_hists = None
         raw_stack_hist = binning.fold(value_counts)
     elif once:
         # Passes 1 and 2 in one read: the histograms, and each slab's seed
         # boxes at its predicted seed levels (settled below).
-        slice_hists, predicted = _histogram_and_seed_pass(model, work, backend, n_jobs, progress)
+        if remote is None:
+            slice_hists, predicted = _histogram_and_seed_pass(model, work, backend, n_jobs, progress)
+        else:
+            slice_hists, predicted = _remote_histogram_and_seed_pass(model, remote, progress)
         value_counts = slice_hists.sum(axis=0)
         binning = IDENTITY
         raw_stack_hist = value_counts
     else:
         # Pass 1: every sampled slice's histogram (kept: 2 KiB a slice), by raw intensity.
-        slice_hists = _slice_histogram_pass(work, backend, n_jobs, progress, n_read)
+        slice_hists = _slice_histogram_pass(work, backend, n_jobs, progress, n_read, remote)
         value_counts = slice_hists.sum(axis=0)
         if maps:
             binning = _choose_binning(model, value_counts)
@@ -145,11 +156,11 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
 
     if predicted is None:
         raw_background_hist, counted = _background_pass(
-            model, work, backend, n_jobs, progress, binning, slice_hists, low, high, n_read
+            model, work, backend, n_jobs, progress, binning, slice_hists, low, high, n_read, remote
         )
     else:
         raw_background_hist, counted = _settle_background(
-            model, work, backend, n_jobs, progress, slice_hists, predicted, low, high
+            model, work, backend, n_jobs, progress, slice_hists, predicted, low, high, remote
         )
     if slice_hists is None:
         slice_hists = counted
@@ -300,6 +311,22 @@ def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
     return np.concatenate(parts), predicted
 
 
+def _remote_histogram_and_seed_pass(model, remote, progress):
+    """:func:`_histogram_and_seed_pass` on the workers of `remote` (a
+    :class:`~nanoseg._engine.fit_workers.WorkerSlabs`).
+
+    Each slab's task has no other slab's histograms to predict from: it
+    counts its seed boxes at every level within
+    :data:`~nanoseg._engine.fit_workers.BAND` of its own, and no slab is held.
+    """
+    settings = fit_workers.settings_of(model)
+    results = remote.map(
+        fit_workers.slab_counts_and_boxes, lambda position: (settings, fit_workers.BAND),
+        desc="Histograms and seeds", progress=progress,
+    )
+    return np.concatenate([hists for hists, _, _ in results]), [(levels, excluded, None) for _, levels, excluded in results]
+
+
 def _excluded_histograms(model, slab, hists, levels, n_jobs=1):
     """(len(levels), 256): the summed histograms of the pixels that the
     seed boxes of `slab`'s slices exclude at each model-space level, its
@@ -334,12 +361,13 @@ def spread_order(n):
     return list(dict.fromkeys([0, n - 1] + [int(f * n) for f in fractions]))
 
 
-def _settle_background(model, work, backend, n_jobs, progress, slice_hists, predicted, low, high):
+def _settle_background(model, work, backend, n_jobs, progress, slice_hists, predicted, low, high, remote=None):
     """The background histogram from the one-read pass, once the seed level `low` is known.
 
     Slabs that predicted `low` give their slices' histograms minus their
     excluded pixels at `low`; the held slab has its boxes counted at `low`
-    now; the others are read again (pass 2 on them alone).
+    now; the others are read again (pass 2 on them alone; on the workers of
+    `remote`, a :class:`~nanoseg._engine.fit_workers.WorkerSlabs`, when given).
     """
     dark = model.polarity == "dark"
     firsts = np.cumsum([0] + [len(group) for _, group in work])
@@ -359,7 +387,10 @@ def _settle_background(model, work, backend, n_jobs, progress, slice_hists, pred
         again = [work[position] for position in missed]
         hists = np.concatenate([slice_hists[firsts[position] : firsts[position + 1]] for position in missed])
         progress = dict(progress, total=len(hists))
-        total += _background_pass(model, again, backend, n_jobs, progress, IDENTITY, hists, low, high)[0]
+        again_remote = None if remote is None else remote.subset(missed)
+        total += _background_pass(
+            model, again, backend, n_jobs, progress, IDENTITY, hists, low, high, remote=again_remote
+        )[0]
     return total, None
 
 
@@ -392,8 +423,12 @@ def map_slabs(function, work, backend, n_jobs, n_read=None):
     yield from ordered_map(compute, ordered_map(read, enumerate(work), n_read), n_jobs)
 
 
-def _slice_histogram_pass(work, backend, n_jobs, progress, n_read=None):
+def _slice_histogram_pass(work, backend, n_jobs, progress, n_read=None, remote=None):
     """Pass 1 (8-bit data): the histogram of every sampled slice, by raw intensity."""
+    if remote is not None:
+        return np.concatenate(
+            remote.map(fit_workers.slab_slice_histograms, lambda position: (), desc="Stack histogram", progress=progress)
+        )
 
     def histograms(position, slab):
         return backend.to_host(slice_histograms(backend, slab))
@@ -406,47 +441,80 @@ def _slice_histogram_pass(work, backend, n_jobs, progress, n_read=None):
     return np.concatenate(parts)
 
 
-def _background_pass(model, work, backend, n_jobs, progress, binning, slice_hists, low, high, n_read=None):
+def slab_background(model, backend, slab, binning, low, high, hists):
+    """Pass 2 on one slab: its background histogram (summed over its slices), by bin.
+
+    Parameters
+    ----------
+    slab : (n, Y, X) array of `backend`
+        Raw values, mapped to bins by `binning` here.
+    hists : (n, 256) int64 or None
+        The slab's slice histograms, by bin; None (16-bit data) counts them here.
+
+    Returns
+    -------
+    background : (256,) int64 NumPy array
+    hists : (n, 256) int64 NumPy array, or None when `hists` was given
+    """
+    slab = to_bins(backend, slab, binning)
+    counted = hists is None
+    if counted:
+        hists = slice_histograms(backend, slab)
+    kept = slab_background_histograms(
+        backend, slab, low, high,
+        min_seed_size=model.min_seed_size, halo_pad=model.halo_pad,
+        hists=hists, dark=model.polarity == "dark", halo=model.halo,
+    )
+    return backend.to_host(kept).sum(axis=0), (backend.to_host(hists) if counted else None)
+
+
+def _background_pass(model, work, backend, n_jobs, progress, binning, slice_hists, low, high, n_read=None, remote=None):
     """Pass 2: the background histogram, by raw intensity (bin); and, when
     `slice_hists` is None (16-bit data), the slices' histograms counted on the way."""
-    dark = model.polarity == "dark"
     firsts = np.cumsum([0] + [len(group) for _, group in work])
 
-    def background(position, slab):
-        first = firsts[position]
-        slab = to_bins(backend, slab, binning)
-        if slice_hists is None:
-            hists = slice_histograms(backend, slab)
-        else:
-            hists = slice_hists[first : first + len(slab)]
-        kept = slab_background_histograms(
-            backend, slab, low, high,
-            min_seed_size=model.min_seed_size, halo_pad=model.halo_pad,
-            hists=hists, dark=dark, halo=model.halo,
+    def given_hists(position):
+        return None if slice_hists is None else slice_hists[firsts[position] : firsts[position + 1]]
+
+    if remote is not None:
+        results = remote.map(
+            fit_workers.slab_background,
+            lambda position: (fit_workers.settings_of(model), binning, low, high, given_hists(position)),
+            desc="Background histogram", progress=progress,
         )
-        counted = backend.to_host(hists) if slice_hists is None else None
-        return backend.to_host(kept).sum(axis=0), len(slab), counted
+    else:
+        def background(position, slab):
+            return slab_background(model, backend, slab, binning, low, high, given_hists(position))
 
+        results = []
+        with tqdm(desc="Background histogram", **progress) as bar:
+            for result, (_, group) in zip(map_slabs(background, work, backend, n_jobs, n_read), work):
+                results.append(result)
+                bar.update(len(group))
     total = np.zeros(_model.N_BINS, dtype=np.int64)
-    counted_hists = []
-    with tqdm(desc="Background histogram", **progress) as bar:
-        for hist, n, counted in map_slabs(background, work, backend, n_jobs, n_read):
-            total += hist
-            counted_hists.append(counted)
-            bar.update(n)
-    return total, (np.concatenate(counted_hists) if slice_hists is None else None)
+    for hist, _ in results:
+        total += hist
+    return total, (np.concatenate([hists for _, hists in results]) if slice_hists is None else None)
 
 
-def _value_counts(work, backend, n_jobs, progress, n_read=None):
+def value_counts(backend, slab):
+    """Counts of every 16-bit value in `slab`: (65536,) int64 NumPy array."""
+    total = backend.xp.zeros(UINT16_MAX + 1, dtype=np.int64)
+    # Plane by plane: bincount widens its input to 64-bit integers,
+    # so this bounds that copy to one plane.
+    for plane in slab:
+        total += backend.xp.bincount(plane.reshape(-1), minlength=UINT16_MAX + 1)
+    return backend.to_host(total)
+
+
+def _value_counts(work, backend, n_jobs, progress, n_read=None, remote=None):
     """Counts of every 16-bit value over the slabs of `work`: (65536,) int64."""
+    if remote is not None:
+        parts = remote.map(fit_workers.slab_value_counts, lambda position: (), desc="Intensity range", progress=progress)
+        return np.sum(parts, axis=0, dtype=np.int64)
 
     def count(position, slab):
-        total = backend.xp.zeros(UINT16_MAX + 1, dtype=np.int64)
-        # Plane by plane: bincount widens its input to 64-bit integers,
-        # so this bounds that copy to one plane.
-        for plane in slab:
-            total += backend.xp.bincount(plane.reshape(-1), minlength=UINT16_MAX + 1)
-        return backend.to_host(total), len(slab)
+        return value_counts(backend, slab), len(slab)
 
     counts = np.zeros(UINT16_MAX + 1, dtype=np.int64)
     with tqdm(desc="Intensity range", **progress) as bar:
