@@ -165,6 +165,7 @@ class Probe:
             "merge_s": 0.0, "merge_global_ids": 0, "merge_pairs": 0, "n_labels": None,
             "local_labels_s": 0.0, "local_labels_calls": 0,
             "read_mask_s": 0.0, "read_mask_bytes": 0,
+            "worker_slabs": 0, "worker_wait_s": 0.0, "worker_voxel_bytes": 0,
             "analyse_s": 0.0, "slab_depth": None, "n_slabs": None, "compute_options": None,
         }
 
@@ -183,6 +184,7 @@ class Probe:
         read_mask = labeling.SlabLabeler.read_mask
         analyse = labeling.SlabLabeler.analyse
         options = labeling.SlabLabeler._slab_compute_options
+        on_workers = labeling.SlabLabeler._labelled_on_workers
 
         self.face_pairs = face_pairs
 
@@ -224,6 +226,20 @@ class Probe:
             probe.add(analyse_s=time.perf_counter() - t0)
             return plan
 
+        def timed_on_workers(self):
+            # Slabs labelled by worker tasks: time waiting for each, and what
+            # crossed (the labelled voxels as the tasks sent them).
+            results = on_workers(self)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    flat, ids, count = next(results)
+                except StopIteration:
+                    return
+                sent = flat.size * (4 if flat.size and flat[-1] < 2**31 - 1 else 8) + ids.nbytes
+                probe.add(worker_slabs=1, worker_wait_s=time.perf_counter() - t0, worker_voxel_bytes=sent)
+                yield flat, ids, count
+
         def recorded_options(self):
             out = options(self)
             probe.data["compute_options"] = dict(out)
@@ -235,6 +251,7 @@ class Probe:
         labeling.SlabLabeler.read_mask = timed_read_mask
         labeling.SlabLabeler.analyse = timed_analyse
         labeling.SlabLabeler._slab_compute_options = recorded_options
+        labeling.SlabLabeler._labelled_on_workers = timed_on_workers
 
 
 # ---------------------------------------------------------------------------
@@ -668,6 +685,8 @@ def print_report(result):
         print(f"client side of 'labels' under the cluster (last run): analysis pass {p['analyse_s']:.2f} s, "
               f"threads waiting for masks from the cluster {p['read_mask_s']:.2f} s ({p['read_mask_bytes'] / 2**20:.0f} "
               f"MiB of boolean slabs with halos{', sent packed 8 pixels a byte' if p.get('masks_packed') else ''}), "
+              f"slabs labelled by worker tasks {p.get('worker_slabs', 0)} (waited {p.get('worker_wait_s', 0):.2f} s, "
+              f"{p.get('worker_voxel_bytes', 0) / 2**20:.1f} MiB of labelled voxels received), "
               f"local close + label {p['local_labels_s']:.2f} s "
               f"({p['local_labels_calls']} slabs of {p['slab_depth']} planes), face pairs {p['face_pairs_s']:.3f} s, "
               f"union-find {p['merge_s']:.3f} s; slab compute options {p['compute_options']}")
@@ -747,12 +766,11 @@ NOTES = [
      " workers (nanoseg._engine.fit_workers): each reads its slab's chunk files and returns its slice histograms"
      " and its seed boxes' excluded histograms at five levels around its own; the client adds up the counts"
      " and runs EM. Under the threaded scheduler the fit reads its slabs on n_jobs threads of the process."),
-    ("labels: transform() runs the analysis pass in the client. SlabLabeler leaves a distributed client alone"
-     " (no 'sync' scheduler option): each slab's boolean mask (zarr read, slice histograms, lookup, threshold)"
-     " is a dask computation run on the workers, and the whole mask (packed 8 voxels a byte where the X"
-     " chunks allow it, else 1 byte a voxel; each plane once through the plane cache) is sent to the client, where n_jobs threads close and label it and the face merge and"
-     " union-find follow. Only the writing (scatter of the kept sparse labels into uint32 blocks, zarr writes)"
-     " and, past KEPT_LABEL_BYTES, the relabelling of dropped slabs run as worker tasks."),
+    ("labels: under the cluster, transform()'s analysis pass runs one task per slab on the workers: each takes"
+     " the lazy mask's blocks that hold its slab and halo (zarr read, slice histograms, lookup, threshold; each"
+     " block computed once), closes and labels the slab and sends back its labelled voxels only; the client"
+     " merges the faces and runs the union-find. The writing (scatter of the kept sparse labels into uint32"
+     " blocks, zarr writes) and, past KEPT_LABEL_BYTES, the relabelling of dropped slabs are worker tasks too."),
     ("The threaded run computes each slab's mask with dask's synchronous scheduler inside one of the"
      " labeller's n_jobs threads; no data crosses a process boundary."),
     ("mask: predict(...).sum() is pure dask, so under the cluster it runs entirely on the workers;"

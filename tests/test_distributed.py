@@ -40,10 +40,13 @@ def test_local_cluster_matches_local(tmp_path, client, small_slabs):
     np.testing.assert_array_equal(posterior.compute(), local_mixture.transform(image))
 
 
-def test_masks_cross_to_the_client_packed(tmp_path, client, small_slabs, monkeypatch):
-    # On a cluster the analysis pass's masks travel to the client: packed 8
-    # pixels a byte where the X chunks allow it, as they are otherwise; the
-    # labels are the same either way.
+def test_slabs_are_labelled_on_the_workers(tmp_path, client, small_slabs, monkeypatch):
+    # On a cluster the analysis pass closes and labels each slab in a task on
+    # the workers: no mask crosses to the client, only labelled voxels; the
+    # labels are the local ones. Masks cross, packed 8 pixels a byte where
+    # the X chunks allow it, only for slabs labelled again when written.
+    from dask.utils import key_split
+
     import dask.array as da
 
     import nanoseg._engine.labeling as labeling
@@ -63,12 +66,14 @@ def test_masks_cross_to_the_client_packed(tmp_path, client, small_slabs, monkeyp
     store = zarr.create_array(store=str(tmp_path / "p.zarr"), shape=posterior.shape, chunks=(2, 48, 48), dtype="float32")
     store[...] = posterior
     stored = zarr.open_array(str(tmp_path / "p.zarr"), mode="r")
-    # Blocks 36 pixels wide would end inside a byte: sent unpacked.
-    for X, packed in [(stored, True), (da.from_array(posterior, chunks=(2, 48, 36)), False)]:
+    for X in [stored, da.from_array(posterior, chunks=(2, 48, 36))]:
         arrived.clear()
-        labels = NanoparticleLabeler(min_size=3).transform(X)
+        with distributed.get_task_stream(client) as stream:
+            labels = NanoparticleLabeler(min_size=3).transform(X)
+        assert not arrived
+        # 16 planes in slabs of at most 4 (the budget, 6 bytes a voxel): 4 or more tasks.
+        assert sum(key_split(task["key"]).startswith("nanoseg-label-slab") for task in stream.data) >= 4
         np.testing.assert_array_equal(labels.compute(), local)
-        assert bool(arrived) is packed and set(arrived) <= {np.dtype(np.uint8)}
     # Slabs not kept by the analysis pass are labelled again when written:
     # their masks travel packed too.
     from nanoseg.io import read_image, write_ome_zarr
@@ -77,7 +82,7 @@ def test_masks_cross_to_the_client_packed(tmp_path, client, small_slabs, monkeyp
     labels = NanoparticleLabeler(min_size=3).transform(stored)
     arrived.clear()
     write_ome_zarr(tmp_path / "labels.zarr", labels, spacing=(50.0, 10.0, 10.0), kind="labels", progress=False)
-    assert arrived
+    assert arrived and set(arrived) == {np.dtype(np.uint8)}
     np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "labels.zarr")[0]), local)
 
 
