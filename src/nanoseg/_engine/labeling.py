@@ -466,25 +466,7 @@ class SlabLabeler:
         eighth of a byte for every voxel of the slab and its halo when the
         mask itself travels.
         """
-        import uuid
-
-        import dask
-
-        name = f"nanoseg-label-slab-{uuid.uuid4().hex}"
-        grid = self._lazy_mask.to_delayed()  # (blocks along Z, Y, X); the graph optimised once
-        edges = np.cumsum((0, *self._lazy_mask.chunks[0]))
-        tasks = []
-        for index, (start, stop) in enumerate(self.bounds):
-            lo, hi = self.halo_bounds(start, stop)
-            first = int(np.searchsorted(edges, lo, side="right")) - 1
-            last = int(np.searchsorted(edges, hi, side="left"))
-            tasks.append(
-                dask.delayed(_labelled_voxels)(
-                    self.settings, grid[first:last].tolist(), int(edges[first]), start, stop, lo, hi,
-                    dask_key_name=(name, index),
-                )
-            )
-        futures = self._client.compute(tasks)
+        futures = self.submit_slabs("nanoseg-label-slab", range(len(self.bounds)))
         try:
             for future in futures:
                 flat, ids, count = future.result()
@@ -493,6 +475,37 @@ class SlabLabeler:
         finally:
             for future in futures:
                 future.release()
+
+    def submit_slabs(self, name, indices, lookups=None):
+        """Futures of one task per slab of `indices` on the client's workers,
+        in one submission (one pass over the mask's graph).
+
+        Each task labels its slab from the mask's blocks (see
+        :meth:`_labelled_on_workers`) and returns ``(flat, ids, count)``; given
+        `lookups` (one compact table per slab, :meth:`LabelPlan.compact_table`),
+        ``(flat, final labels)`` instead.
+        """
+        import uuid
+
+        import dask
+
+        name = f"{name}-{uuid.uuid4().hex}"
+        grid = self._lazy_mask.to_delayed()  # (blocks along Z, Y, X); the graph optimised once
+        edges = np.cumsum((0, *self._lazy_mask.chunks[0]))
+        tasks = []
+        for n, index in enumerate(indices):
+            start, stop = self.bounds[index]
+            lo, hi = self.halo_bounds(start, stop)
+            first = int(np.searchsorted(edges, lo, side="right")) - 1
+            last = int(np.searchsorted(edges, hi, side="left"))
+            lookup = None if lookups is None else lookups[n]
+            tasks.append(
+                dask.delayed(_labelled_voxels)(
+                    self.settings, grid[first:last].tolist(), int(edges[first]), start, stop, lo, hi, lookup,
+                    dask_key_name=(name, index),
+                )
+            )
+        return self._client.compute(tasks)
 
     def _direct_planes(self):
         """A mixture's mask of a local zarr array, read plane by plane from its
@@ -715,6 +728,10 @@ class SparseLabels:
     def __init__(self, labeler, plan):
         self._labeler = labeler
         self._plan = plan
+        # Under a distributed client: the futures of the slabs not kept,
+        # labelled again by worker tasks, submitted together on first use.
+        self._lock = threading.Lock()
+        self._futures = None
         self.shape = tuple(labeler.volume.shape)
         self.dtype = np.dtype(plan.dtype)
         self.bounds = list(plan.bounds)
@@ -728,6 +745,8 @@ class SparseLabels:
         input and halo, as the lazy labels' own blocks are.
         """
         plan, labeler = self._plan, self._labeler
+        if plan.slabs[index] is None and labeler._client is not None:
+            return self._from_workers(index)
         lookup = plan.slab_table(index)
         if plan.slabs[index] is not None:
             flat, ids = plan.slabs[index]
@@ -740,19 +759,39 @@ class SparseLabels:
         kept = values != 0  # components under the minimum size
         return flat[kept], values[kept]
 
+    def _from_workers(self, index):
+        """Slab `index` labelled again by a task on the client's workers (only
+        its particles' voxels travel, not its mask)."""
+        with self._lock:
+            # Submitted again when a slab comes back: the labels written twice.
+            if self._futures is None or index not in self._futures:
+                missing = [i for i, kept in enumerate(self._plan.slabs) if kept is None]
+                lookups = [self._plan.compact_table(i) for i in missing]
+                futures = self._labeler.submit_slabs("nanoseg-final-slab", missing, lookups)
+                self._futures = dict(zip(missing, futures))
+            future = self._futures.pop(index)
+        flat, values = future.result()
+        future.release()
+        return flat.astype(np.int64, copy=False), values
 
-def _labelled_voxels(settings, blocks, first, start, stop, lo, hi):
+
+def _labelled_voxels(settings, blocks, first, start, stop, lo, hi, lookup=None):
     """A worker's task: :func:`local_labels` of one slab, from the mask's
     `blocks` (nested Z, Y, X lists; the first starts at plane `first`) that
     hold planes ``lo:hi``, with the flat indices as int32 where they fit
-    (less to send)."""
+    (less to send). With a `lookup` (compact table), the slab's final labels:
+    ``(flat, labels)`` of its voxels in particles only."""
     mask = np.concatenate(
         [np.concatenate([np.concatenate(row, axis=2) for row in plane], axis=1) for plane in blocks], axis=0
     )[lo - first : hi - first]
     flat, ids, count = local_labels(settings, mask, start, stop, lo, owned=True)
     if flat.size and flat[-1] < np.iinfo(np.int32).max:
         flat = flat.astype(np.int32)
-    return flat, ids, count
+    if lookup is None:
+        return flat, ids, count
+    values = dense_lookup(lookup)[ids]
+    kept = values != 0  # components under the minimum size
+    return flat[kept], values[kept]
 
 
 def _scatter(flat, values, shape):
