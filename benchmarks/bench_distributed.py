@@ -228,17 +228,18 @@ class Probe:
 
         def timed_on_workers(self):
             # Slabs labelled by worker tasks: time waiting for each, and what
-            # crossed (the labelled voxels as the tasks sent them).
+            # crossed (the summaries: sizes and the two faces' voxels).
             results = on_workers(self)
             while True:
                 t0 = time.perf_counter()
                 try:
-                    flat, ids, count = next(results)
+                    count, sizes, first, last, kept = next(results)
                 except StopIteration:
                     return
-                sent = flat.size * (4 if flat.size and flat[-1] < 2**31 - 1 else 8) + ids.nbytes
+                # As sent: 32-bit sizes and face indices (widened on arrival).
+                sent = 4 * sizes.size + sum(8 * face[0].size for face in (first, last))
                 probe.add(worker_slabs=1, worker_wait_s=time.perf_counter() - t0, worker_voxel_bytes=sent)
-                yield flat, ids, count
+                yield count, sizes, first, last, kept
 
         def recorded_options(self):
             out = options(self)
@@ -686,7 +687,7 @@ def print_report(result):
               f"threads waiting for masks from the cluster {p['read_mask_s']:.2f} s ({p['read_mask_bytes'] / 2**20:.0f} "
               f"MiB of boolean slabs with halos{', sent packed 8 pixels a byte' if p.get('masks_packed') else ''}), "
               f"slabs labelled by worker tasks {p.get('worker_slabs', 0)} (waited {p.get('worker_wait_s', 0):.2f} s, "
-              f"{p.get('worker_voxel_bytes', 0) / 2**20:.1f} MiB of labelled voxels received), "
+              f"{p.get('worker_voxel_bytes', 0) / 2**20:.1f} MiB of slab summaries received), "
               f"local close + label {p['local_labels_s']:.2f} s "
               f"({p['local_labels_calls']} slabs of {p['slab_depth']} planes), face pairs {p['face_pairs_s']:.3f} s, "
               f"union-find {p['merge_s']:.3f} s; slab compute options {p['compute_options']}")
@@ -768,9 +769,10 @@ NOTES = [
      " and runs EM. Under the threaded scheduler the fit reads its slabs on n_jobs threads of the process."),
     ("labels: under the cluster, transform()'s analysis pass runs one task per slab on the workers: each takes"
      " the lazy mask's blocks that hold its slab and halo (zarr read, slice histograms, lookup, threshold; each"
-     " block computed once), closes and labels the slab and sends back its labelled voxels only; the client"
-     " merges the faces and runs the union-find. The writing (scatter of the kept sparse labels into uint32"
-     " blocks, zarr writes) and, past KEPT_LABEL_BYTES, the relabelling of dropped slabs are worker tasks too."),
+     " block computed once), closes and labels the slab, and keeps its labelled voxels on the worker; the client"
+     " receives each slab's component sizes and the voxels of its two faces, merges the faces and runs the"
+     " union-find. The writing (final labels from the voxels kept on the workers, zarr writes) runs as worker"
+     " tasks: nothing is labelled again and the input is not read again."),
     ("The threaded run computes each slab's mask with dask's synchronous scheduler inside one of the"
      " labeller's n_jobs threads; no data crosses a process boundary."),
     ("mask: predict(...).sum() is pure dask, so under the cluster it runs entirely on the workers;"

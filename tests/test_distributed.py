@@ -13,7 +13,7 @@ distributed = pytest.importorskip("distributed")
 @pytest.fixture(scope="module")
 def client():
     with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster, distributed.Client(cluster) as client:
         yield client
 
@@ -74,8 +74,9 @@ def test_slabs_are_labelled_on_the_workers(tmp_path, client, small_slabs, monkey
         # 16 planes in slabs of at most 4 (the budget, 6 bytes a voxel): 4 or more tasks.
         assert sum(key_split(task["key"]).startswith("nanoseg-label-slab") for task in stream.data) >= 4
         np.testing.assert_array_equal(labels.compute(), local)
-    # Slabs not kept by the analysis pass are labelled again by worker tasks
-    # when written (twice here): still no mask crosses.
+    # Every slab's labelled voxels stay on the workers, whatever the budget
+    # for keeping them: writing (twice here) takes them from there, with no
+    # slab labelled again and no mask sent.
     from nanoseg.io import read_image, write_ome_zarr
 
     monkeypatch.setattr(labeling, "KEPT_LABEL_BYTES", 0)
@@ -84,8 +85,11 @@ def test_slabs_are_labelled_on_the_workers(tmp_path, client, small_slabs, monkey
     for name in ("labels.zarr", "again.zarr"):
         with distributed.get_task_stream(client) as stream:
             write_ome_zarr(tmp_path / name, labels, spacing=(50.0, 10.0, 10.0), kind="labels", progress=False)
-        assert sum(key_split(task["key"]).startswith("nanoseg-final-slab") for task in stream.data) >= 4
+        names = [key_split(task["key"]) for task in stream.data]
+        assert names.count("nanoseg-kept-voxels") >= 4, names
+        assert not any(name.startswith("nanoseg-label-slab") for name in names), names
         np.testing.assert_array_equal(np.asarray(read_image(tmp_path / name)[0]), local)
+    np.testing.assert_array_equal(labels.compute(), local)
     assert not arrived
 
 

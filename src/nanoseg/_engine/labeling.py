@@ -44,6 +44,7 @@ from .merge import ComponentMerger
 
 #: Bytes of sparse slab labels a lazy labelling keeps from its analysis pass
 #: (12 bytes per foreground voxel: 256 MiB is 22 million particle voxels).
+#: Under a distributed client every slab's labels are kept, on the workers.
 KEPT_LABEL_BYTES = 256 * 2**20
 
 #: Foreground fraction of a slab up to which closing and labelling run on
@@ -355,6 +356,41 @@ def _device_local_labels(backend, settings, mask, start, stop, lo):
     return backend.to_host(flat), backend.to_host(ids), count
 
 
+def slab_summary(labelled, depth, plane_size):
+    """What the analysis pass needs of one labelled slab: ``(count, sizes,
+    first face, last face)``.
+
+    `labelled` is ``(flat, ids, count)`` of a slab `depth` planes deep
+    (:func:`local_labels`); `sizes` are its components' voxel counts, and a
+    face is the (flat-in-plane, ids) of the labelled voxels of its first or
+    last plane.
+    """
+    flat, ids, count = labelled
+    flat = np.asarray(flat, dtype=np.int64)
+    sizes = np.bincount(ids, minlength=count + 1)[1:]
+    return count, sizes, plane_of(flat, ids, 0, plane_size), plane_of(flat, ids, depth - 1, plane_size)
+
+
+def _sent_summary(labelled, depth, plane_size):
+    """A worker's task: :func:`slab_summary`, its integers narrowed to 32
+    bits where they fit (less to send; widened again on arrival)."""
+    count, sizes, first, last = slab_summary(labelled, depth, plane_size)
+    limit = np.iinfo(np.int32).max
+    if sizes.size and sizes.max() < limit:
+        sizes = sizes.astype(np.int32)
+    if plane_size < limit:
+        first, last = ((flat.astype(np.int32), ids) for flat, ids in (first, last))
+    return count, sizes, first, last
+
+
+class KeptOnWorkers:
+    """A slab's labelled voxels, ``(flat, ids, count)``, left on the
+    distributed worker that found them: `future` (a ``distributed.Future``)."""
+
+    def __init__(self, future):
+        self.future = future
+
+
 class SlabLabeler:
     """Threshold, close and label a :class:`~nanoseg._volume.Volume` by slabs.
 
@@ -453,37 +489,45 @@ class SlabLabeler:
         return owner if isinstance(owner, distributed.Client) else None
 
     def _labelled_on_workers(self):
-        """Yield ``(flat, ids, count)`` of every slab, in Z order, as
-        :meth:`read_and_label` gives them, but closed and labelled by one task
-        per slab on the client's workers.
+        """Yield each slab's ``(count, sizes, first face, last face,
+        KeptOnWorkers)``, in Z order, as the analysis pass needs them, the
+        slab closed and labelled by a task on the client's workers.
+
+        The slab's labelled voxels stay on the worker that found them (the
+        :class:`KeptOnWorkers` future), so that the lazy labels and the
+        writers take them from there; only a summary comes here: the
+        components' sizes and the labelled voxels of the slab's two faces.
+        Tasks take the mask's blocks that hold their slab and halo (see
+        :meth:`submit_slabs`): the mask never travels, and the input is read
+        once whatever the volume's size.
+        """
+        futures = self.submit_slabs("nanoseg-label-slab", range(len(self.bounds)))
+        depths = [stop - start for start, stop in self.bounds]
+        plane_size = self.volume.shape[1] * self.volume.shape[2]
+        summaries = self._client.map(
+            _sent_summary, futures, depths, [plane_size] * len(futures),
+            key=[f"nanoseg-slab-summary-{future.key[0].rsplit('-', 1)[-1]}-{index}" for index, future in enumerate(futures)],
+        )
+        try:
+            for future, summary in zip(futures, summaries):
+                count, sizes, first, last = summary.result()
+                summary.release()
+                widened = tuple((flat.astype(np.int64), ids) for flat, ids in (first, last))
+                yield (count, sizes.astype(np.int64), *widened, KeptOnWorkers(future))
+        finally:
+            for summary in summaries:
+                summary.release()
+
+    def submit_slabs(self, name, indices):
+        """Futures of one task per slab of `indices` on the client's workers,
+        in one submission (one pass over the mask's graph), each giving the
+        slab's ``(flat, ids, count)`` (:func:`local_labels`).
 
         A task takes the mask's blocks that hold its slab and halo (each
         block is computed once, by one task of the mask's graph, and shared
         with the neighbouring slab's task: slicing the lazy mask per slab
         instead had dask fuse the slicing into the mask's tasks, computing
-        halo planes twice) and sends back only the labelled voxels: 8 bytes
-        each (flat indices as int32 where the slab allows), against an
-        eighth of a byte for every voxel of the slab and its halo when the
-        mask itself travels.
-        """
-        futures = self.submit_slabs("nanoseg-label-slab", range(len(self.bounds)))
-        try:
-            for future in futures:
-                flat, ids, count = future.result()
-                future.release()  # the worker can drop the slab's voxels now
-                yield flat.astype(np.int64, copy=False), ids, count
-        finally:
-            for future in futures:
-                future.release()
-
-    def submit_slabs(self, name, indices, lookups=None):
-        """Futures of one task per slab of `indices` on the client's workers,
-        in one submission (one pass over the mask's graph).
-
-        Each task labels its slab from the mask's blocks (see
-        :meth:`_labelled_on_workers`) and returns ``(flat, ids, count)``; given
-        `lookups` (one compact table per slab, :meth:`LabelPlan.compact_table`),
-        ``(flat, final labels)`` instead.
+        halo planes twice).
         """
         import uuid
 
@@ -493,15 +537,14 @@ class SlabLabeler:
         grid = self._lazy_mask.to_delayed()  # (blocks along Z, Y, X); the graph optimised once
         edges = np.cumsum((0, *self._lazy_mask.chunks[0]))
         tasks = []
-        for n, index in enumerate(indices):
+        for index in indices:
             start, stop = self.bounds[index]
             lo, hi = self.halo_bounds(start, stop)
             first = int(np.searchsorted(edges, lo, side="right")) - 1
             last = int(np.searchsorted(edges, hi, side="left"))
-            lookup = None if lookups is None else lookups[n]
             tasks.append(
                 dask.delayed(_labelled_voxels)(
-                    self.settings, grid[first:last].tolist(), int(edges[first]), start, stop, lo, hi, lookup,
+                    self.settings, grid[first:last].tolist(), int(edges[first]), start, stop, lo, hi,
                     dask_key_name=(name, index),
                 )
             )
@@ -618,22 +661,29 @@ class SlabLabeler:
                     uses[lo:hi] += 1
                 self._planes = PlaneCache(self._compute_mask_blocks, uses)
             if self._client is not None:
-                results = self._labelled_on_workers()
+                summaries = self._labelled_on_workers()
             else:
                 results = ordered_map(self.read_and_label, range(len(self.bounds)), self.n_jobs)
-            for (start, stop), (flat, ids, count) in zip(self.bounds, results):
+                summaries = (
+                    (*slab_summary((flat, ids, count), stop - start, plane_size), (flat, ids))
+                    for (start, stop), (flat, ids, count) in zip(self.bounds, results)
+                )
+            for (start, stop), (count, sizes, first_face, last_face, slab) in zip(self.bounds, summaries):
                 plan.offsets.append(offset)
                 plan.counts.append(count)
                 below = None
                 if previous_face is not None:
                     below = face_pairs(
-                        previous_face, plane_of(flat, ids, 0, plane_size), plane_shape,
+                        previous_face, first_face, plane_shape,
                         offset - plan.counts[-2], offset, self.settings.connectivity,
                     )
-                merger.add_slab(offset, np.bincount(ids, minlength=count + 1)[1:], below)
-                previous_face = plane_of(flat, ids, stop - start - 1, plane_size)
-                kept_bytes += flat.nbytes + ids.nbytes
-                plan.slabs.append((flat, ids) if kept_bytes <= keep else None)
+                merger.add_slab(offset, sizes, below)
+                previous_face = last_face
+                if isinstance(slab, KeptOnWorkers):
+                    plan.slabs.append(slab)
+                else:
+                    kept_bytes += slab[0].nbytes + slab[1].nbytes
+                    plan.slabs.append(slab if kept_bytes <= keep else None)
                 offset += count
                 bar.update(stop - start)
         merged = self._merge(merger)
@@ -673,7 +723,9 @@ class SlabLabeler:
         those slabs only scatters them into zeros, one block per input chunk
         depth (small blocks keep the memory of writing them low); slabs past
         that budget are recomputed from the input and their halo, one block
-        per slab. No label volume is ever held whole.
+        per slab. No label volume is ever held whole. Under a distributed
+        client every slab's sparse labels stay on the worker that found them,
+        and the blocks are made there.
         """
         import dask
         import dask.array as da
@@ -684,6 +736,14 @@ class SlabLabeler:
         step = max(1, self.volume.chunk_depth)
         blocks = []
         for index, (start, stop) in enumerate(plan.bounds):
+            if isinstance(plan.slabs[index], KeptOnWorkers):
+                # Each block from the slab's labelled voxels where they are.
+                future, table = plan.slabs[index].future, plan.compact_table(index)
+                for a in range(start, stop, step):
+                    b = min(a + step, stop)
+                    task = dask.delayed(_kept_block, pure=True)(future, table, a - start, b - start, plane_shape)
+                    blocks.append(da.from_delayed(task, (b - a, *plane_shape), dtype=plan.dtype))
+                continue
             if plan.slabs[index] is not None:
                 flat, ids = plan.slabs[index]
                 values = plan.slab_table(index)[ids]
@@ -728,10 +788,6 @@ class SparseLabels:
     def __init__(self, labeler, plan):
         self._labeler = labeler
         self._plan = plan
-        # Under a distributed client: the futures of the slabs not kept,
-        # labelled again by worker tasks, submitted together on first use.
-        self._lock = threading.Lock()
-        self._futures = None
         self.shape = tuple(labeler.volume.shape)
         self.dtype = np.dtype(plan.dtype)
         self.bounds = list(plan.bounds)
@@ -741,12 +797,21 @@ class SparseLabels:
     def slab(self, index):
         """Flat indices (into the slab) and labels of slab `index`'s labelled voxels.
 
-        Kept slabs are looked up; the others are labelled again from their
-        input and halo, as the lazy labels' own blocks are.
+        Kept slabs are looked up (by a task on the worker that holds them,
+        under a distributed client); the others are labelled again from
+        their input and halo, as the lazy labels' own blocks are.
         """
         plan, labeler = self._plan, self._labeler
-        if plan.slabs[index] is None and labeler._client is not None:
-            return self._from_workers(index)
+        if isinstance(plan.slabs[index], KeptOnWorkers):
+            import uuid
+
+            kept = labeler._client.submit(
+                _kept_voxels, plan.slabs[index].future, plan.compact_table(index),
+                key=f"nanoseg-kept-voxels-{uuid.uuid4().hex}",
+            )
+            flat, values = kept.result()
+            kept.release()
+            return flat, values
         lookup = plan.slab_table(index)
         if plan.slabs[index] is not None:
             flat, ids = plan.slabs[index]
@@ -759,39 +824,37 @@ class SparseLabels:
         kept = values != 0  # components under the minimum size
         return flat[kept], values[kept]
 
-    def _from_workers(self, index):
-        """Slab `index` labelled again by a task on the client's workers (only
-        its particles' voxels travel, not its mask)."""
-        with self._lock:
-            # Submitted again when a slab comes back: the labels written twice.
-            if self._futures is None or index not in self._futures:
-                missing = [i for i, kept in enumerate(self._plan.slabs) if kept is None]
-                lookups = [self._plan.compact_table(i) for i in missing]
-                futures = self._labeler.submit_slabs("nanoseg-final-slab", missing, lookups)
-                self._futures = dict(zip(missing, futures))
-            future = self._futures.pop(index)
-        flat, values = future.result()
-        future.release()
-        return flat.astype(np.int64, copy=False), values
 
-
-def _labelled_voxels(settings, blocks, first, start, stop, lo, hi, lookup=None):
+def _labelled_voxels(settings, blocks, first, start, stop, lo, hi):
     """A worker's task: :func:`local_labels` of one slab, from the mask's
     `blocks` (nested Z, Y, X lists; the first starts at plane `first`) that
     hold planes ``lo:hi``, with the flat indices as int32 where they fit
-    (less to send). With a `lookup` (compact table), the slab's final labels:
-    ``(flat, labels)`` of its voxels in particles only."""
+    (8 bytes a voxel instead of 12 while they are kept on the worker)."""
     mask = np.concatenate(
         [np.concatenate([np.concatenate(row, axis=2) for row in plane], axis=1) for plane in blocks], axis=0
     )[lo - first : hi - first]
     flat, ids, count = local_labels(settings, mask, start, stop, lo, owned=True)
     if flat.size and flat[-1] < np.iinfo(np.int32).max:
         flat = flat.astype(np.int32)
-    if lookup is None:
-        return flat, ids, count
-    values = dense_lookup(lookup)[ids]
+    return flat, ids, count
+
+
+def _kept_voxels(labelled, compact):
+    """A worker's task: flat indices and final labels of the particle voxels
+    of a slab labelled earlier (``(flat, ids, count)``), by its compact table."""
+    flat, ids, _ = labelled
+    values = dense_lookup(compact)[ids]
     kept = values != 0  # components under the minimum size
-    return flat[kept], values[kept]
+    return np.asarray(flat[kept], dtype=np.int64), values[kept]
+
+
+def _kept_block(labelled, compact, lo, hi, plane_shape):
+    """A worker's task: planes ``lo:hi`` (within the slab) of the final labels
+    of a slab labelled earlier, as a dense block."""
+    flat, values = _kept_voxels(labelled, compact)
+    plane_size = plane_shape[0] * plane_shape[1]
+    first, last = np.searchsorted(flat, [lo * plane_size, hi * plane_size])
+    return _scatter(flat[first:last] - lo * plane_size, values[first:last], (hi - lo, *plane_shape))
 
 
 def _scatter(flat, values, shape):
