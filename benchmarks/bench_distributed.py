@@ -765,7 +765,8 @@ def print_report(result):
 NOTES = [
     ("fit: under a distributed client, NanoparticleMixture.fit of the zarr volume runs one task per slab on the"
      " workers (nanoseg._engine.fit_workers): each reads its slab's chunk files and returns its slice histograms"
-     " and its seed boxes' excluded histograms at five levels around its own; the client adds up the counts"
+     " and its seed boxes' excluded histograms at a few candidate levels (5 around its own for the first five"
+     " slabs, then those between their prediction and its own); the client adds up the counts"
      " and runs EM. Under the threaded scheduler the fit reads its slabs on n_jobs threads of the process."),
     ("labels: under the cluster, transform()'s analysis pass runs one task per slab on the workers: each takes"
      " the lazy mask's blocks that hold its slab and halo (zarr read, slice histograms, lookup, threshold; each"

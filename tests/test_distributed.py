@@ -140,12 +140,18 @@ def test_fit_of_a_stored_volume_runs_on_the_workers(tmp_path, client, small_slab
     _assert_same_fit(model, NanoparticleMixture(max_iter=100_000).fit(image))
 
 
-def test_slabs_whose_band_misses_the_level_are_counted_again_on_the_workers(tmp_path, client, small_slabs, monkeypatch):
-    # A stack whose brightness drifts along Z: slabs' own seed levels differ
-    # from the stack's by more than a band of 0, so most are read again.
+def test_slabs_whose_levels_miss_the_stack_level_are_counted_again_on_the_workers(
+    tmp_path, client, small_slabs, monkeypatch
+):
+    # A stack whose brightness drifts along Z: the first round's own levels
+    # (a band of 0) differ from the stack's, and the prediction for the rest
+    # is made wrong on purpose (the client predicts; the workers do not see
+    # this patch), so most slabs are read again.
+    from nanoseg._engine import fit as fit_engine
     from nanoseg._engine import fit_workers
 
     monkeypatch.setattr(fit_workers, "BAND", 0)
+    monkeypatch.setattr(fit_engine, "_predicted_level", lambda model, hist, dark: 20)
     small_slabs(2 * 96 * 96 * 6)
     image, _ = make_phantom((24, 96, 96), n_particles=40, random_state=32)
     drift = np.linspace(-25, 25, image.shape[0])[:, None, None]

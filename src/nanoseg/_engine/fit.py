@@ -313,18 +313,32 @@ def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
 
 def _remote_histogram_and_seed_pass(model, remote, progress):
     """:func:`_histogram_and_seed_pass` on the workers of `remote` (a
-    :class:`~nanoseg._engine.fit_workers.WorkerSlabs`).
+    :class:`~nanoseg._engine.fit_workers.WorkerSlabs`), in two rounds.
 
-    Each slab's task has no other slab's histograms to predict from: it
-    counts its seed boxes at every level within
-    :data:`~nanoseg._engine.fit_workers.BAND` of its own, and no slab is held.
+    The first :data:`SETTLED_SLABS` + 1 slabs in the spread order have no
+    other slab's histograms to predict from: their tasks count the seed
+    boxes at every level within :data:`~nanoseg._engine.fit_workers.BAND`
+    of the slab's own. Their histograms then predict the stack's level, as
+    in the local pass, and every other slab's task counts at the levels
+    :func:`_candidate_levels` gives from that prediction and its own (one,
+    where they agree). No slab is held.
     """
     settings = fit_workers.settings_of(model)
-    results = remote.map(
-        fit_workers.slab_counts_and_boxes, lambda position: (settings, fit_workers.BAND),
-        desc="Histograms and seeds", progress=progress,
-    )
-    return np.concatenate([hists for hists, _, _ in results]), [(levels, excluded, None) for _, levels, excluded in results]
+    order = spread_order(len(remote.work))
+    first, rest = order[: SETTLED_SLABS + 1], order[SETTLED_SLABS + 1 :]
+    progress = dict(progress, desc="Histograms and seeds")
+    results = dict(zip(first, remote.subset(first).map(
+        fit_workers.slab_counts_and_boxes, lambda position: (settings, fit_workers.BAND, None), progress=progress,
+    )))
+    if rest:
+        so_far = np.sum([results[position][0].sum(axis=0) for position in first], axis=0)
+        predicted = _predicted_level(model, so_far, model.polarity == "dark")
+        results.update(zip(rest, remote.subset(rest).map(
+            fit_workers.slab_counts_and_boxes, lambda position: (settings, fit_workers.BAND, predicted),
+            progress=progress,
+        )))
+    ordered = [results[position] for position in range(len(remote.work))]
+    return np.concatenate([hists for hists, _, _ in ordered]), [(levels, excluded, None) for _, levels, excluded in ordered]
 
 
 def _excluded_histograms(model, slab, hists, levels, n_jobs=1):

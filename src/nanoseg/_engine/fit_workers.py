@@ -11,11 +11,13 @@ slice, a few KiB per slab.
 The passes are those of the local fit, and so is the model, to the bit:
 
 * 8-bit data with box halos, one read: each task counts its slices'
-  histograms and, at every seed level within :data:`BAND` of the slab's own,
-  the histogram of the pixels its seed boxes exclude. The stack's seed level
-  (a percentile of the stack histogram) lies between the slabs' own levels,
-  so most slabs have counted it; the others are read once more, on the
-  workers, once the level is known.
+  histograms and the histograms of the pixels its seed boxes exclude at a
+  few candidate seed levels. A first round of a few slabs, spread over the
+  stack, counts every level within :data:`BAND` of the slab's own; their
+  histograms then predict the stack's level, and the other slabs count at
+  the levels between that prediction and their own (one where they agree),
+  as the local fit does. Slabs whose levels miss the stack's are read once
+  more, on the workers, once the level is known.
 * Anything else (16-bit data, a binning, dilation halos, no numba on the
   workers): the local fit's two passes, each slab a task.
 
@@ -30,8 +32,9 @@ from tqdm import tqdm
 
 from .._backend import CPU
 
-#: Seed levels on either side of a slab's own that its task counts boxes at
-#: (2 * BAND + 1 levels in all; the local fit counts at most 5 as well).
+#: Seed levels on either side of a slab's own that the first round's tasks
+#: count boxes at, with no prediction yet (2 * BAND + 1 levels in all; the
+#: local fit counts at most 5 as well).
 BAND = 2
 
 
@@ -82,7 +85,7 @@ class WorkerSlabs:
         """The slabs at `positions` only."""
         return WorkerSlabs(self.client, [self.work[p] for p in positions], [self.blocks[p] for p in positions])
 
-    def map(self, function, arguments, *, desc, progress):
+    def map(self, function, arguments, *, progress, desc=None):
         """``function(slab, *arguments(position))`` for every slab, computed on
         the workers; the results in the order of `work`.
 
@@ -103,7 +106,9 @@ class WorkerSlabs:
         futures = self.client.compute(tasks)
         position_of = {future.key: position for position, future in enumerate(futures)}
         progress = dict(progress, total=sum(len(group) for _, group in self.work))
-        with tqdm(desc=desc, **progress) as bar:
+        if desc is not None:
+            progress["desc"] = desc
+        with tqdm(**progress) as bar:
             for future in as_completed(futures):
                 bar.update(len(self.work[position_of[future.key]][1]))
         return self.client.gather(futures)
@@ -162,9 +167,11 @@ def _slab_blocks(work):
 # ---------------------------------------------------------------------------
 # what each task runs on its worker
 # ---------------------------------------------------------------------------
-def slab_counts_and_boxes(slab, settings, band):
+def slab_counts_and_boxes(slab, settings, band, predicted):
     """Task of the one-read fit: the slab's slice histograms, and its seed
-    boxes' excluded histograms at every level within `band` of its own.
+    boxes' excluded histograms at the levels that the slabs counted before
+    predict (`predicted`, as the local pass chooses them), or, with no
+    prediction, at every level within `band` of the slab's own.
 
     Returns ``(hists, levels, excluded)`` as the local one-read pass keeps them.
     """
@@ -173,7 +180,12 @@ def slab_counts_and_boxes(slab, settings, band):
 
     hists = fit.slice_histograms(CPU, slab)
     own = fit._predicted_level(settings, hists.sum(axis=0), settings.polarity == "dark")
-    levels = [] if own is None or not _numba.available() else list(range(own - band, own + band + 1))
+    if own is None or not _numba.available():
+        levels = []
+    elif predicted is None:
+        levels = list(range(own - band, own + band + 1))
+    else:
+        levels = fit._candidate_levels(predicted, own, settled=True)
     return hists, levels, fit._excluded_histograms(settings, slab, hists, levels)
 
 
