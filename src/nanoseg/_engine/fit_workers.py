@@ -66,7 +66,7 @@ def settings_of(model):
 
 class WorkerSlabs:
     """The slabs of a fit's `work` (``(volume, slice indices)`` pairs) as
-    blocks of dask arrays, computed on a client's workers.
+    tasks on a client's workers.
 
     Parameters
     ----------
@@ -74,6 +74,10 @@ class WorkerSlabs:
     work : list of (Volume, ndarray)
         Consecutive groups of each volume's sampled slices, as the local fit
         cuts them.
+    blocks : list, optional
+        One slab per entry of `work`: a :class:`StoredSlab` (a zarr volume's
+        slab, read by its task) or a delayed block of a dask volume. Made
+        from `work` by default.
     """
 
     def __init__(self, client, work, blocks=None):
