@@ -185,6 +185,21 @@ def test_16bit_fit_on_the_workers_matches_local(tmp_path, client, small_slabs):
         assert getattr(model, name) == getattr(NanoparticleMixture(max_iter=100_000).fit(wide), name)
 
 
+def test_workers_that_cannot_open_the_input_are_named(tmp_path, client, capsys):
+    # The zarr array is deleted after being opened, as if the workers could
+    # not see it: every task fails to read its chunks (rather than reading
+    # the fill value), and the error says where it ran and what workers need.
+    import shutil
+
+    image, _ = make_phantom((6, 48, 48), n_particles=10, random_state=36)
+    z = _stored(tmp_path, image, (2, 48, 48))
+    shutil.rmtree(tmp_path / "image.zarr")
+    with pytest.raises(OSError) as raised:
+        NanoparticleMixture(verbose=True).fit(z)
+    assert "dask.distributed worker" in "\n".join(getattr(raised.value, "__notes__", []))
+    assert "as tasks on the workers of tcp://" in capsys.readouterr().out
+
+
 def test_in_memory_volumes_are_fitted_here(client):
     # A NumPy volume would have to travel to the workers whole: fitted in
     # this process, no task.

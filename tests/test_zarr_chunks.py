@@ -73,6 +73,21 @@ def test_missing_chunks_read_as_the_fill_value(tmp_path):
     assert files[0].min() == 7 and files[1, 0, 0] == 3
 
 
+def test_an_array_whose_directory_is_gone_is_not_read_as_fill(tmp_path):
+    # Missing chunks read as the fill value, but not when the whole array is
+    # missing (moved, deleted, or a cluster worker that cannot see the files).
+    import shutil
+
+    array = zarr.create_array(store=str(tmp_path / "g.zarr"), shape=(4, 10, 10), chunks=(1, 5, 5), dtype="uint8")
+    array[...] = 5
+    files = chunk_files(array)
+    shutil.rmtree(tmp_path / "g.zarr")
+    with pytest.raises(FileNotFoundError, match="not there on this machine"):
+        files[0:2]
+    with pytest.raises(FileNotFoundError, match="not there on this machine"):
+        files.nonzero([(0, 2), (0, 10), (0, 10)])
+
+
 @pytest.mark.parametrize(
     "make",
     [

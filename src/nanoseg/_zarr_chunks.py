@@ -168,11 +168,22 @@ class ChunkFiles(PerThreadState):
             try:
                 raw = self._path(coords).read_bytes()
             except FileNotFoundError:
+                self._check_present()
                 continue
             yield target, self._decode(raw, self._scratch())[source]
 
     def _path(self, coords):
         return self.root / self.array.metadata.encode_chunk_key(tuple(coords))
+
+    def _check_present(self):
+        """Refuse to read a missing chunk as the fill value when the array's
+        whole directory is missing: the array was moved or deleted, or this is
+        a ``dask.distributed`` worker that cannot see the client's files."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"The zarr array at {str(self.root)!r} is not there on this machine (moved, deleted, or "
+                "on a file system this process cannot see): its chunks cannot be read."
+            )
 
     def _scratch(self):
         buffer = getattr(self._local, "chunk", None)
@@ -208,6 +219,7 @@ class ChunkFiles(PerThreadState):
             try:
                 raw = self._path(coords).read_bytes()
             except FileNotFoundError:
+                self._check_present()
                 if convert is None:
                     out[target] = self.fill_value
                 else:

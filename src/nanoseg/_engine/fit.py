@@ -111,6 +111,8 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
     predicted = None
     # Under a distributed client, every pass runs its slabs on the workers.
     remote = None if client is None else fit_workers.WorkerSlabs(client, work)
+    if remote is not None and model.verbose:
+        print(f"[nanoseg] fit: {len(work)} slab(s) as tasks on the workers of {client.scheduler.address}")
 
     if wide:
         # Pass 1 for 16-bit data: the binning must be fixed before any slab

@@ -112,10 +112,19 @@ class WorkerSlabs:
         progress = dict(progress, total=sum(len(group) for _, group in self.work))
         if desc is not None:
             progress["desc"] = desc
-        with tqdm(**progress) as bar:
-            for future in as_completed(futures):
-                bar.update(len(self.work[position_of[future.key]][1]))
-        return self.client.gather(futures)
+        try:
+            with tqdm(**progress) as bar:
+                for future in as_completed(futures):
+                    bar.update(len(self.work[position_of[future.key]][1]))
+            return self.client.gather(futures)
+        except OSError as error:
+            # A worker could not open the input: say where it ran.
+            error.add_note(
+                "Raised on a dask.distributed worker: under a client, the fit reads each slab on "
+                "the worker that runs its task, so the workers must be able to open the input at "
+                "the same path or URL as this process (a shared file system or object storage)."
+            )
+            raise
 
 
 class StoredSlab:
