@@ -20,6 +20,22 @@ def test_import_does_not_load_scikit_learn_scipy_or_dask():
     assert not {"sklearn", "scipy", "dask", "zarr"} & loaded
 
 
+def test_fitting_stored_data_without_a_client_does_not_load_distributed(tmp_path):
+    # Whether a dask.distributed client should run the fit is asked only of
+    # an imported distributed (importing it costs about a second).
+    loaded = _modules_after(
+        "import zarr\n"
+        "from nanoseg import NanoparticleMixture\n"
+        "from nanoseg.datasets import make_phantom\n"
+        "image, _ = make_phantom((6, 64, 64), n_particles=10, random_state=1)\n"
+        f"z = zarr.create_array(store={str(tmp_path / 'a.zarr')!r}, shape=image.shape, chunks=(2, 64, 64), dtype='uint8')\n"
+        "z[...] = image\n"
+        "NanoparticleMixture().fit(z)"
+    )
+    assert "nanoseg._engine.fit_workers" in loaded
+    assert "distributed" not in loaded
+
+
 def test_help_does_not_load_scikit_learn():
     loaded = _modules_after(
         "from nanoseg.cli import build_parser\n"

@@ -27,6 +27,8 @@ The per-slab functions run on the CPU of the worker, whatever the estimator's
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from tqdm import tqdm
 
@@ -47,11 +49,13 @@ def client_for(volumes, backend):
     """
     if backend.name != "cpu" or not all(volume.kind in ("zarr", "dask") for volume in volumes):
         return None
-    try:
-        import distributed
-        from dask.base import get_scheduler
-    except ImportError:
+    # No client can exist unless distributed was imported; importing it
+    # here to find out would cost a second in every process without one.
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
         return None
+    from dask.base import get_scheduler
+
     scheduler = get_scheduler(collections=[v.array for v in volumes if v.kind == "dask"] or None)
     owner = getattr(scheduler, "__self__", None)
     return owner if isinstance(owner, distributed.Client) else None

@@ -26,6 +26,7 @@ merging runs: the labels are identical to the CPU's.
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -480,11 +481,11 @@ class SlabLabeler:
         slabs are labelled on the CPU; else None."""
         if self.backend.is_gpu:
             return None  # the workers may have no GPU
-        try:
-            import distributed
-            from dask.base import get_scheduler
-        except ImportError:
+        distributed = sys.modules.get("distributed")  # no client without it (and no import cost)
+        if distributed is None:
             return None
+        from dask.base import get_scheduler
+
         owner = getattr(get_scheduler(collections=[self._lazy_mask]), "__self__", None)
         return owner if isinstance(owner, distributed.Client) else None
 
