@@ -493,9 +493,10 @@ def _background_pass(model, work, backend, n_jobs, progress, binning, slice_hist
         return None if slice_hists is None else slice_hists[firsts[position] : firsts[position + 1]]
 
     if remote is not None:
+        settings = fit_workers.settings_of(model)
         results = remote.map(
             fit_workers.slab_background,
-            lambda position: (fit_workers.settings_of(model), binning, low, high, given_hists(position)),
+            lambda position: (settings, binning, low, high, given_hists(position)),
             desc="Background histogram", progress=progress,
         )
     else:

@@ -502,12 +502,15 @@ class SlabLabeler:
         :meth:`submit_slabs`): the mask never travels, and the input is read
         once whatever the volume's size.
         """
+        import uuid
+
         futures = self.submit_slabs("nanoseg-label-slab", range(len(self.bounds)))
         depths = [stop - start for start, stop in self.bounds]
         plane_size = self.volume.shape[1] * self.volume.shape[2]
+        name = f"nanoseg-slab-summary-{uuid.uuid4().hex}"
         summaries = self._client.map(
             _sent_summary, futures, depths, [plane_size] * len(futures),
-            key=[f"nanoseg-slab-summary-{future.key[0].rsplit('-', 1)[-1]}-{index}" for index, future in enumerate(futures)],
+            key=[f"{name}-{index}" for index in range(len(futures))],
         )
         try:
             for future, summary in zip(futures, summaries):
@@ -738,11 +741,12 @@ class SlabLabeler:
         blocks = []
         for index, (start, stop) in enumerate(plan.bounds):
             if isinstance(plan.slabs[index], KeptOnWorkers):
-                # Each block from the slab's labelled voxels where they are.
-                future, table = plan.slabs[index].future, plan.compact_table(index)
+                # The slab's final labels looked up once, where its labelled
+                # voxels are; each block is then cut from them there.
+                kept = dask.delayed(_kept_voxels, pure=True)(plan.slabs[index].future, plan.compact_table(index))
                 for a in range(start, stop, step):
                     b = min(a + step, stop)
-                    task = dask.delayed(_kept_block, pure=True)(future, table, a - start, b - start, plane_shape)
+                    task = dask.delayed(_kept_block, pure=True)(kept, a - start, b - start, plane_shape)
                     blocks.append(da.from_delayed(task, (b - a, *plane_shape), dtype=plan.dtype))
                 continue
             if plan.slabs[index] is not None:
@@ -849,10 +853,10 @@ def _kept_voxels(labelled, compact):
     return np.asarray(flat[kept], dtype=np.int64), values[kept]
 
 
-def _kept_block(labelled, compact, lo, hi, plane_shape):
-    """A worker's task: planes ``lo:hi`` (within the slab) of the final labels
-    of a slab labelled earlier, as a dense block."""
-    flat, values = _kept_voxels(labelled, compact)
+def _kept_block(kept, lo, hi, plane_shape):
+    """A worker's task: planes ``lo:hi`` (within the slab) of a slab's final
+    labels, given as its :func:`_kept_voxels`, as a dense block."""
+    flat, values = kept
     plane_size = plane_shape[0] * plane_shape[1]
     first, last = np.searchsorted(flat, [lo * plane_size, hi * plane_size])
     return _scatter(flat[first:last] - lo * plane_size, values[first:last], (hi - lo, *plane_shape))
