@@ -77,12 +77,12 @@ def test_mispredicted_slabs_are_read_again(drifting, monkeypatch):
     monkeypatch.setattr(fit_engine, "ONE_READ", True)
 
     counter = SliceCounter(monkeypatch)
-    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own, settled: [300])  # never right
+    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own, settled, bounds=None: [300])  # never right
     assert_same_model(two, NanoparticleMixture(tol=1e-6, memory_budget=budget).fit(drifting))
     assert counter.slices == drifting.shape[0] - 4  # all but the held slab
 
     counter = SliceCounter(monkeypatch)
-    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own, settled: list(range(-1, 257)))
+    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own, settled, bounds=None: list(range(-1, 257)))
     assert_same_model(two, NanoparticleMixture(tol=1e-6, memory_budget=budget).fit(drifting))
     assert counter.slices == 0
 
@@ -114,6 +114,42 @@ def test_candidate_levels():
     assert fit_engine._candidate_levels(150, 150, settled=True) == [150]
     assert fit_engine._candidate_levels(150, 151, settled=True) == [149, 150, 151, 152]
     assert fit_engine._candidate_levels(150, None, settled=True) == [149, 150, 151]
+    # Settled with bounds: only the levels the stack can still reach, and the prediction.
+    assert fit_engine._candidate_levels(150, 153, settled=True, bounds=(150, 151)) == [150, 151]
+    assert fit_engine._candidate_levels(150, 153, settled=True, bounds=(152, 152)) == [150, 152]
+    # Not settled: bounds are not used.
+    assert fit_engine._candidate_levels(150, 152, bounds=(150, 150)) == [149, 150, 151, 152, 153]
+
+
+@pytest.mark.parametrize("dark", [False, True])
+@pytest.mark.parametrize("percentile", [90.0, 99.5])
+def test_level_bounds_hold_the_stack_level_while_slabs_stay_within_those_seen(dark, percentile):
+    """Slabs mixed from the two most extreme ones lie between them, bin by
+    bin: after those two, every bound holds the whole stack's final level."""
+    rng = np.random.default_rng(0)
+    model = NanoparticleMixture(percentile_low=percentile, polarity="dark" if dark else "bright")
+    dim = np.bincount(np.clip(rng.normal(90, 20, 50_000), 0, 255).astype(int), minlength=256)
+    bright = np.bincount(np.clip(rng.normal(130, 25, 50_000), 0, 255).astype(int), minlength=256)
+    slabs = [dim, bright] + [
+        np.round(w * dim + (1 - w) * bright).astype(np.int64) for w in rng.uniform(0, 1, 12)
+    ]
+    final = fit_engine._predicted_level(model, np.sum(slabs, axis=0), dark)
+    spread = fit_engine._SlabSpread()
+    counted = np.zeros(256, dtype=np.int64)
+    total = sum(int(h.sum()) for h in slabs)
+    widths = []
+    for i, hist in enumerate(slabs):
+        counted = counted + hist
+        spread.add(hist)
+        if i == 0:
+            continue
+        low, high = fit_engine._level_bounds(model, counted, spread.extremes(), total - counted.sum(), dark)
+        assert low <= final <= high
+        widths.append(high - low)
+    # The bounds close in on the level as the slabs are counted.
+    assert widths[-1] == 0 and widths[0] > 0 and widths == sorted(widths, reverse=True)
+    assert fit_engine._level_bounds(NanoparticleMixture(percentile_low="otsu"), counted, spread.extremes(), 0, dark) is None
+    assert fit_engine._level_bounds(model, counted, fit_engine._SlabSpread().extremes(), 0, dark) is None
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 8, 9, 33])

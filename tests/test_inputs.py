@@ -166,7 +166,7 @@ def test_zarr_is_read_slab_by_slab_never_whole(volume_20x96x112, small_slabs, mo
     # One read: each slice once, when every slab's predicted levels hold the
     # final one (here forced: every level predicted). The same model.
     monkeypatch.setattr(fit_engine, "ONE_READ", True)
-    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own, settled: list(range(-1, 257)))
+    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own, settled, bounds=None: list(range(-1, 257)))
     requested.clear()
     store.reads.clear()
     mixture = NanoparticleMixture().fit(z)

@@ -247,7 +247,7 @@ MAX_PREDICTED_LEVELS = 5
 SETTLED_SLABS = 4
 
 
-def _candidate_levels(so_far, own, settled=False):
+def _candidate_levels(so_far, own, settled=False, bounds=None):
     """Seed levels a slab counts its boxes at, from the level that the
     histograms read so far predict (`so_far`) and the slab's own (`own`).
 
@@ -255,8 +255,9 @@ def _candidate_levels(so_far, own, settled=False):
     the stack's level is looked for between the two and one level beyond
     (a prediction from part of the stack is often one level off). Once the
     prediction is `settled` (enough slabs counted) and the slab agrees with
-    it, that level alone. At most :data:`MAX_PREDICTED_LEVELS` levels are
-    kept, nearest `so_far` first.
+    it, that level alone. Once settled, `bounds` (see :func:`_level_bounds`),
+    when given, narrows the levels to those the stack can still reach. At
+    most :data:`MAX_PREDICTED_LEVELS` levels are kept, nearest `so_far` first.
     """
     known = [level for level in (so_far, own) if level is not None]
     if not known:
@@ -265,7 +266,56 @@ def _candidate_levels(so_far, own, settled=False):
         return [so_far]
     centre = known[0]
     span = range(min(known) - 1, max(known) + 2)
+    if settled and bounds is not None and so_far is not None:
+        # The levels the stack can still reach, and the prediction itself.
+        span = [level for level in span if bounds[0] <= level <= bounds[1] or level == so_far]
     return sorted(sorted(span, key=lambda level: abs(level - centre))[:MAX_PREDICTED_LEVELS])
+
+
+class _SlabSpread:
+    """The slabs' intensity distributions seen so far, for :func:`_level_bounds`.
+
+    Keeps, bin by bin, the lowest and the highest cumulative distribution of
+    the slabs added: two distributions between which every slab seen lies.
+    """
+
+    def __init__(self):
+        self.lowest = self.highest = None
+
+    def add(self, hist):
+        total = hist.sum()
+        if total == 0:
+            return
+        cdf = np.cumsum(hist) / total
+        if self.lowest is None:
+            self.lowest = self.highest = cdf
+        else:
+            # New arrays, never changed in place: readers hold the old ones.
+            self.lowest, self.highest = np.minimum(self.lowest, cdf), np.maximum(self.highest, cdf)
+
+    def extremes(self):
+        """(lowest, highest) cumulative distributions, or None before any slab."""
+        return None if self.lowest is None else (self.lowest, self.highest)
+
+
+def _level_bounds(model, counted, extremes, remaining, dark):
+    """The lowest and the highest seed level of the whole stack, or None.
+
+    `counted` (raw histogram) is what the slabs read so far hold; `remaining`
+    pixels are still to come. If they are distributed like the slabs seen
+    (between the bin-by-bin `extremes` of :meth:`_SlabSpread.extremes`),
+    a percentile of the stack lies between its values for the two extremes:
+    the stack's cumulative distribution lies between theirs. Slabs beyond
+    the extremes seen can take the level outside; such a slab is only read
+    again, the model stays the same. None for Otsu's level (not monotone in
+    the distribution) and before any slab is seen.
+    """
+    if model.percentile_low == "otsu" or extremes is None:
+        return None
+    levels = [_predicted_level(model, counted + remaining * np.diff(cdf, prepend=0.0), dark) for cdf in extremes]
+    if None in levels:
+        return None
+    return min(levels), max(levels)
 
 
 def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
@@ -282,6 +332,8 @@ def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
     lock = threading.Lock()
     counted = np.zeros(_model.N_BINS, dtype=np.int64)
     n_counted = 0
+    spread = _SlabSpread()
+    n_pixels = sum(len(group) * int(np.prod(volume.shape[1:])) for volume, group in work)
     # Slabs are read in an order that spreads over the stack from the start
     # (first, last, middle, quarters, ...), so that the levels predicted early
     # already see both ends of a stack whose intensities drift along z.
@@ -296,11 +348,15 @@ def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
         with lock:
             counted = counted + own
             n_counted += 1
-            so_far, settled = counted, n_counted > SETTLED_SLABS
+            spread.add(own)
+            so_far, settled, extremes = counted, n_counted > SETTLED_SLABS, spread.extremes()
         if position == order[0]:
             return hists, ([], None, slab)
+        bounds = None
+        if settled:
+            bounds = _level_bounds(model, so_far, extremes, n_pixels - so_far.sum(), dark)
         levels = _candidate_levels(
-            _predicted_level(model, so_far, dark), _predicted_level(model, own, dark), settled
+            _predicted_level(model, so_far, dark), _predicted_level(model, own, dark), settled, bounds
         )
         return hists, (levels, _excluded_histograms(model, slab, hists, levels), None)
 
