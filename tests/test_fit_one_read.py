@@ -70,20 +70,33 @@ def test_one_read_gives_the_two_pass_model(drifting, monkeypatch, params, budget
 
 def test_mispredicted_slabs_are_read_again(drifting, monkeypatch):
     """Slabs whose predicted levels miss the final one are read a second
-    time, and only those; the slab held to the end never is."""
-    budget = 96 * 80 * 4 * 4 * 3  # slabs of 4 slices: 9 slabs
+    time, and only those; the slabs held to the end never are, and predict
+    nothing."""
+    depth = 3
+    # Two threads' slabs plus the held slabs' values (a quarter of a slab's
+    # working memory each, rounded up): slabs of 3 slices, 12 slabs.
+    in_flight = 2 + -(-fit_engine.HELD_SLABS // 4)
+    params = dict(tol=1e-6, memory_budget=96 * 80 * 4 * depth * in_flight, n_jobs=2)
     monkeypatch.setattr(fit_engine, "ONE_READ", False)
-    two = NanoparticleMixture(tol=1e-6, memory_budget=budget).fit(drifting)
+    two = NanoparticleMixture(**params).fit(drifting)
     monkeypatch.setattr(fit_engine, "ONE_READ", True)
+    n_held = fit_engine.HELD_SLABS * depth
 
     counter = SliceCounter(monkeypatch)
-    monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own, settled, bounds=None: [300])  # never right
-    assert_same_model(two, NanoparticleMixture(tol=1e-6, memory_budget=budget).fit(drifting))
-    assert counter.slices == drifting.shape[0] - 4  # all but the held slab
+    asked = []
+
+    def never_right(so_far, own, settled, bounds=None):
+        asked.append(so_far)
+        return [300]
+
+    monkeypatch.setattr(fit_engine, "_candidate_levels", never_right)
+    assert_same_model(two, NanoparticleMixture(**params).fit(drifting))
+    assert counter.slices == drifting.shape[0] - n_held  # all but the held slabs
+    assert len(asked) == drifting.shape[0] // depth - fit_engine.HELD_SLABS
 
     counter = SliceCounter(monkeypatch)
     monkeypatch.setattr(fit_engine, "_candidate_levels", lambda so_far, own, settled, bounds=None: list(range(-1, 257)))
-    assert_same_model(two, NanoparticleMixture(tol=1e-6, memory_budget=budget).fit(drifting))
+    assert_same_model(two, NanoparticleMixture(**params).fit(drifting))
     assert counter.slices == 0
 
 

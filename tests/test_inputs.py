@@ -217,9 +217,11 @@ def test_lazy_labels_with_and_without_kept_slabs(volume_20x96x112, reference, ke
 def test_memory_budget_sets_slabs_not_results(volume_20x96x112, reference, capsys):
     mixture, posterior, labels = reference
     plane = volume_20x96x112.shape[1] * volume_20x96x112.shape[2]
-    # The one-read fit keeps one slab to the end: one job's slab and that
-    # one share the budget.
-    small = NanoparticleMixture(memory_budget=2 * 2 * plane * 5, n_jobs=1, verbose=True).fit(volume_20x96x112)
+    # The one-read fit keeps the values (a byte a voxel, against 4 bytes of
+    # working memory) of HELD_SLABS slabs to the end: they count as
+    # ceil(HELD_SLABS / 4) slabs, sharing the budget with one job's slab.
+    held = -(-fit_engine.HELD_SLABS // 4)
+    small = NanoparticleMixture(memory_budget=(1 + held) * 2 * plane * 4, n_jobs=1, verbose=True).fit(volume_20x96x112)
     np.testing.assert_array_equal(small.particle_pmf_, mixture.particle_pmf_)
     np.testing.assert_array_equal(small.transform(volume_20x96x112), posterior)
     tiny = NanoparticleLabeler(min_size=3, memory_budget="1KiB", verbose=True).transform(posterior)
@@ -227,8 +229,8 @@ def test_memory_budget_sets_slabs_not_results(volume_20x96x112, reference, capsy
     out = capsys.readouterr().out
     assert "histograms: X 20 x 96 x 112 (numpy), slabs of 2 slice(s)" in out
     assert "labelling: X 20 x 96 x 112 (numpy), slabs of 1 slice(s)" in out
-    # Two jobs and the held slab share the budget: each slab gets a third.
-    NanoparticleMixture(memory_budget=6 * plane * 4, n_jobs=2, verbose=True).fit(volume_20x96x112)
+    # Two jobs and the held slabs share the budget.
+    NanoparticleMixture(memory_budget=(2 + held) * 2 * plane * 4, n_jobs=2, verbose=True).fit(volume_20x96x112)
     assert "slabs of 2 slice(s)" in capsys.readouterr().out
 
 

@@ -91,8 +91,10 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
     # 16-bit data (and 8-bit data given a binning) is mapped to bins slab by slab.
     wide = any(volume.dtype == np.uint16 for volume in volumes)
     maps = wide or not keeps_8bit_values(model)
-    # The one-read fit holds one slab to the end (see _histogram_and_seed_pass).
+    # The one-read fit holds HELD_SLABS slabs' values to the end (see
+    # _histogram_and_seed_pass): a quarter of a slab's working memory each.
     once = _reads_once(model, backend, maps)
+    held_share = -(-HELD_SLABS // HISTOGRAM_BYTES_PER_VOXEL) if once else 0
     n_read = host_readers(model.n_jobs, backend, volumes, n_jobs)
     client = fit_workers.client_for(volumes, backend)
     work = [
@@ -101,7 +103,7 @@ def fit_mixture(model, volumes, is_list, backend, n_jobs):
         for group in volume.slabs(
             slab_depth(
                 volume, HISTOGRAM_BYTES_PER_VOXEL + mapping_bytes(volume, maps),
-                memory_budget=model.memory_budget, n_in_flight=n_jobs + once + (n_read or 0),
+                memory_budget=model.memory_budget, n_in_flight=n_jobs + held_share + (n_read or 0),
                 verbose=model.verbose, what="histograms",
             ),
             indices,
@@ -246,6 +248,15 @@ MAX_PREDICTED_LEVELS = 5
 #: with is trusted alone (no level on either side).
 SETTLED_SLABS = 4
 
+#: Slabs first in the spread order that the one-read fit holds (their uint8
+#: values) and counts once the seed level is known: before them, too few
+#: histograms are counted to predict from. Holding the first five instead of
+#: one saved a third of the seed-box work on the 0.54 Gvoxel phantom and
+#: avoided most second reads on stacks whose brightness drifts along z, but
+#: made a fresh process's fit slower (0.54 -> 0.69 s): the four more slabs
+#: held are 128 MiB of memory touched for the first time.
+HELD_SLABS = 1
+
 
 def _candidate_levels(so_far, own, settled=False, bounds=None):
     """Seed levels a slab counts its boxes at, from the level that the
@@ -324,9 +335,9 @@ def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
     Returns every sampled slice's histogram, by raw intensity, and for each
     slab of `work` its predicted seed levels with the summed histograms of
     the pixels its seed boxes exclude at each of them (see
-    :func:`_candidate_levels`). The slab read first has no histograms to
-    predict from: it is held, and its boxes are counted once the level is
-    known (:func:`_settle_background`).
+    :func:`_candidate_levels`). The :data:`HELD_SLABS` slabs read first have
+    too few histograms before them to predict from: they are held, and
+    their boxes are counted once the level is known (:func:`_settle_background`).
     """
     dark = model.polarity == "dark"
     lock = threading.Lock()
@@ -338,6 +349,7 @@ def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
     # (first, last, middle, quarters, ...), so that the levels predicted early
     # already see both ends of a stack whose intensities drift along z.
     order = spread_order(len(work))
+    held = set(order[:HELD_SLABS])
 
     def read(position):
         nonlocal counted, n_counted
@@ -350,7 +362,7 @@ def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
             n_counted += 1
             spread.add(own)
             so_far, settled, extremes = counted, n_counted > SETTLED_SLABS, spread.extremes()
-        if position == order[0]:
+        if position in held:
             return hists, ([], None, slab)
         bounds = None
         if settled:
@@ -399,23 +411,22 @@ def _remote_histogram_and_seed_pass(model, remote, progress):
     return np.concatenate([hists for hists, _, _ in ordered]), [(levels, excluded, None) for _, levels, excluded in ordered]
 
 
-def _excluded_histograms(model, slab, hists, levels, n_jobs=1):
+def _excluded_histograms(model, slab, hists, levels):
     """(len(levels), 256): the summed histograms of the pixels that the
-    seed boxes of `slab`'s slices exclude at each model-space level, its
-    slices counted on `n_jobs` threads."""
+    seed boxes of `slab`'s slices exclude at each model-space level."""
     excluded = np.zeros((len(levels), _model.N_BINS), dtype=np.int64)
-    if not levels:
-        return excluded
-
-    def count(index):
-        return excluded_box_histograms(
-            slab[index], levels, min_seed_size=model.min_seed_size, halo_pad=model.halo_pad,
-            dark=model.polarity == "dark", hist=hists[index],
-        )
-
-    for counted in ordered_map(count, range(len(slab)), min(n_jobs, len(slab))):
-        excluded += counted
+    for index in range(len(slab) if levels else 0):
+        excluded += _slice_excluded(model, slab[index], hists[index], levels)
     return excluded
+
+
+def _slice_excluded(model, image, hist, levels):
+    """:func:`~nanoseg._ops.seeds.excluded_box_histograms` of one slice
+    `image` (its histogram `hist`) with `model`'s settings."""
+    return excluded_box_histograms(
+        image, levels, min_seed_size=model.min_seed_size, halo_pad=model.halo_pad,
+        dark=model.polarity == "dark", hist=hist,
+    )
 
 
 def spread_order(n):
@@ -437,7 +448,7 @@ def _settle_background(model, work, backend, n_jobs, progress, slice_hists, pred
     """The background histogram from the one-read pass, once the seed level `low` is known.
 
     Slabs that predicted `low` give their slices' histograms minus their
-    excluded pixels at `low`; the held slab has its boxes counted at `low`
+    excluded pixels at `low`; the held slabs have their boxes counted at `low`
     now; the others are read again (pass 2 on them alone; on the workers of
     `remote`, a :class:`~nanoseg._engine.fit_workers.WorkerSlabs`, when given).
     """
@@ -445,11 +456,11 @@ def _settle_background(model, work, backend, n_jobs, progress, slice_hists, pred
     firsts = np.cumsum([0] + [len(group) for _, group in work])
     total = np.zeros(_model.N_BINS, dtype=np.int64)
     missed = []
+    held_excluded = _held_excluded(model, predicted, slice_hists, firsts, low, n_jobs)
     for position, (levels, excluded, held) in enumerate(predicted):
         hists = slice_hists[firsts[position] : firsts[position + 1]]
         if held is not None:
-            # Counted while no other slab is: on every thread, slice by slice.
-            levels, excluded = [low], _excluded_histograms(model, held, hists, [low], n_jobs)
+            levels, excluded = [low], held_excluded[position]
         if low in levels:
             total += hists.sum(axis=0) - excluded[levels.index(low)]
         else:
@@ -464,6 +475,26 @@ def _settle_background(model, work, backend, n_jobs, progress, slice_hists, pred
             model, again, backend, n_jobs, progress, IDENTITY, hists, low, high, remote=again_remote
         )[0]
     return total, None
+
+
+def _held_excluded(model, predicted, slice_hists, firsts, low, n_jobs):
+    """The excluded histograms at `low`, (1, 256) by position, of the slabs
+    that :func:`_histogram_and_seed_pass` held.
+
+    Counted while no other slab is: the held slabs' slices are shared
+    among every thread at once.
+    """
+    held = [(position, index) for position, (_, _, slab) in enumerate(predicted) if slab is not None
+            for index in range(len(slab))]
+
+    def count(item):
+        position, index = item
+        return position, _slice_excluded(model, predicted[position][2][index], slice_hists[firsts[position] + index], [low])
+
+    excluded = {}
+    for position, counted in ordered_map(count, held, min(n_jobs, max(1, len(held)))):
+        excluded[position] = excluded.get(position, 0) + counted
+    return excluded
 
 
 def map_slabs(function, work, backend, n_jobs, n_read=None):
