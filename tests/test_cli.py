@@ -345,6 +345,30 @@ def test_cuda_without_a_gpu(small_image, capsys):
     assert re.search(r"cuda|CuPy|GPU|CPU only", error_line(capsys))
 
 
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        # Small images: used whole.
+        ((10, 96, 112), (slice(0, 10), slice(0, 96), slice(0, 112))),
+        ((96, 112), (slice(0, 96), slice(0, 112))),
+        # Deep stacks: the 32 central slices.
+        ((100, 64, 64), (slice(34, 66), slice(0, 64), slice(0, 64))),
+        # Large planes: a central window of about 32 Mi voxels in all.
+        ((128, 2048, 2048), (slice(48, 80), slice(512, 1536), slice(512, 1536))),
+        ((8, 4096, 3000), (slice(0, 8), slice(1024, 3072), slice(476, 2524))),
+        # Planes so large that 32 of them would be read: fewer slices.
+        ((64, 8192, 8192), (slice(30, 34), slice(2648, 5544), slice(2648, 5544))),
+        ((20000, 300), (slice(7104, 12896), slice(0, 300))),
+    ],
+)
+def test_sensitivity_sample(shape, expected):
+    from nanoseg.cli import _segment
+
+    sample = _segment.sensitivity_sample(shape)
+    assert sample == expected
+    assert np.prod([s.stop - s.start for s in sample]) <= _segment.SENSITIVITY_VOXELS
+
+
 def test_report(segmented, tmp_path):
     pytest.importorskip("matplotlib")
     folder = segmented["folder"]

@@ -23,6 +23,7 @@ from nanoseg import (
     NanoparticleMixture,
     plotting,
 )
+from nanoseg import _handoff as handoff
 from nanoseg.datasets import make_crops, make_phantom
 from nanoseg.measure import particle_table
 from nanoseg.plotting import (
@@ -580,6 +581,48 @@ def test_write_report_refuses_to_overwrite(fitted, tmp_path):
     assert "particles found" in (tmp_path / "index.html").read_text()
     # Without a posterior, the earlier sensitivity figure does not linger.
     assert not (tmp_path / "threshold_sensitivity.png").exists()
+
+
+def test_write_report_titles_a_sampled_sensitivity_with_its_shape(fitted, tmp_path, monkeypatch):
+    drawn = []
+    original = plotting._draw_sensitivity
+
+    def recording(posterior, labeler, sample_shape, ax):
+        ax = original(posterior, labeler, sample_shape, ax)
+        drawn.append(ax.get_title())
+        return ax
+
+    monkeypatch.setattr(plotting, "_draw_sensitivity", recording)
+    common = {"mixture": fitted["mixture"], "image": fitted["image"], "labels": fitted["labels"], "table": fitted["table"]}
+    write_report(tmp_path / "a", posterior=fitted["posterior"][1:3, 10:60], **common)
+    write_report(tmp_path / "b", posterior=fitted["posterior"], **common)
+    shape = fitted["posterior"][1:3, 10:60].shape
+    assert drawn == [f"Threshold sensitivity (a 2 x 50 x {shape[2]} sample)", "Threshold sensitivity"]
+
+
+def test_write_report_takes_the_slice_weights_a_fitted_lazy_posterior_hands_on(fitted, tmp_path, monkeypatch):
+    image = da.from_array(fitted["image"], chunks=(3, 96, 96))
+    mixture = NanoparticleMixture()
+    posterior = mixture.fit_transform(image)
+    expected = mixture.slice_weights(fitted["image"])
+    # The weights the lazy posterior was made with: those slice_weights gives.
+    np.testing.assert_array_equal(handoff.find(posterior, handoff.SLICE_WEIGHTS), expected)
+    common = {"image": image, "labels": fitted["labels"], "table": fitted["table"]}
+
+    def no_read(X):
+        raise AssertionError("the image was read for its slice weights")
+
+    monkeypatch.setattr(mixture, "slice_weights", no_read)
+    whole = write_report(tmp_path / "whole", mixture=mixture, posterior=posterior, **common).read_text()
+    sample = write_report(
+        tmp_path / "sample", mixture=mixture, posterior=posterior[4:8], slice_weights=expected, **common
+    ).read_text()
+    assert f"{expected.min():.3g} to {expected.max():.3g}" in whole and whole == sample
+    with pytest.raises(ValueError, match="slice_weights has 3 value"):
+        write_report(tmp_path / "bad", mixture=mixture, slice_weights=expected[:3], **common)
+    # A sample of the posterior hands nothing on: the weights are read then.
+    with pytest.raises(AssertionError, match="was read"):
+        write_report(tmp_path / "read", mixture=mixture, posterior=posterior[4:8], **common)
 
 
 def test_write_report_with_no_particles(tmp_path, fitted):

@@ -2,7 +2,9 @@
 
 A lazy posterior from :meth:`NanoparticleMixture.transform` can give its mask
 ``posterior >= threshold`` from boolean tables, without the float posterior
-(``MASK_AT``), and its values at a few voxels (``POSTERIOR_AT``); a lazy
+(``MASK_AT``), its values at a few voxels (``POSTERIOR_AT``) and, when the
+slices' histograms were known (from the fit of ``fit_transform``), the
+per-slice weights it was made with (``SLICE_WEIGHTS``); a lazy
 labelling from :meth:`NanoparticleLabeler.transform` holds its particles as
 voxel lists (``SPARSE_LABELS``). The labeler, :func:`nanoseg.io.write_ome_zarr`
 and :func:`nanoseg.measure.particle_table` use them when they are given such
@@ -25,6 +27,7 @@ from ._volume import is_dask_array
 MASK_AT = "mask_at"
 POSTERIOR_AT = "posterior_at"
 SPARSE_LABELS = "sparse_labels"
+SLICE_WEIGHTS = "slice_weights"
 
 _LOCK = threading.Lock()
 # name -> [number of live arrays it was attached to, {kind: object}]
@@ -34,7 +37,8 @@ _ENTRIES = {}
 def attach(array, **handoffs):
     """Register `handoffs` for the dask `array`; returns `array`.
 
-    Keywords are kinds (``mask_at``, ``posterior_at``, ``sparse_labels``).
+    Keywords are kinds (``mask_at``, ``posterior_at``, ``sparse_labels``,
+    ``slice_weights``).
     """
     name = array.name
     with _LOCK:

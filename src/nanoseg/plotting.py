@@ -22,6 +22,10 @@ them as an array. matplotlib is an optional dependency: install it with
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
+
 from . import _plot_classifier, _plot_common, _plot_model, _plot_particles, _plot_report, _plot_volume
 from ._volume import as_volume
 
@@ -474,7 +478,34 @@ def plot_feature_importances(classifier, ax=None, *, max_features=None):
 # ---------------------------------------------------------------------------
 
 
-def write_report(directory, *, mixture, image, labels, table, posterior=None, labeler=None, overwrite=False):
+def _report_weights(mixture, image, posterior, given):
+    """The per-slice weights of `mixture` on `image` for the report: `given`,
+    those `posterior` hands on, or read from `image`."""
+    from . import _handoff
+
+    n_slices = 1 if as_volume(image).is_2d else image.shape[0]
+    if given is None and posterior is not None and tuple(posterior.shape) == tuple(image.shape):
+        given = _handoff.find(posterior, _handoff.SLICE_WEIGHTS)
+    if given is None:
+        return mixture.slice_weights(image)
+    weights = np.asarray(given, dtype=np.float64).reshape(-1)
+    if weights.size != n_slices:
+        raise ValueError(f"slice_weights has {weights.size} value(s); image has {n_slices} slice(s).")
+    return weights
+
+
+def _draw_sensitivity(posterior, labeler, sample_shape, ax):
+    """The report's threshold-sensitivity figure; its title gives the shape
+    of the sample when `posterior` is only part of the image."""
+    ax = plot_threshold_sensitivity(posterior, labeler=labeler, ax=ax)
+    if sample_shape is not None:
+        ax.set_title(f"Threshold sensitivity (a {' x '.join(map(str, sample_shape))} sample)")
+    return ax
+
+
+def write_report(
+    directory, *, mixture, image, labels, table, posterior=None, labeler=None, overwrite=False, slice_weights=None,
+):
     """Write the quality-control figures and an HTML summary to a directory.
 
     Parameters
@@ -494,11 +525,19 @@ def write_report(directory, *, mixture, image, labels, table, posterior=None, la
     posterior : array, optional
         The posterior; when given, the threshold sensitivity is plotted too,
         which labels it once per threshold (pass a sub-volume to keep that
-        cheap on large data).
+        cheap on large data: ``nanoseg segment --report`` passes a central
+        block of at most 32 x 1024 x 1024 voxels). When its shape is not the
+        image's, the figure's title gives it.
     labeler : NanoparticleLabeler, optional
         The labeler used, for the threshold-sensitivity plot.
     overwrite : bool, optional
         Replace an existing report in `directory`.
+    slice_weights : array_like of shape (Z,), optional
+        The mixture's per-slice weights on `image`
+        (:meth:`~nanoseg.NanoparticleMixture.slice_weights`; one for a 2D
+        image), when already known. Otherwise they come from `posterior`
+        when it is the whole lazy output of the mixture's ``fit_transform``
+        (which knows them), or else from reading `image` once more.
 
     Returns
     -------
@@ -542,7 +581,7 @@ def write_report(directory, *, mixture, image, labels, table, posterior=None, la
     _plot_common.require_matplotlib()
     _plot_model.check_mixture(mixture)
     directory = _plot_report.prepare_directory(directory, REPORT_FILES, overwrite)
-    weights = mixture.slice_weights(image)
+    weights = _report_weights(mixture, image, posterior, slice_weights)
     stack_weight = 1.0 - float(mixture.background_weight_)
     # Both overlays show the same plane, found once.
     label_volume = as_volume(labels, name="labels")
@@ -559,8 +598,8 @@ def write_report(directory, *, mixture, image, labels, table, posterior=None, la
             image, labels, plane=plane, ax=ax, window=REPORT_WINDOW
         )
     if posterior is not None:
-        drawings["threshold_sensitivity.png"] = lambda ax: plot_threshold_sensitivity(
-            posterior, labeler=labeler, ax=ax
+        drawings["threshold_sensitivity.png"] = functools.partial(
+            _draw_sensitivity, posterior, labeler, None if tuple(posterior.shape) == tuple(image.shape) else posterior.shape
         )
     _plot_report.save_figures(directory, drawings, REPORT_FILES)
     index = directory / "index.html"

@@ -105,7 +105,8 @@ def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
         return volume.restore(out)
     if hists is None:
         hists = slice_histograms(model, volume, "Slice weights", backend, n_jobs)
-    luts = model.posterior_luts(slice_weights(model, hists))
+    weights = slice_weights(model, hists)
+    luts = model.posterior_luts(weights)
     if threshold is not None:
         luts = luts >= threshold
     if is_lazy(volume.array):
@@ -116,6 +117,7 @@ def posterior(model, volume, backend, n_jobs, hists=None, threshold=None):
                 out,
                 mask_at=MaskAt(lookup_graph, volume, luts, mapped),
                 posterior_at=PosteriorAt(volume, luts, mapped),
+                slice_weights=weights,
             )
         return volume.restore(out)
     if volume.kind == "cupy":

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .. import _handoff as handoff
 from .._ops import _numba
 from ._common import (
     EXIT_OK,
@@ -124,22 +125,51 @@ def _run_segment(
             from sklearn.base import clone
 
             plotting = importlib.import_module("nanoseg.plotting")
-            # The sensitivity plot labels the posterior once per threshold: a
-            # central block of slices keeps it cheap on large volumes (a 2D
-            # image is one slice, used whole).
-            middle, half = image.shape[0] // 2, 16
-            block = slice(max(0, middle - half), middle + half) if image.ndim == 3 else slice(None)
             with _to_stderr():
                 plotting.write_report(
                     report, mixture=estimator, image=image, labels=written, table=particles,
-                    posterior=posterior[block], labeler=clone(labeler).set_params(verbose=False),
-                    overwrite=overwrite,
+                    posterior=posterior[sensitivity_sample(image.shape)],
+                    labeler=clone(labeler).set_params(verbose=False), overwrite=overwrite,
+                    # Known when the posterior came from the fit: no read of the image for them.
+                    slice_weights=handoff.find(posterior, handoff.SLICE_WEIGHTS),
                 )
     return SimpleNamespace(
         mixture=estimator, labeler=labeler, labels=written, spacing=spacing, table=particles,
         n_particles=_count_labels(written, labels), seconds=time.perf_counter() - start,
         compile_seconds=compiling.seconds,
     )
+
+
+#: Voxels of the sample the report's threshold-sensitivity plot labels once
+#: per threshold (up to eight times).
+SENSITIVITY_VOXELS = 32 * 2**20
+#: Most slices of that sample.
+SENSITIVITY_SLICES = 32
+#: Most voxels of the whole planes the sample is cut from: a lazy posterior
+#: is computed plane by plane (its per-slice tables need whole planes).
+SENSITIVITY_PLANE_VOXELS = 256 * 2**20
+
+
+def sensitivity_sample(shape):
+    """The central block of a 2D or 3D image of `shape` that the report's
+    threshold-sensitivity plot labels: at most :data:`SENSITIVITY_SLICES`
+    slices (fewer where their planes would hold more than
+    :data:`SENSITIVITY_PLANE_VOXELS`), and rows and columns cut to a
+    central window so that it holds about :data:`SENSITIVITY_VOXELS`
+    voxels. A tuple of slices.
+
+    The report's cost is then about the same whatever the size of the
+    image's planes (the plot labels the sample up to eight times).
+    """
+    depth = 1
+    if len(shape) == 3:
+        depth = min(shape[0], SENSITIVITY_SLICES, max(1, SENSITIVITY_PLANE_VOXELS // (shape[1] * shape[2])))
+    side = max(1, math.isqrt(SENSITIVITY_VOXELS // depth))
+    sample = [slice((n - min(n, side)) // 2, (n - min(n, side)) // 2 + min(n, side)) for n in shape[-2:]]
+    if len(shape) == 3:
+        start = (shape[0] - depth) // 2
+        sample.insert(0, slice(start, start + depth))
+    return tuple(sample)
 
 
 def segment(args):
