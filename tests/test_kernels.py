@@ -199,6 +199,34 @@ def test_compiled_em_sums_like_numpy():
             assert kernel(values) == values.sum()
 
 
+@pytest.mark.parametrize("prior", [(1.0, 1.0), (1.0, 20.0), (3.0, 200.0), (1.5, 1.0)])
+def test_compiled_map_weights_are_numpys_to_the_bit(prior, monkeypatch):
+    from nanoseg import _model
+    from nanoseg._ops import map_weights
+
+    rng = np.random.default_rng(int(10 * sum(prior)))
+    calls = []
+    compiled = map_weights.compiled_map_concave
+    monkeypatch.setattr(map_weights, "compiled_map_concave", lambda *a: calls.append(1) or compiled(*a))
+    for trial in range(40):
+        p_bg = rng.dirichlet(np.full(256, rng.uniform(0.1, 5)))
+        p_np = rng.dirichlet(np.full(256, rng.uniform(0.1, 5)))
+        # Weights of 0 and 1 at the ends, and every size of slice.
+        fractions = [0.0, 1e-5, 1e-3, 0.05, 0.5, 1.0][trial % 6 :] or [0.3]
+        hists = np.stack([rng.multinomial(int(10 ** rng.uniform(2, 7)), (1 - f) * p_bg + f * p_np) for f in fractions])
+        weights = []
+        for enabled in (True, False):
+            monkeypatch.setattr(jit, "ENABLED", enabled)
+            weights.append(_model.map_slice_weights(hists, p_np, p_bg, prior, 1e-12))
+        np.testing.assert_array_equal(weights[0], weights[1])
+        # One slice at a time (as a lazy posterior's tasks ask) gives the same weights.
+        monkeypatch.setattr(jit, "ENABLED", True)
+        calls.clear()
+        one_by_one = [_model.map_slice_weights(h[None], p_np, p_bg, prior, 1e-12)[0] for h in hists]
+        np.testing.assert_array_equal(one_by_one, weights[0])
+        assert len(calls) == len(hists)  # the compiled loop, once a slice
+
+
 def test_kernels_compile_without_a_writable_cache_folder():
     # A read-only install with no user cache folder leaves numba no place to
     # cache compiled kernels; they must then compile in memory, not fail.

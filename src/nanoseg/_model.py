@@ -263,7 +263,9 @@ def _numpy_em(p_stack, p_bg, p_np, w_bg, *, max_iter, tol, eps):
 def _log_posterior_slope(pi, hists, diff, p_bg, a, b, eps):
     """d/dpi of the per-slice MAP objective, for every slice at once."""
     mix = pi[:, None] * diff + p_bg + eps
-    slope = np.einsum("zv,zv->z", hists, diff / mix)
+    # A row-wise sum (pairwise, as the compiled loop of
+    # nanoseg._ops.map_weights sums), not einsum, whose order it cannot follow.
+    slope = (hists * (diff / mix)).sum(axis=1)
     return slope + (a - 1.0) / (pi + eps) - (b - 1.0) / (1.0 - pi + eps)
 
 
@@ -326,6 +328,12 @@ def map_slice_weights(hists, particle_pmf, background_pmf, beta_prior, eps, n_bi
 
 def _map_concave(hists, p_np, p_bg, a, b, eps, n_bisect):
     diff = p_np - p_bg
+    from ._ops import _numba, map_weights  # the kernels import this module
+
+    if _numba.available():
+        # The same halvings compiled, identical to the bit: a lazy posterior
+        # solves one slice at a time, where NumPy's calls cost about 1.3 ms.
+        return map_weights.compiled_map_concave(hists, diff, p_bg, a, b, eps, n_bisect)
     n = hists.shape[0]
     lo = np.zeros(n)
     hi = np.ones(n)

@@ -192,13 +192,16 @@ def warm_up():
     """
     if not available():
         return False
-    from . import components, em, histogram, lookup, morphology, point_derivatives, seeds, sparse_gaussian, threshold
+    from . import (
+        components, em, histogram, lookup, map_weights, morphology, point_derivatives, seeds, sparse_gaussian, threshold,
+    )
 
     image = np.zeros((4, 8), dtype=np.uint8)
     image[1, 1:3] = 200
     histogram.compiled_slice_histograms(image[None])
     pmf = np.full(256, 1 / 256)
     em.compiled_em(pmf, pmf, pmf, 0.5, np.inf, 0, max_iter=1, tol=0.0, eps=1e-12)
+    map_weights.compiled_map_concave(np.ones((1, 256)), pmf - pmf, pmf, 1.0, 20.0, 1e-12, 1)
     for dtype in (np.float32, np.float64, np.uint16, np.bool_):
         lookup.compiled_apply_luts(image[None], np.zeros((1, 256), dtype), np.empty((1, *image.shape), dtype))
     seeds.excluded_box_histograms(image, [100, 150], min_seed_size=1, halo_pad=1)
