@@ -230,15 +230,36 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
                 row_max[i] = row
                 col_min[i] = c
                 col_max[i] = c
-                if i > starts[row] and cols[i - 1] == c - 1:
+                left = i > starts[row] and cols[i - 1] == c - 1
+                if left:
                     _k_join(parent, i, i - 1, size, row_min, row_max, col_min, col_max)
                 if row > 0:
                     while above < starts[row] and cols[above] < c - 1:
                         above += 1
+                    # Seeds side by side in a row are always joined, so
+                    # fewer joins do: with a left neighbour (already joined
+                    # to the seeds above it, at c - 2 .. c), only the seed
+                    # above at c + 1 is new; without one, a seed right above
+                    # stands for both of its neighbours.
                     t = above
-                    while t < starts[row] and cols[t] <= c + 1:
-                        _k_join(parent, i, t, size, row_min, row_max, col_min, col_max)
-                        t += 1
+                    stop = starts[row]
+                    if left:
+                        while t < stop and cols[t] < c + 1:
+                            t += 1
+                        if t < stop and cols[t] == c + 1:
+                            _k_join(parent, i, t, size, row_min, row_max, col_min, col_max)
+                    else:
+                        first_above = t
+                        middle = -1
+                        while t < stop and cols[t] <= c + 1:
+                            if cols[t] == c:
+                                middle = t
+                            t += 1
+                        if middle >= 0:
+                            _k_join(parent, i, middle, size, row_min, row_max, col_min, col_max)
+                        else:
+                            for u in range(first_above, t):
+                                _k_join(parent, i, u, size, row_min, row_max, col_min, col_max)
         # The grown, clipped boxes of the components kept.
         n_boxes = 0
         for i in range(n):
