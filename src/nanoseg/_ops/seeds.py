@@ -297,8 +297,9 @@ def _k_count_box_union(flat, n_cols, boxes, out):
     ends exclusive), each pixel once.
 
     Row by row, the column ranges of the boxes that cover the row are sorted
-    and merged, and each merged run is counted as a contiguous stretch: no
-    per-pixel mark, and no pixel visited twice.
+    and merged (again only where a box starts or ends), and each merged run
+    is counted as a contiguous stretch: no per-pixel mark, and no pixel
+    visited twice.
     """
     n_boxes = boxes.shape[0]
     # Boxes by first row: a counting sort over the rows (a library sort
@@ -321,6 +322,8 @@ def _k_count_box_union(flat, n_cols, boxes, out):
     partial = np.zeros((4, 256), dtype=np.int64)
     n_active = 0
     upcoming = 0
+    n_runs = 0
+    changed = True
     row = boxes[order[0], 0]
     while n_active > 0 or upcoming < n_boxes:
         if n_active == 0:
@@ -329,31 +332,41 @@ def _k_count_box_union(flat, n_cols, boxes, out):
             active[n_active] = order[upcoming]
             n_active += 1
             upcoming += 1
-        # This row's column ranges, sorted by start (few: insertion sort).
-        n_ranges = 0
-        for j in range(n_active):
-            box = active[j]
-            lo = boxes[box, 2]
-            hi = boxes[box, 3]
-            t = n_ranges
-            while t > 0 and lows[t - 1] > lo:
-                lows[t] = lows[t - 1]
-                highs[t] = highs[t - 1]
-                t -= 1
-            lows[t] = lo
-            highs[t] = hi
-            n_ranges += 1
-        base = row * n_cols
-        j = 0
-        while j < n_ranges:
-            lo = lows[j]
-            hi = highs[j]
-            j += 1
-            while j < n_ranges and lows[j] <= hi:
-                hi = max(hi, highs[j])
+            changed = True
+        if changed:
+            # The active boxes' column ranges, sorted by start (few:
+            # insertion sort) and merged into disjoint runs, in place. They
+            # hold for every row until a box arrives or leaves.
+            n_ranges = 0
+            for j in range(n_active):
+                box = active[j]
+                lo = boxes[box, 2]
+                hi = boxes[box, 3]
+                t = n_ranges
+                while t > 0 and lows[t - 1] > lo:
+                    lows[t] = lows[t - 1]
+                    highs[t] = highs[t - 1]
+                    t -= 1
+                lows[t] = lo
+                highs[t] = hi
+                n_ranges += 1
+            n_runs = 0
+            j = 0
+            while j < n_ranges:
+                lo = lows[j]
+                hi = highs[j]
                 j += 1
-            q = base + lo
-            stop = base + hi
+                while j < n_ranges and lows[j] <= hi:
+                    hi = max(hi, highs[j])
+                    j += 1
+                lows[n_runs] = lo
+                highs[n_runs] = hi
+                n_runs += 1
+            changed = False
+        base = row * n_cols
+        for j in range(n_runs):
+            q = base + lows[j]
+            stop = base + highs[j]
             quad_stop = stop - (stop - q) % 4
             while q < quad_stop:
                 partial[0, flat[q]] += 1
@@ -371,6 +384,7 @@ def _k_count_box_union(flat, n_cols, boxes, out):
             if boxes[active[j], 1] > row:
                 active[kept] = active[j]
                 kept += 1
+        changed = changed or kept < n_active
         n_active = kept
     for b in range(256):
         out[b] += partial[0, b] + partial[1, b] + partial[2, b] + partial[3, b]
