@@ -165,6 +165,49 @@ def test_level_bounds_hold_the_stack_level_while_slabs_stay_within_those_seen(da
     assert fit_engine._level_bounds(model, counted, fit_engine._SlabSpread().extremes(), 0, dark) is None
 
 
+class _LocalRemote:
+    """A stand-in for fit_workers.WorkerSlabs that runs each task here and
+    records its arguments."""
+
+    def __init__(self, work, calls):
+        self.work, self.calls = work, calls
+
+    def subset(self, positions):
+        return _LocalRemote([self.work[p] for p in positions], self.calls)
+
+    def map(self, function, arguments, *, progress, desc=None):
+        out = []
+        for position, (volume, group) in enumerate(self.work):
+            self.calls.append(arguments(position))
+            out.append(function(volume.read_slices(group), *arguments(position)))
+        return out
+
+
+def test_the_workers_second_round_counts_within_the_bounds_the_first_sets(drifting):
+    """The client passes the second round the bounds that the first round's
+    slabs set; they hold the stack's level, and every slab of that round
+    counts only levels within them (or its prediction). The models made on
+    a real cluster are compared in test_distributed."""
+    from nanoseg._volume import as_volume
+
+    model = NanoparticleMixture(tol=1e-6)
+    volume = as_volume(drifting)
+    work = [(volume, group) for group in volume.slabs(3)]
+    calls = []
+    hists, predicted = fit_engine._remote_histogram_and_seed_pass(model, _LocalRemote(work, calls), {"disable": True})
+    final = fit_engine.seed_level(model, hists.sum(axis=0))
+    first, rest = calls[: fit_engine.SETTLED_SLABS + 1], calls[fit_engine.SETTLED_SLABS + 1 :]
+    assert all(len(args) == 3 and args[2] is None for args in first)
+    bounds = {args[3] for args in rest}
+    assert len(rest) == len(work) - len(first) and len(bounds) == 1
+    low, high = bounds.pop()
+    assert low <= final <= high
+    # Each slab of the second round counted within the bounds, or its prediction.
+    for position in fit_engine.spread_order(len(work))[fit_engine.SETTLED_SLABS + 1 :]:
+        levels = predicted[position][0]
+        assert all(low <= level <= high or level == rest[0][2] for level in levels)
+
+
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 8, 9, 33])
 def test_spread_order_is_a_permutation_starting_at_both_ends(n):
     order = fit_engine.spread_order(n)

@@ -390,8 +390,9 @@ def _remote_histogram_and_seed_pass(model, remote, progress):
     boxes at every level within :data:`~nanoseg._engine.fit_workers.BAND`
     of the slab's own. Their histograms then predict the stack's level, as
     in the local pass, and every other slab's task counts at the levels
-    :func:`_candidate_levels` gives from that prediction and its own (one,
-    where they agree). No slab is held.
+    :func:`_candidate_levels` gives from that prediction, the bounds those
+    slabs set (:func:`_level_bounds`) and its own (one, where they agree).
+    No slab is held.
     """
     settings = fit_workers.settings_of(model)
     order = spread_order(len(remote.work))
@@ -401,10 +402,16 @@ def _remote_histogram_and_seed_pass(model, remote, progress):
         fit_workers.slab_counts_and_boxes, lambda position: (settings, fit_workers.BAND, None), progress=progress,
     )))
     if rest:
+        dark = model.polarity == "dark"
+        spread = _SlabSpread()
+        for position in first:
+            spread.add(results[position][0].sum(axis=0))
         so_far = np.sum([results[position][0].sum(axis=0) for position in first], axis=0)
-        predicted = _predicted_level(model, so_far, model.polarity == "dark")
+        predicted = _predicted_level(model, so_far, dark)
+        n_pixels = sum(len(group) * int(np.prod(volume.shape[1:])) for volume, group in remote.work)
+        bounds = _level_bounds(model, so_far, spread.extremes(), n_pixels - so_far.sum(), dark)
         results.update(zip(rest, remote.subset(rest).map(
-            fit_workers.slab_counts_and_boxes, lambda position: (settings, fit_workers.BAND, predicted),
+            fit_workers.slab_counts_and_boxes, lambda position: (settings, fit_workers.BAND, predicted, bounds),
             progress=progress,
         )))
     ordered = [results[position] for position in range(len(remote.work))]

@@ -184,11 +184,12 @@ def _slab_blocks(work):
 # ---------------------------------------------------------------------------
 # what each task runs on its worker
 # ---------------------------------------------------------------------------
-def slab_counts_and_boxes(slab, settings, band, predicted):
+def slab_counts_and_boxes(slab, settings, band, predicted, bounds=None):
     """Task of the one-read fit: the slab's slice histograms, and its seed
     boxes' excluded histograms at the levels that the slabs counted before
-    predict (`predicted`, as the local pass chooses them), or, with no
-    prediction, at every level within `band` of the slab's own.
+    predict (`predicted`, and the `bounds` they set on the stack's level, as
+    the local pass chooses them), or, with no prediction, at every level
+    within `band` of the slab's own.
 
     Returns ``(hists, levels, excluded)`` as the local one-read pass keeps them.
     """
@@ -202,7 +203,7 @@ def slab_counts_and_boxes(slab, settings, band, predicted):
     elif predicted is None:
         levels = list(range(own - band, own + band + 1))
     else:
-        levels = fit._candidate_levels(predicted, own, settled=True)
+        levels = fit._candidate_levels(predicted, own, settled=True, bounds=bounds)
     return hists, levels, fit._excluded_histograms(settings, slab, hists, levels)
 
 
