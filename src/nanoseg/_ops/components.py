@@ -23,7 +23,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from . import _numba
-from ._numba import _k_coords, _k_find, _k_inside, _k_union  # noqa: F401 - called by the compiled loop
+from ._numba import (  # noqa: F401 - called by the compiled loop
+    _k_coords, _k_deep_inside, _k_find, _k_offset_inside, _k_steps, _k_union,
+)
 from .voxel_sets import coords_of, members, shift
 
 
@@ -110,22 +112,19 @@ def _k_label_set(flat, shape, offsets):
     order (half the neighbourhood). Returns (ids 1..count in raster order
     of each component's first voxel, count).
     """
-    n_rows, n_cols = shape[1], shape[2]
-    plane = n_rows * n_cols
     n = flat.size
     k = offsets.shape[0]
     parent = np.arange(n)
     # One forward-only pointer per offset: the neighbours of successive
     # voxels are at increasing positions.
     pointers = np.zeros(k, dtype=np.int64)
-    steps = np.empty(k, dtype=np.int64)
-    for o in range(k):
-        steps[o] = offsets[o, 0] * plane + offsets[o, 1] * n_cols + offsets[o, 2]
+    steps, reach = _k_steps(offsets, shape)
     for i in range(n):
         p = flat[i]
         z, y, x = _k_coords(p, shape)
+        deep = _k_deep_inside(z, y, x, reach, shape)
         for o in range(k):
-            if not _k_inside(z, y, x, offsets[o], shape):
+            if not (deep or _k_offset_inside(z, y, x, offsets, o, shape)):
                 continue
             target = p + steps[o]
             j = pointers[o]
@@ -183,7 +182,8 @@ def _k_face_touches(lower_flat, upper_flat, n_rows, n_cols, steps, lower_at, upp
 @functools.cache
 def _compiled():
     return _numba.compile_into(
-        globals(), ("_k_find", "_k_union", "_k_coords", "_k_inside", "_k_label_set", "_k_face_touches")
+        globals(),
+        ("_k_find", "_k_union", "_k_coords", "_k_offset_inside", "_k_steps", "_k_deep_inside", "_k_label_set", "_k_face_touches"),
     )
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from skimage.morphology import ball, disk
 
 from . import _numba
-from ._numba import _k_coords, _k_grow, _k_inside  # noqa: F401 - called by the compiled loop
+from ._numba import _k_coords, _k_deep_inside, _k_offset_inside, _k_steps  # noqa: F401 - called by the compiled loops
 from .voxel_sets import Neighbourhood, members, merge_disjoint, shift, sorted_unique
 
 
@@ -48,44 +48,56 @@ def close_mask(backend, mask, radius):
 
 
 
-def _k_close_set(state, fg, offsets):
-    """Closing of the voxel set `fg` (sorted flat indices into `state`).
+def _k_dilate_set(state, fg, first, offsets, added, n_added):
+    """The dilation step of the closing of the voxel set `fg` (sorted flat
+    indices into `state`), from its voxel `first` on.
 
-    state: (Z, Y, X) uint8, 1 on `fg` and 0 elsewhere; used as scratch
-    (dilated voxels are set to 2). offsets: (k, 3) footprint offsets.
-    Outside the array counts as foreground for the erosion. Returns the
-    voxels the closing adds, in no particular order.
+    state: (Z, Y, X) uint8, 1 on `fg` and 0 elsewhere; dilated voxels are set
+    to 2 and appended to `added` (after its first `n_added`). Stops before a
+    voxel whose neighbours might not fit in `added`. Returns the index of
+    the next voxel to dilate (``fg.size`` when done) and the new count.
     """
+    # The buffer is grown by the caller between calls: growing it here, in
+    # the loop, would make numba count references on every iteration.
     shape = state.shape
-    n_rows, n_cols = shape[1], shape[2]
-    plane = n_rows * n_cols
     flat = state.reshape(-1)
     k = offsets.shape[0]
-    steps = np.empty(k, dtype=np.int64)
-    for o in range(k):
-        steps[o] = offsets[o, 0] * plane + offsets[o, 1] * n_cols + offsets[o, 2]
-    added = np.empty(1024, dtype=np.int64)
-    n_added = 0
-    for i in range(fg.size):
+    steps, reach = _k_steps(offsets, shape)
+    i = first
+    while i < fg.size:
+        if n_added + k > added.size:
+            return i, n_added
         p = fg[i]
         z, y, x = _k_coords(p, shape)
+        deep = _k_deep_inside(z, y, x, reach, shape)
         for o in range(k):
-            if _k_inside(z, y, x, offsets[o], shape):
+            if deep or _k_offset_inside(z, y, x, offsets, o, shape):
                 q = p + steps[o]
                 if flat[q] == 0:
                     flat[q] = 2
-                    if n_added == added.size:
-                        added = _k_grow(added, n_added)
                     added[n_added] = q
                     n_added += 1
+        i += 1
+    return i, n_added
+
+
+def _k_erode_added(state, added, n_added, offsets):
+    """The erosion step: of the dilated voxels `added[:n_added]`, those whose
+    every in-bounds neighbour is in the dilation (outside the array counts
+    as foreground). Returns them in `added`'s order."""
+    shape = state.shape
+    flat = state.reshape(-1)
+    k = offsets.shape[0]
+    steps, reach = _k_steps(offsets, shape)
     kept = np.empty(n_added, dtype=np.int64)
     n_kept = 0
     for i in range(n_added):
         p = added[i]
         z, y, x = _k_coords(p, shape)
+        deep = _k_deep_inside(z, y, x, reach, shape)
         keep = True
         for o in range(k):
-            if _k_inside(z, y, x, offsets[o], shape) and flat[p + steps[o]] == 0:
+            if (deep or _k_offset_inside(z, y, x, offsets, o, shape)) and flat[p + steps[o]] == 0:
                 keep = False
                 break
         if keep:
@@ -99,7 +111,13 @@ def _k_close_set(state, fg, offsets):
 
 @functools.cache
 def _compiled():
-    return _numba.compile_into(globals(), ("_k_grow", "_k_coords", "_k_inside", "_k_close_set", "_k_grow_box"))
+    return _numba.compile_into(
+        globals(),
+        (
+            "_k_coords", "_k_offset_inside", "_k_steps", "_k_deep_inside",
+            "_k_dilate_set", "_k_erode_added", "_k_grow_box",
+        ),
+    )
 
 
 def compiled_close_set(state, flat, offsets):
@@ -109,9 +127,21 @@ def compiled_close_set(state, flat, offsets):
     2D or 3D. Returns the closed set as sorted flat indices (see :func:`close_set`).
     """
     shape, offsets = _numba.as_3d(state.shape, offsets)
-    added = _compiled()["_k_close_set"](state.reshape(shape), flat, offsets)
-    added.sort()
-    return merge_disjoint(flat, added)
+    kernels = _compiled()
+    state = state.reshape(shape)
+    flat = np.ascontiguousarray(flat, dtype=np.int64)
+    # Room for a fifth of the voxels' neighbours; rarely grown (a closing
+    # adds few voxels to compact particles).
+    added = np.empty(max(1024, len(offsets) * flat.size // 5), dtype=np.int64)
+    done, n_added = kernels["_k_dilate_set"](state, flat, 0, offsets, added, 0)
+    while done < flat.size:
+        bigger = np.empty(2 * added.size + len(offsets), dtype=np.int64)
+        bigger[:n_added] = added[:n_added]
+        added = bigger
+        done, n_added = kernels["_k_dilate_set"](state, flat, done, offsets, added, n_added)
+    closed = kernels["_k_erode_added"](state, added, n_added, offsets)
+    closed.sort()
+    return merge_disjoint(flat, closed)
 
 
 def close_set(flat, shape, footprint, mask=None, overwrite=False):
