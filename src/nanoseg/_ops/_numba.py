@@ -16,8 +16,11 @@ compiling again. When numba is missing or :data:`ENABLED` is False, the
 modules use their NumPy code instead; both give identical results (the tests
 run both).
 
-The union-find and buffer-growing helpers below are shared by the seed,
-closing and labelling loops.
+The union-find, coordinate and neighbourhood helpers below are shared by
+the seed, closing and labelling loops. The loops grow no buffer inside
+themselves: a buffer reassigned in a loop makes numba count its
+references on every iteration; they size it from a count made first, or
+stop and let the caller grow it.
 """
 
 from __future__ import annotations
@@ -35,16 +38,6 @@ _LOCK = threading.Lock()
 # Plain function -> its compiled dispatcher, so that a helper used by several
 # modules is compiled once and every module calls the same dispatcher.
 _COMPILED = {}
-
-
-def _k_grow(buffer, used):
-    bigger = np.empty(max(64, 2 * buffer.size), dtype=buffer.dtype)
-    # An element loop, not a slice assignment: numba compiles a slice
-    # assignment's shape-mismatch error message, about 1.8 s of every
-    # first run's compilation.
-    for i in range(used):
-        bigger[i] = buffer[i]
-    return bigger
 
 
 def _k_find(parent, x):
@@ -109,7 +102,7 @@ def _k_deep_inside(z, y, x, reach, shape):
 
 
 #: The shared helpers, callees first.
-SHARED_KERNELS = ("_k_grow", "_k_find", "_k_union", "_k_coords", "_k_offset_inside", "_k_steps", "_k_deep_inside")
+SHARED_KERNELS = ("_k_find", "_k_union", "_k_coords", "_k_offset_inside", "_k_steps", "_k_deep_inside")
 
 
 @functools.cache

@@ -148,7 +148,8 @@ def _k_em(p_stack, p_bg, p_np, w_bg, nll_prev, first, max_iter, tol, eps, margin
     for iteration in range(first, max_iter):
         w_before = w_bg
         for k in range(n):
-            # Element by element, not p_before[:] = p_np: see _numba._k_grow.
+            # Element by element, not p_before[:] = p_np: numba compiles a slice
+            # assignment's shape-mismatch error message, seconds of a first run.
             p_before[k] = p_np[k]
             gamma_bg[k] = weighted_bg[k] / denominator[k]
             work[k] = (1.0 - gamma_bg[k]) * p_stack[k]
