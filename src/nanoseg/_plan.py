@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -105,6 +106,24 @@ def slab_budget(memory_budget, n_in_flight):
 
     total = check_memory_budget(memory_budget)
     return None if total is None else max(1, total // max(1, int(n_in_flight)))
+
+
+def distributed_client(collections=None):
+    """The ``distributed.Client`` that dask's current scheduler for
+    `collections` (dask collections, or None for the default) belongs to,
+    or None when that scheduler is not a client's.
+
+    No client can exist unless ``distributed`` was imported, so it is only
+    looked for then: importing it to find out would cost a second in every
+    process without one.
+    """
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return None
+    from dask.base import get_scheduler
+
+    owner = getattr(get_scheduler(collections=collections), "__self__", None)
+    return owner if isinstance(owner, distributed.Client) else None
 
 
 def ordered_map(function, items, n_jobs):

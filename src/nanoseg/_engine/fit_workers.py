@@ -27,12 +27,11 @@ The per-slab functions run on the CPU of the worker, whatever the estimator's
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 from tqdm import tqdm
 
 from .._backend import CPU
+from .._plan import distributed_client
 
 #: Seed levels on either side of a slab's own that the first round's tasks
 #: count boxes at, with no prediction yet (2 * BAND + 1 levels in all; the
@@ -49,16 +48,7 @@ def client_for(volumes, backend):
     """
     if backend.name != "cpu" or not all(volume.kind in ("zarr", "dask") for volume in volumes):
         return None
-    # No client can exist unless distributed was imported; importing it
-    # here to find out would cost a second in every process without one.
-    distributed = sys.modules.get("distributed")
-    if distributed is None:
-        return None
-    from dask.base import get_scheduler
-
-    scheduler = get_scheduler(collections=[v.array for v in volumes if v.kind == "dask"] or None)
-    owner = getattr(scheduler, "__self__", None)
-    return owner if isinstance(owner, distributed.Client) else None
+    return distributed_client([v.array for v in volumes if v.kind == "dask"] or None)
 
 
 def settings_of(model):

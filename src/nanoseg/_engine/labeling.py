@@ -26,7 +26,6 @@ merging runs: the labels are identical to the CPU's.
 
 from __future__ import annotations
 
-import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -38,7 +37,7 @@ from .._backend import get_backend, to_numpy
 from .._ops.components import face_touches, label_mask, label_set, label_voxels
 from .._ops.morphology import close_mask, close_set, footprint
 from .._ops.threshold import threshold_probabilities
-from .._plan import LABEL_BYTES_PER_VOXEL, ordered_map, release_free_memory
+from .._plan import LABEL_BYTES_PER_VOXEL, distributed_client, ordered_map, release_free_memory
 from .._validation import check_probabilities
 from .graph_windows import GraphWindows
 from .merge import ComponentMerger
@@ -481,13 +480,7 @@ class SlabLabeler:
         slabs are labelled on the CPU; else None."""
         if self.backend.is_gpu:
             return None  # the workers may have no GPU
-        distributed = sys.modules.get("distributed")  # no client without it (and no import cost)
-        if distributed is None:
-            return None
-        from dask.base import get_scheduler
-
-        owner = getattr(get_scheduler(collections=[self._lazy_mask]), "__self__", None)
-        return owner if isinstance(owner, distributed.Client) else None
+        return distributed_client([self._lazy_mask])
 
     def _labelled_on_workers(self):
         """Yield each slab's ``(count, sizes, first face, last face,
