@@ -329,6 +329,11 @@ def _level_bounds(model, counted, extremes, remaining, dark):
     return min(levels), max(levels)
 
 
+def _n_pixels(work):
+    """Pixels in all the slices of `work` (``(volume, slice indices)`` pairs)."""
+    return sum(len(group) * int(np.prod(volume.shape[1:])) for volume, group in work)
+
+
 def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
     """Passes 1 and 2 of 8-bit data in one read.
 
@@ -344,7 +349,7 @@ def _histogram_and_seed_pass(model, work, backend, n_jobs, progress):
     counted = np.zeros(_model.N_BINS, dtype=np.int64)
     n_counted = 0
     spread = _SlabSpread()
-    n_pixels = sum(len(group) * int(np.prod(volume.shape[1:])) for volume, group in work)
+    n_pixels = _n_pixels(work)
     # Slabs are read in an order that spreads over the stack from the start
     # (first, last, middle, quarters, ...), so that the levels predicted early
     # already see both ends of a stack whose intensities drift along z.
@@ -404,12 +409,12 @@ def _remote_histogram_and_seed_pass(model, remote, progress):
     if rest:
         dark = model.polarity == "dark"
         spread = _SlabSpread()
-        for position in first:
-            spread.add(results[position][0].sum(axis=0))
-        so_far = np.sum([results[position][0].sum(axis=0) for position in first], axis=0)
+        owns = [results[position][0].sum(axis=0) for position in first]
+        for own in owns:
+            spread.add(own)
+        so_far = np.sum(owns, axis=0)
         predicted = _predicted_level(model, so_far, dark)
-        n_pixels = sum(len(group) * int(np.prod(volume.shape[1:])) for volume, group in remote.work)
-        bounds = _level_bounds(model, so_far, spread.extremes(), n_pixels - so_far.sum(), dark)
+        bounds = _level_bounds(model, so_far, spread.extremes(), _n_pixels(remote.work) - so_far.sum(), dark)
         results.update(zip(rest, remote.subset(rest).map(
             fit_workers.slab_counts_and_boxes, lambda position: (settings, fit_workers.BAND, predicted, bounds),
             progress=progress,
