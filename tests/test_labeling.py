@@ -158,6 +158,26 @@ def test_sparse_closing_equals_dense(shape, radius):
     np.testing.assert_array_equal(close_set(np.flatnonzero(mask), shape, fp, mask=scratch, overwrite=True), expected)
 
 
+def test_compiled_closing_grows_its_buffer_between_calls(monkeypatch):
+    """Isolated voxels each add every neighbour to the dilation, more than
+    the buffer's first size holds: the dilation stops, the caller grows the
+    buffer and resumes, and the set is the dense closing's."""
+    from nanoseg._ops import _numba, morphology
+
+    if not _numba.available():
+        pytest.skip("the compiled closing needs numba")
+    mask = np.zeros((9, 60, 60), dtype=bool)
+    mask[1::3, 1::3, 1::3] = True  # 1200 voxels, none touching
+    fp = footprint(1, 3)
+    kernels = morphology._compiled()
+    calls = []
+    dilate = kernels["_k_dilate_set"]
+    monkeypatch.setitem(kernels, "_k_dilate_set", lambda *args: calls.append(args[2]) or dilate(*args))
+    expected = np.flatnonzero(ndi.binary_erosion(ndi.binary_dilation(mask, fp), fp, border_value=1))
+    np.testing.assert_array_equal(close_set(np.flatnonzero(mask), mask.shape, fp, mask=mask), expected)
+    assert len(calls) > 1 and calls[0] == 0 and calls == sorted(calls)  # resumed further on each time
+
+
 @pytest.mark.parametrize("shape, connectivity", [((7, 15, 16), 1), ((7, 15, 16), 2), ((7, 15, 16), 3), ((30, 31), 1), ((30, 31), 2)])
 def test_sparse_label_equals_scipy(shape, connectivity):
     rng = np.random.default_rng(connectivity)
