@@ -429,3 +429,22 @@ def test_written_arrays_use_zstd_and_skip_empty_chunks(tmp_path):
     stored = [p for p in (tmp_path / "labels.zarr" / "0").rglob("*") if p.is_file() and p.name != "zarr.json"]
     assert len(stored) == 1
     np.testing.assert_array_equal(written[:], labels)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_float_chunks_of_zeros_are_skipped_and_negative_zeros_kept(tmp_path, dtype):
+    # Chunks are tested for zeros on their bits: a chunk of +0.0 is not
+    # stored, one of -0.0 is (and reads back with its sign), one holding a
+    # value or a NaN is.
+    image = np.zeros((4, 8, 8), dtype=dtype)
+    image[1] = -0.0
+    image[2, 3, 4] = 0.25
+    image[3, 0, 0] = np.nan
+    written = nio.write_ome_zarr(tmp_path / "posterior.zarr", image, spacing=(50, 10, 10),
+                                 chunks=(1, 8, 8), progress=False)
+    stored = sorted(p.relative_to(tmp_path / "posterior.zarr" / "0").parts[1]
+                    for p in (tmp_path / "posterior.zarr" / "0").rglob("*") if p.is_file() and p.name != "zarr.json")
+    assert stored == ["1", "2", "3"]
+    back = written[:]
+    np.testing.assert_array_equal(back, image)
+    assert np.signbit(back[1]).all() and not np.signbit(back[0]).any()

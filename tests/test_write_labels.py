@@ -312,3 +312,35 @@ def test_lazy_labels_count_their_particles_and_voxels(tmp_path, volume_20x96x112
     sparse = handoff.find(lazy, handoff.SPARSE_LABELS)
     assert (sparse.n_labels, sparse.n_voxels) == (dense.max(), np.count_nonzero(dense)) and dense.max() > 1
     assert particles_and_voxels(lazy) == particles_and_voxels(dense)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("made_by", ["transform", "fit_transform"])
+def test_lazy_posterior_written_from_chunk_files_equals_its_graph(tmp_path, volume_20x96x112, monkeypatch, dtype, made_by):
+    # transform looks slices up with tables from their own histograms, in the
+    # graph; fit_transform with the fit's tables: both are written from the
+    # chunk files without dask, with the graph's values.
+    source = _local(tmp_path, volume_20x96x112, (3, 96, 112))
+    mixture = NanoparticleMixture(posterior_dtype=dtype)
+    posterior = mixture.fit(source).transform(source) if made_by == "transform" else mixture.fit_transform(source)
+    found = []
+    original = store_module._posterior_planes
+    monkeypatch.setattr(store_module, "_posterior_planes", lambda array: found.append(original(array)) or found[-1])
+    written = write_ome_zarr(tmp_path / "posterior.zarr", posterior, spacing=(50, 10, 10), progress=False)
+    assert found and found[0] is not None
+    expected = posterior.compute()
+    assert written.dtype == expected.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(written[:], expected)
+    np.testing.assert_array_equal(written[:], mixture.transform(volume_20x96x112))
+
+
+def test_lazy_posterior_is_left_to_other_processes_and_to_changed_graphs(tmp_path, volume_20x96x112):
+    import dask
+
+    source = _local(tmp_path, volume_20x96x112, (3, 96, 112))
+    posterior = NanoparticleMixture().fit(source).transform(source)
+    assert store_module._posterior_planes(posterior) is not None
+    with dask.config.set(scheduler="processes"):
+        assert store_module._posterior_planes(posterior) is None
+    assert store_module._posterior_planes(posterior[2:]) is None
+    assert store_module._posterior_planes(posterior * 1.0) is None

@@ -126,6 +126,17 @@ def distributed_client(collections=None):
     return owner if isinstance(owner, distributed.Client) else None
 
 
+def computed_here(collections):
+    """Whether dask computes `collections` in this process (its threaded or
+    synchronous scheduler), rather than in others (a distributed client,
+    dask's process pool) that send the results here."""
+    import dask.local
+    import dask.threaded
+    from dask.base import get_scheduler
+
+    return get_scheduler(collections=collections) in (dask.threaded.get, dask.local.get_sync, None)
+
+
 def ordered_map(function, items, n_jobs):
     """Yield ``function(item)`` for each item, in order, with `n_jobs` threads.
 

@@ -313,6 +313,12 @@ class ChunkFiles(PerThreadState):
 
     def _is_fill(self, block):
         if self.fill_value == 0:
+            if block.dtype.kind == "f" and block.dtype.itemsize in (2, 4, 8):
+                # Tested on the bits: NumPy's any() converts float16 values
+                # one by one (1.7 ms a 1024 x 1024 chunk, 20x the bit test,
+                # most of the time of writing a posterior after encoding).
+                # A chunk of -0.0 (bits not zero) is written, not dropped.
+                return not block.view(f"u{block.dtype.itemsize}").any()
             return not block.any()
         return bool((block == self.fill_value).all())
 
@@ -376,7 +382,14 @@ class ChunkFiles(PerThreadState):
         """Encode the chunk-shaped C-contiguous `chunk` and write it as chunk `coords`."""
         encoded = chunk.tobytes() if self.compressor is None else self.compressor.encode(chunk)
         path = self._path(coords)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Each thread makes a chunk's folder once (a mkdir call per chunk
+        # took 3 % of writing a posterior).
+        made = getattr(self._local, "folders", None)
+        if made is None:
+            made = self._local.folders = set()
+        if path.parent not in made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.add(path.parent)
         # Written aside and renamed, so that a reader never sees half a chunk.
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         with open(temporary, "wb") as handle:

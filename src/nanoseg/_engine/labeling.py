@@ -37,7 +37,7 @@ from .._backend import get_backend, to_numpy
 from .._ops.components import face_touches, label_mask, label_set, label_voxels
 from .._ops.morphology import close_mask, close_set, footprint
 from .._ops.threshold import threshold_probabilities
-from .._plan import LABEL_BYTES_PER_VOXEL, distributed_client, ordered_map, release_free_memory
+from .._plan import LABEL_BYTES_PER_VOXEL, computed_here, distributed_client, ordered_map, release_free_memory
 from .._validation import check_probabilities
 from .graph_windows import GraphWindows
 from .merge import ComponentMerger
@@ -468,12 +468,7 @@ class SlabLabeler:
     def _masks_travel(self):
         """Whether the lazy mask is computed in other processes (a distributed
         client, or dask's process pool) and sent here."""
-        import dask.local
-        import dask.threaded
-        from dask.base import get_scheduler
-
-        scheduler = get_scheduler(collections=[self._lazy_mask])
-        return scheduler not in (dask.threaded.get, dask.local.get_sync, None)
+        return not computed_here([self._lazy_mask])
 
     def _worker_client(self):
         """The ``distributed.Client`` that computes the lazy mask, when the

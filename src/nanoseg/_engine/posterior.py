@@ -226,6 +226,16 @@ class PosteriorAt:
             values = to_bins(CPU, values, self._binning)
         return tables[planes, values]
 
+    def planes(self):
+        """The whole posterior read without dask: ``planes()[lo:hi]`` gives
+        planes ``lo:hi`` as a NumPy array, decoded and looked up straight from
+        the chunk files (:class:`LookedUpChunks`); None where the graph is
+        not made that way. Writing a posterior to zarr reads it this way when
+        this process would compute it (see :func:`nanoseg._zarr_store.write_slabs`).
+        """
+        whole_slices = isinstance(self._tables, SliceTables)
+        return _chunk_file_reader(self.source, self._tables, self._binning, whole_slices)
+
 
 def apply_luts_block(block, luts, binning=None):
     """Look one chunk up (mapped to bins first when a `binning` is given)."""
