@@ -314,9 +314,12 @@ def test_lazy_labels_count_their_particles_and_voxels(tmp_path, volume_20x96x112
     assert particles_and_voxels(lazy) == particles_and_voxels(dense)
 
 
+@pytest.mark.parametrize("chunks", [None, (4, 50, 60)])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("made_by", ["transform", "fit_transform"])
-def test_lazy_posterior_written_from_chunk_files_equals_its_graph(tmp_path, volume_20x96x112, monkeypatch, dtype, made_by):
+def test_lazy_posterior_written_from_chunk_files_equals_its_graph(
+    tmp_path, volume_20x96x112, monkeypatch, dtype, made_by, chunks
+):
     # transform looks slices up with tables from their own histograms, in the
     # graph; fit_transform with the fit's tables: both are written from the
     # chunk files without dask, with the graph's values.
@@ -326,8 +329,10 @@ def test_lazy_posterior_written_from_chunk_files_equals_its_graph(tmp_path, volu
     found = []
     original = store_module._posterior_planes
     monkeypatch.setattr(store_module, "_posterior_planes", lambda array: found.append(original(array)) or found[-1])
-    written = write_ome_zarr(tmp_path / "posterior.zarr", posterior, spacing=(50, 10, 10), progress=False)
+    written = write_ome_zarr(tmp_path / "posterior.zarr", posterior, spacing=(50, 10, 10), chunks=chunks,
+                             progress=False)
     assert found and found[0] is not None
+    assert written.chunks == (chunks or (1, 96, 112))  # a lazy input is written 1 plane deep by default
     expected = posterior.compute()
     assert written.dtype == expected.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(written[:], expected)

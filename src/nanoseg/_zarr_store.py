@@ -102,10 +102,20 @@ def write_slabs(target, array, bounds, n_jobs=2):
     if any(start % target.chunks[0] for start, _ in bounds):
         n_jobs = 1  # two slabs writing parts of one chunk would race
     files = chunk_files(target)
-    source = chunk_files(array) or _posterior_planes(array) or array
+    source = chunk_files(array)
+    planes = None if source is not None else _posterior_planes(array)
+    source = source or planes or array
+    depth = target.chunks[0]
+
+    def pieces(start, stop):
+        if planes is None:
+            return _read_pieces(source, start, stop)
+        # One output chunk deep at a time, each written before the next is
+        # looked up: a slab of the posterior is never whole in memory.
+        return ((z, planes[z : min(z + depth, stop)]) for z in range(start, stop, depth))
 
     def copy(bound):
-        for start, data in _read_pieces(source, *bound):
+        for start, data in pieces(*bound):
             if files is None:
                 target[start : start + data.shape[0]] = data
             else:
