@@ -36,6 +36,27 @@ def test_fitting_stored_data_without_a_client_does_not_load_distributed(tmp_path
     assert "distributed" not in loaded
 
 
+def test_segmenting_and_writing_a_posterior_without_a_client_does_not_load_distributed(tmp_path):
+    # dask's get_scheduler imports distributed to look for a client; nanoseg
+    # asks it only once distributed is imported, and the chain computes
+    # nothing through dask here (planes are read from the chunk files).
+    loaded = _modules_after(
+        "import zarr\n"
+        "from nanoseg.cli import main\n"
+        "from nanoseg import NanoparticleMixture\n"
+        "from nanoseg.io import write_ome_zarr\n"
+        "from nanoseg.datasets import make_phantom\n"
+        "image, _ = make_phantom((6, 64, 64), n_particles=10, random_state=1)\n"
+        f"z = zarr.create_array(store={str(tmp_path / 'a.zarr')!r}, shape=image.shape, chunks=(2, 64, 64), dtype='uint8')\n"
+        "z[...] = image\n"
+        f"main(['segment', {str(tmp_path / 'a.zarr')!r}, {str(tmp_path / 'labels.zarr')!r}, '--spacing', '50', '10', '10', '-q'])\n"
+        f"write_ome_zarr({str(tmp_path / 'posterior.zarr')!r}, NanoparticleMixture().fit_transform(z), spacing=(50, 10, 10), progress=False)"
+    )
+    assert "nanoseg._engine.labeling" in loaded and "dask.array" in loaded
+    assert (tmp_path / "labels.zarr").is_dir() and (tmp_path / "posterior.zarr").is_dir()
+    assert "distributed" not in loaded
+
+
 def test_help_does_not_load_scikit_learn():
     loaded = _modules_after(
         "from nanoseg.cli import build_parser\n"

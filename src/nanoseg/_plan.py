@@ -120,10 +120,26 @@ def distributed_client(collections=None):
     distributed = sys.modules.get("distributed")
     if distributed is None:
         return None
+    owner = getattr(scheduler_of(collections), "__self__", None)
+    return owner if isinstance(owner, distributed.Client) else None
+
+
+def scheduler_of(collections):
+    """The function dask would compute `collections` (dask collections) with,
+    as ``dask.base.get_scheduler`` finds it, or None.
+
+    Without importing ``distributed`` where it is not imported yet: dask
+    looks for a client by importing it whenever no scheduler is configured
+    (a quarter of a second, and more on a cold start), but no client can
+    exist before it is imported.
+    """
+    import dask
     from dask.base import get_scheduler
 
-    owner = getattr(get_scheduler(collections=collections), "__self__", None)
-    return owner if isinstance(owner, distributed.Client) else None
+    if "distributed" in sys.modules or dask.config.get("scheduler", None) is not None:
+        return get_scheduler(collections=collections)
+    collections = [c for c in collections or () if c is not None]
+    return collections[0].__dask_scheduler__ if collections else None
 
 
 def computed_here(collections):
@@ -132,9 +148,8 @@ def computed_here(collections):
     dask's process pool) that send the results here."""
     import dask.local
     import dask.threaded
-    from dask.base import get_scheduler
 
-    return get_scheduler(collections=collections) in (dask.threaded.get, dask.local.get_sync, None)
+    return scheduler_of(collections) in (dask.threaded.get, dask.local.get_sync, None)
 
 
 def ordered_map(function, items, n_jobs):

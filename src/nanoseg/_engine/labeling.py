@@ -37,7 +37,9 @@ from .._backend import get_backend, to_numpy
 from .._ops.components import face_touches, label_mask, label_set, label_voxels
 from .._ops.morphology import close_mask, close_set, footprint
 from .._ops.threshold import threshold_probabilities
-from .._plan import LABEL_BYTES_PER_VOXEL, computed_here, distributed_client, ordered_map, release_free_memory
+from .._plan import (
+    LABEL_BYTES_PER_VOXEL, computed_here, distributed_client, ordered_map, release_free_memory, scheduler_of,
+)
 from .._validation import check_probabilities
 from .graph_windows import GraphWindows
 from .merge import ComponentMerger
@@ -459,9 +461,8 @@ class SlabLabeler:
         Any other scheduler (a distributed client) is left to do its work.
         """
         import dask.threaded
-        from dask.base import get_scheduler
 
-        if self.n_jobs > 1 and get_scheduler(collections=[self._lazy_mask]) is dask.threaded.get:
+        if self.n_jobs > 1 and scheduler_of([self._lazy_mask]) is dask.threaded.get:
             return {"scheduler": "sync"}
         return {}
 
