@@ -57,6 +57,22 @@ def test_segmenting_and_writing_a_posterior_without_a_client_does_not_load_distr
     assert "distributed" not in loaded
 
 
+@pytest.mark.parametrize("configured", [None, "threads", "sync", "processes"])
+def test_the_scheduler_is_found_without_loading_distributed(configured):
+    script = (
+        "import sys, dask, dask.array as da\n"
+        "from nanoseg._plan import scheduler_of\n"
+        "x = da.zeros(4, chunks=2)\n"
+        f"dask.config.set(scheduler={configured!r})\n"
+        "ours = scheduler_of([x])\n"
+        "loaded = 'distributed' in sys.modules\n"
+        "from dask.base import get_scheduler\n"
+        "print(loaded, ours is get_scheduler(collections=[x]))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+
+
 def test_help_does_not_load_scikit_learn():
     loaded = _modules_after(
         "from nanoseg.cli import build_parser\n"

@@ -134,12 +134,19 @@ def scheduler_of(collections):
     exist before it is imported.
     """
     import dask
-    from dask.base import get_scheduler
+    import dask.base
 
-    if "distributed" in sys.modules or dask.config.get("scheduler", None) is not None:
-        return get_scheduler(collections=collections)
-    collections = [c for c in collections or () if c is not None]
-    return collections[0].__dask_scheduler__ if collections else None
+    configured = dask.config.get("scheduler", None)
+    if "distributed" not in sys.modules:
+        if configured is None:
+            collections = [c for c in collections or () if c is not None]
+            return collections[0].__dask_scheduler__ if collections else None
+        # A scheduler named in the configuration ("threads", "sync", ...) is
+        # that one whether a client exists or not.
+        named = getattr(dask.base, "named_schedulers", {})
+        if isinstance(configured, str) and configured.lower() in named:
+            return named[configured.lower()]
+    return dask.base.get_scheduler(collections=collections)
 
 
 def computed_here(collections):
