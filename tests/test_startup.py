@@ -38,8 +38,9 @@ def test_fitting_stored_data_without_a_client_does_not_load_distributed(tmp_path
 
 def test_segmenting_and_writing_a_posterior_without_a_client_does_not_load_distributed(tmp_path):
     # dask's get_scheduler imports distributed to look for a client; nanoseg
-    # asks it only once distributed is imported, and the chain computes
-    # nothing through dask here (planes are read from the chunk files).
+    # asks it only once distributed is imported, and computes what it
+    # computes through dask (the report's sample) with a scheduler given as a
+    # function, which dask takes without looking for a client.
     loaded = _modules_after(
         "import zarr\n"
         "from nanoseg.cli import main\n"
@@ -49,11 +50,13 @@ def test_segmenting_and_writing_a_posterior_without_a_client_does_not_load_distr
         "image, _ = make_phantom((6, 64, 64), n_particles=10, random_state=1)\n"
         f"z = zarr.create_array(store={str(tmp_path / 'a.zarr')!r}, shape=image.shape, chunks=(2, 64, 64), dtype='uint8')\n"
         "z[...] = image\n"
-        f"main(['segment', {str(tmp_path / 'a.zarr')!r}, {str(tmp_path / 'labels.zarr')!r}, '--spacing', '50', '10', '10', '-q'])\n"
+        f"main(['segment', {str(tmp_path / 'a.zarr')!r}, {str(tmp_path / 'labels.zarr')!r}, '--spacing', '50', '10', '10', '-q',\n"
+        f"      '--table', {str(tmp_path / 'particles.csv')!r}, '--report', {str(tmp_path / 'report')!r}])\n"
         f"write_ome_zarr({str(tmp_path / 'posterior.zarr')!r}, NanoparticleMixture().fit_transform(z), spacing=(50, 10, 10), progress=False)"
     )
     assert "nanoseg._engine.labeling" in loaded and "dask.array" in loaded
     assert (tmp_path / "labels.zarr").is_dir() and (tmp_path / "posterior.zarr").is_dir()
+    assert (tmp_path / "particles.csv").is_file() and (tmp_path / "report" / "index.html").is_file()
     assert "distributed" not in loaded
 
 

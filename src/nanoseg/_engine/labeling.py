@@ -460,10 +460,13 @@ class SlabLabeler:
         scheduler keeps one task per thread, and memory to n_jobs slabs.
         Any other scheduler (a distributed client) is left to do its work.
         """
+        import dask.local
         import dask.threaded
 
         if self.n_jobs > 1 and scheduler_of([self._lazy_mask]) is dask.threaded.get:
-            return {"scheduler": "sync"}
+            # The function, not its name: dask imports distributed to look
+            # for a client before it reads a scheduler's name.
+            return {"scheduler": dask.local.get_sync}
         return {}
 
     def _masks_travel(self):
