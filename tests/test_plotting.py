@@ -192,6 +192,41 @@ def test_threshold_sensitivity_on_dask_and_lists(fitted):
     assert list(pooled.figure.axes[-1].lines[0].get_ydata()) == [sum(c[1][i] for c in count_halves) for i in range(2)]
 
 
+def test_threshold_sensitivity_computes_a_small_lazy_posterior_once(fitted, monkeypatch):
+    import dask
+
+    from nanoseg import _plot_particles
+
+    posterior = fitted["posterior"]
+    calls = []
+
+    def counted(block):
+        calls.append(1)
+        return block
+
+    lazy = da.from_array(posterior, chunks=(4, 96, 96)).map_blocks(counted, dtype=posterior.dtype)
+    n_blocks = lazy.npartitions
+    calls.clear()  # dask may call it once on a stand-in while building the graph
+    held = _plot_particles.held_for_thresholds(lazy)
+    assert len(calls) == n_blocks and held.chunks[0] == (1,) * posterior.shape[0]
+    np.testing.assert_array_equal(held.compute(), posterior)
+    ax = plot_threshold_sensitivity(lazy, [0.5, 0.9, 0.95])
+    assert len(calls) == 2 * n_blocks  # once more for the figure, not once a threshold
+    assert list(ax.lines[0].get_ydata()) == expected_counts(posterior, [0.5, 0.9, 0.95])[0]
+    # Larger than the limit, or computed by other processes: left lazy.
+    monkeypatch.setattr(_plot_particles, "SENSITIVITY_MEMORY_BYTES", lazy.nbytes - 1)
+    assert _plot_particles.held_for_thresholds(lazy) is lazy
+    monkeypatch.undo()
+    with dask.config.set(scheduler="processes"):
+        assert _plot_particles.held_for_thresholds(lazy) is lazy
+    # Lists and 2D images are labelled as they are; NumPy volumes as dask arrays of planes.
+    halves = [posterior[:6], posterior[6:]]
+    assert _plot_particles.held_for_thresholds(halves) is halves
+    plane = posterior[0]
+    assert _plot_particles.held_for_thresholds(plane) is plane
+    assert isinstance(_plot_particles.held_for_thresholds(posterior), da.Array)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

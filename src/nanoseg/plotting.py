@@ -175,7 +175,11 @@ def plot_threshold_sensitivity(posterior, thresholds=None, *, labeler=None, max_
     -----
     The labeler runs once per threshold over the whole `posterior`, so this
     costs up to `max_thresholds` labellings. On a large volume pass a
-    representative sub-volume, e.g. ``posterior[:64]``.
+    representative sub-volume, e.g. ``posterior[:64]``. A lazy (dask)
+    posterior of at most 512 MiB is computed once and then labelled from
+    memory at each threshold (unless a ``dask.distributed`` client or
+    dask's process pool computes it); a larger one is computed again for
+    each threshold.
 
     Examples
     --------
