@@ -459,15 +459,17 @@ class SlabLabeler:
         n_cores tasks (each holding its blocks) run at once: the synchronous
         scheduler keeps one task per thread, and memory to n_jobs slabs.
         Any other scheduler (a distributed client) is left to do its work.
+        Either is given as a function, which dask takes as it is: left to
+        find it, or given its name, dask would import distributed to look for
+        a client (see :func:`~nanoseg._plan.scheduler_of`).
         """
         import dask.local
         import dask.threaded
 
-        if self.n_jobs > 1 and scheduler_of([self._lazy_mask]) is dask.threaded.get:
-            # The function, not its name: dask imports distributed to look
-            # for a client before it reads a scheduler's name.
+        scheduler = scheduler_of([self._lazy_mask])
+        if self.n_jobs > 1 and scheduler is dask.threaded.get:
             return {"scheduler": dask.local.get_sync}
-        return {}
+        return {} if scheduler is None else {"scheduler": scheduler}
 
     def _masks_travel(self):
         """Whether the lazy mask is computed in other processes (a distributed
