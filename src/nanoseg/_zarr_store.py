@@ -157,11 +157,11 @@ def _posterior_planes(array):
 
     Only where this process would compute the graph (dask's threads or
     synchronous scheduler) and the posterior is looked up straight from a
-    local zarr input's chunk files (see ``PosteriorAt.planes``). Each slab
-    is then decoded and looked up on the writing thread: no dask graph, and
-    no copy of each computed block (dask's ``compute`` returns a copy of a
-    single block), which took an eighth of the time of writing a float16
-    posterior on 2048 x 2048 planes.
+    local zarr input's chunk files (see ``PosteriorAt.planes``). Each
+    output chunk's planes are then decoded and looked up on the writing
+    thread: no dask graph, and no copy of each computed block (dask's
+    ``compute`` returns a copy of a single block), which took an eighth of
+    the time of writing a float16 posterior on 2048 x 2048 planes.
     """
     posterior_at = handoff.find(array, handoff.POSTERIOR_AT)
     if posterior_at is None or not computed_here([array]):
