@@ -22,8 +22,6 @@ from __future__ import annotations
 import threading
 import weakref
 
-from ._volume import is_dask_array
-
 MASK_AT = "mask_at"
 POSTERIOR_AT = "posterior_at"
 SPARSE_LABELS = "sparse_labels"
@@ -60,6 +58,10 @@ def _release(name):
 
 def find(array, kind):
     """The hand-off of `kind` registered for `array`, or None (also for anything not a dask array)."""
+    # Imported here: the command line imports this module before parsing its
+    # arguments, and nanoseg._volume brings zarr and SciPy with it.
+    from ._volume import is_dask_array
+
     if not is_dask_array(array):
         return None
     with _LOCK:
