@@ -60,6 +60,31 @@ def test_segmenting_and_writing_a_posterior_without_a_client_does_not_load_distr
     assert "distributed" not in loaded
 
 
+def test_training_and_applying_a_classifier_without_a_client_does_not_load_distributed(tmp_path):
+    # dask's rechunk also imports distributed to choose its method; nanoseg
+    # names the method ("tasks", as dask chooses without a client).
+    folder = str(tmp_path)
+    loaded = _modules_after(
+        "import os, tifffile, zarr\n"
+        "from nanoseg.cli import main\n"
+        "from nanoseg.datasets import make_phantom\n"
+        f"os.chdir({folder!r})\n"
+        "image, mask = make_phantom((8, 64, 64), n_particles=10, random_state=0)\n"
+        "tifffile.imwrite('crop.tif', image[:, :32])\n"
+        "tifffile.imwrite('mask.tif', mask[:, :32])\n"
+        "z = zarr.create_array(store='image.zarr', shape=image.shape, chunks=(2, 64, 64), dtype='uint8')\n"
+        "z[...] = image\n"
+        "quiet = ['--spacing', '50', '10', '10']\n"
+        "main(['train', 'crop.tif', '--annotations', 'mask.tif', '-o', 'model.npz', '--max-samples', '2000',\n"
+        "      '--n-jobs', '1', '--random-state', '0', *quiet])\n"
+        "main(['segment', 'image.zarr', 'labels.zarr', '--model', 'model.npz', '--table', 'particles.csv', '-q', *quiet])\n"
+        "main(['predict', 'image.zarr', 'model.npz', 'probability.zarr', '-q', *quiet])"
+    )
+    assert "nanoseg.classifier" in loaded and "dask.array" in loaded
+    assert all((tmp_path / name).exists() for name in ("model.npz", "labels.zarr", "particles.csv", "probability.zarr"))
+    assert "distributed" not in loaded
+
+
 @pytest.mark.parametrize("configured", [None, "threads", "sync", "processes"])
 def test_the_scheduler_is_found_without_loading_distributed(configured):
     script = (

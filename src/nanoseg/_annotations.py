@@ -33,7 +33,11 @@ def check_annotation(y, shape, name="y"):
         shape other than `shape`.
     """
     from ._backend import to_numpy
+    from ._plan import compute
+    from ._volume import is_dask_array
 
+    if is_dask_array(y):
+        (y,) = compute(y)
     y = to_numpy(y[...] if hasattr(y, "chunks") and not isinstance(y, np.ndarray) else y)
     if hasattr(y, "compute"):
         y = y.compute()

@@ -13,6 +13,7 @@ import itertools
 import numpy as np
 
 from ._axes import per_axis
+from ._plan import rechunk
 from ._volume import is_lazy
 
 
@@ -46,7 +47,7 @@ def lazy_block_mean(array, factors, dtype):
     for axis, f in enumerate(factors):
         size = max(array.chunks[axis])
         chunks.append(max(f, (size // f) * f))
-    array = array.rechunk(tuple(chunks))
+    array = rechunk(array, tuple(chunks))
     out_chunks = tuple(
         tuple(-(-c // f) for c in array.chunks[axis]) for axis, f in enumerate(factors)
     )

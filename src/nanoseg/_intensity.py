@@ -66,6 +66,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from ._plan import compute
 from ._volume import is_dask_array, is_lazy
 
 __all__ = ["Binning", "choose_binning", "to_8bit", "value_histogram"]
@@ -385,7 +386,7 @@ def to_8bit(volume_or_slab, *, mode="auto", low=None, high=None):
         observed = (0, 0)
         if _needs_observation(mode, low, high):
             # One pass computes both: dask shares the chunk reads.
-            observed = tuple(int(v) for v in da.compute(source.min(), source.max()))
+            observed = tuple(int(v) for v in compute(source.min(), source.max()))
         binning = _resolve(mode, dtype, observed, low, high)
         return source.map_blocks(binning.apply, dtype=np.uint8)
     data = volume_or_slab

@@ -149,6 +149,32 @@ def scheduler_of(collections):
     return dask.base.get_scheduler(collections=collections)
 
 
+def compute(*collections, **options):
+    """``dask.compute(*collections, **options)``, with dask's scheduler named
+    where ``distributed`` is not imported (see :func:`scheduler_of`): left to
+    find it, dask would import distributed to look for a client."""
+    import dask
+
+    if "scheduler" not in options and "distributed" not in sys.modules:
+        scheduler = scheduler_of(collections)
+        if scheduler is not None:
+            options["scheduler"] = scheduler
+    return dask.compute(*collections, **options)
+
+
+def rechunk(array, chunks):
+    """``array.rechunk(chunks)`` for a dask `array`, with dask's rechunking
+    method named where ``distributed`` is not imported: left to choose it,
+    dask imports distributed to look for a client, and without one it takes
+    the configured method or "tasks", as here."""
+    import dask
+
+    method = None
+    if "distributed" not in sys.modules:
+        method = dask.config.get("array.rechunk.method", None) or "tasks"
+    return array.rechunk(chunks, method=method)
+
+
 def computed_here(collections):
     """Whether dask computes `collections` in this process (its threaded or
     synchronous scheduler), rather than in others (a distributed client,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._engine.overlap import map_overlap
+from ._plan import rechunk
 from ._validation import check_intensity_volume
 from ._volume import as_volumes, is_lazy
 
@@ -32,7 +33,7 @@ def _whole_planes(volume):
     Per-slice steps need a slice's every pixel (its percentiles, its median),
     and the package reads whole planes anyway; the chunking along Z is kept.
     """
-    return volume.to_dask().rechunk({1: -1, 2: -1})
+    return rechunk(volume.to_dask(), {1: -1, 2: -1})
 
 
 def apply_per_slab(volume, function, depth=0):

@@ -155,11 +155,11 @@ class Volume:
         """
         if self.is_2d:
             data = self.array if self.in_memory else self.reader[:, :]
-            data = data.compute() if self.kind == "dask" else data
+            data = _plan.compute(data)[0] if self.kind == "dask" else data
             return _deliver(data[None, ...][start:stop], backend)
         data = self.reader[start:stop]
         if self.kind == "dask":
-            data = data.compute()
+            (data,) = _plan.compute(data)
         return _deliver(data, backend)
 
     def read_slices(self, indices, backend=None):
@@ -176,7 +176,7 @@ class Volume:
         if self.kind == "cupy":
             return _deliver(self.array[_backend.gpu_backend().to_device(indices)], backend)
         data = self.array[indices]
-        return _deliver(data.compute() if self.kind == "dask" else data, backend)
+        return _deliver(_plan.compute(data)[0] if self.kind == "dask" else data, backend)
 
     def to_dask(self):
         """The volume as a 3D dask array (a 2D image gains a leading axis)."""
@@ -209,11 +209,9 @@ def compute_by_block(array, start, stop, **compute_options):
     them would copy the planes once more into fresh memory, which the
     callers, writing or copying each plane on, do not need.
     """
-    import dask
-
     edges = np.cumsum((0, *array.chunks[0]))
     cuts = [start, *(int(e) for e in edges if start < e < stop), stop]
-    pieces = dask.compute(*(array[a:b] for a, b in zip(cuts[:-1], cuts[1:])), **compute_options)
+    pieces = _plan.compute(*(array[a:b] for a, b in zip(cuts[:-1], cuts[1:])), **compute_options)
     return [(a, np.asarray(piece)) for a, piece in zip(cuts[:-1], pieces)]
 
 

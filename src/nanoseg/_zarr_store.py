@@ -16,7 +16,7 @@ import zarr
 from zarr.codecs import BytesCodec, ZstdCodec
 
 from . import _handoff as handoff
-from ._plan import computed_here, ordered_map
+from ._plan import compute, computed_here, ordered_map
 from ._volume import compute_by_block, is_dask_array
 from ._zarr_chunks import chunk_files
 
@@ -183,7 +183,7 @@ def _read_pieces(array, start, stop):
 def _read_slab(array, start, stop):
     data = array[start:stop]
     if is_dask_array(data):
-        data = data.compute()
+        (data,) = compute(data)
     return np.asarray(data)
 
 

@@ -230,9 +230,9 @@ def _read(volumes, start, stop):
     lazy = [i for i, v in enumerate(volumes) if v.kind == "dask" and not v.is_2d]
     out = [None if i in lazy else v.read(start, stop) for i, v in enumerate(volumes)]
     if lazy:
-        import dask
+        from ._plan import compute
 
-        computed = dask.compute(*(volumes[i].array[start:stop] for i in lazy))
+        computed = compute(*(volumes[i].array[start:stop] for i in lazy))
         for i, data in zip(lazy, computed):
             out[i] = np.asarray(data)
     return out

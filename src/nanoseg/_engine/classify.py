@@ -28,7 +28,7 @@ from .._ops.filters import compute_features, support
 from .._ops import _numba, lookup
 from .._ops.histogram import slice_histograms
 from .._ops.morphology import grow_box
-from .._plan import SLAB_BYTES, ordered_map
+from .._plan import SLAB_BYTES, ordered_map, rechunk
 from .overlap import map_overlap
 
 #: Tile edge (voxels, in the plane) by which the gate's voxels are grouped into crops.
@@ -537,7 +537,7 @@ def _classify_block(block, slab, chunks, halo, block_info=None):
 
 def classify_lazy(volume, slab, chunks):
     """Lazy dask array of the probabilities, computed block by block with halos."""
-    array = volume.to_dask().rechunk(chunks)
+    array = rechunk(volume.to_dask(), chunks)
     halo = tuple(min(h, n) for h, n in zip(slab.halo, array.shape))
     function = partial(_classify_block, slab=slab, chunks=array.chunks, halo=halo)
     # axis_chunks keeps every chunk at least a halo deep, so the overlap

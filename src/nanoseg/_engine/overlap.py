@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._plan import rechunk
+
 
 def map_overlap(function, array, depth, dtype, trims_itself=False):
     """``dask.array.map_overlap`` with no padding beyond the array's edges.
@@ -25,7 +27,7 @@ def map_overlap(function, array, depth, dtype, trims_itself=False):
         if d >= n:
             whole[axis], depth[axis] = -1, 0
     if whole:
-        array = array.rechunk(whole)
+        array = rechunk(array, whole)
     if not any(depth):
         return array.map_blocks(function, dtype=dtype, meta=np.empty((0, 0, 0), dtype=dtype))
     extra = {"chunks": array.chunks} if trims_itself else {}

@@ -342,11 +342,13 @@ def _posterior(model, image):
 
     import dask.array as da
 
+    from .._plan import rechunk
+
     # Slices are classified when the result is written, after the estimators'
     # messages are sent to stderr: a quiet copy keeps stdout for results.
     model = copy.copy(model).set_params(verbose=False)
     slices = image if isinstance(image, da.Array) else da.from_array(image, chunks=(1, *image.shape[1:]))
-    slices = slices.rechunk((1, *image.shape[1:]))
+    slices = rechunk(slices, (1, *image.shape[1:]))
     return slices.map_blocks(
         lambda block: np.asarray(model.predict_proba(np.asarray(block[0])))[None], dtype=np.float32
     )
@@ -404,4 +406,6 @@ def _count_labels(labels, lazy=None):
         return sparse.n_labels
     import dask.array as da
 
-    return int(da.from_zarr(labels).max().compute()) if labels.size else 0
+    from .._plan import compute
+
+    return int(compute(da.from_zarr(labels).max())[0]) if labels.size else 0
