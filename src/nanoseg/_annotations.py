@@ -39,8 +39,6 @@ def check_annotation(y, shape, name="y"):
     if is_dask_array(y):
         (y,) = compute(y)
     y = to_numpy(y[...] if hasattr(y, "chunks") and not isinstance(y, np.ndarray) else y)
-    if hasattr(y, "compute"):
-        y = y.compute()
     y = np.asarray(y)
     if tuple(y.shape) != tuple(shape):
         raise ValueError(
