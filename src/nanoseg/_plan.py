@@ -13,6 +13,10 @@ negative values count back from the number of CPUs (``-1`` all, ``-2`` all
 but one). Searches that run candidates in several processes
 (:func:`nanoseg.tune`) set each candidate's ``n_jobs`` to 1, so nested
 parallelism never oversubscribes the machine.
+
+Lazy work goes to dask's current scheduler; :func:`scheduler_of`,
+:func:`compute` and :func:`rechunk` find and name it without importing
+``distributed`` when no client can exist.
 """
 
 from __future__ import annotations

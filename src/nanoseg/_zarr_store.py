@@ -104,7 +104,7 @@ def write_slabs(target, array, bounds, n_jobs=2):
     files = chunk_files(target)
     source = chunk_files(array)
     planes = None if source is not None else _posterior_planes(array)
-    source = source or planes or array
+    source = source or array
     depth = target.chunks[0]
 
     def pieces(start, stop):
