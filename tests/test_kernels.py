@@ -94,6 +94,27 @@ def test_slice_histograms_and_luts(dtype, kernel_path):
     )
 
 
+@pytest.mark.parametrize("shape", [(1, 40), (40, 1), (2, 2), (37, 64), (64, 37)])
+def test_box_histograms_of_scattered_seeds_match_scipy_labels(shape):
+    """Seeds scattered as noise (single pixels, diagonal pairs, clumps that
+    touch the first and the last column and join late, as U shapes do), at
+    several levels at once: every level's boxes are scipy's 8-connected
+    components' boxes."""
+    rng = np.random.default_rng(sum(shape))
+    for trial in range(20):
+        image = rng.integers(0, 256, shape).astype(np.uint8)
+        if trial % 2:
+            image = (image.astype(float) ** rng.uniform(0.3, 3) / 255 ** (rng.uniform(0.3, 3) - 1)).clip(0, 255)
+            image = image.astype(np.uint8)
+        levels = sorted(rng.choice(np.arange(120, 250), size=3, replace=False).tolist())
+        min_seed_size, halo_pad = int(rng.integers(1, 5)), int(rng.integers(0, 3))
+        counted = seeds.excluded_box_histograms(image, levels, min_seed_size=min_seed_size, halo_pad=halo_pad)
+        hist = np.bincount(image.ravel(), minlength=256)
+        for level, excluded in zip(levels, counted):
+            expected = plain_background_histogram(image, level, 256, min_seed_size, halo_pad)
+            np.testing.assert_array_equal(hist - excluded, expected)
+
+
 def test_box_histograms_use_the_seed_count_from_the_histogram():
     rng = np.random.default_rng(5)
     image = (ndi.gaussian_filter(rng.normal(size=(70, 95)), 2) * 400 + 120).clip(0, 255).astype(np.uint8)

@@ -198,6 +198,12 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
     col_min = np.empty(n, dtype=np.int64)
     col_max = np.empty(n, dtype=np.int64)
     boxes = np.empty((n, 4), dtype=np.int64)
+    # Seed marks and indices of the row being joined and of the row above,
+    # by column + 1; the marks are all zeros between levels.
+    mark_here = np.zeros(n_cols + 2, dtype=np.uint8)
+    mark_above = np.zeros(n_cols + 2, dtype=np.uint8)
+    seed_here = np.empty(n_cols + 2, dtype=np.int64)
+    seed_above = np.empty(n_cols + 2, dtype=np.int64)
     for level in range(firsts.size):
         if level > 0:
             first = np.uint8(firsts[level])
@@ -216,50 +222,46 @@ def _k_excluded_box_histograms(image, firsts, spans, min_size, pad, n_seeds, out
             starts[n_rows] = n
         if n == 0:
             break  # no candidate seeds here, so none at the higher levels
-        # 8-connected components: each seed joins its left neighbour and
-        # the up to three seeds above it, found with a pointer that only
-        # moves forward through the row above. Each root keeps its
-        # component's size and bounding box, merged as components join.
+        # 8-connected components, row by row: each seed joins its left
+        # neighbour and the seeds above it, looked up in a mark and an index
+        # per column of the row above (padded by one column on each side),
+        # not searched for in its seed list. Seeds side by side in a row are
+        # always joined, so fewer joins do: with a left neighbour (already
+        # joined to the seeds above it, at c - 2 .. c), only the seed above
+        # at c + 1 is new; without one, a seed right above stands for both
+        # of its neighbours. Each root keeps its component's size and
+        # bounding box, merged as components join.
         for row in range(n_rows):
-            above = starts[row - 1] if row > 0 else 0
-            for i in range(starts[row], starts[row + 1]):
-                c = cols[i]
+            row_start = starts[row]
+            for i in range(row_start, starts[row + 1]):
+                c = cols[i] + 1
                 parent[i] = i
                 size[i] = 1
                 row_min[i] = row
                 row_max[i] = row
-                col_min[i] = c
-                col_max[i] = c
-                left = i > starts[row] and cols[i - 1] == c - 1
-                if left:
-                    _k_join(parent, i, i - 1, size, row_min, row_max, col_min, col_max)
-                if row > 0:
-                    while above < starts[row] and cols[above] < c - 1:
-                        above += 1
-                    # Seeds side by side in a row are always joined, so
-                    # fewer joins do: with a left neighbour (already joined
-                    # to the seeds above it, at c - 2 .. c), only the seed
-                    # above at c + 1 is new; without one, a seed right above
-                    # stands for both of its neighbours.
-                    t = above
-                    stop = starts[row]
-                    if left:
-                        while t < stop and cols[t] < c + 1:
-                            t += 1
-                        if t < stop and cols[t] == c + 1:
-                            _k_join(parent, i, t, size, row_min, row_max, col_min, col_max)
-                    else:
-                        first_above = t
-                        middle = -1
-                        while t < stop and cols[t] <= c + 1:
-                            if cols[t] == c:
-                                middle = t
-                            t += 1
-                        if middle >= 0:
-                            _k_join(parent, i, middle, size, row_min, row_max, col_min, col_max)
-                        else:
-                            for u in range(first_above, t):
-                                _k_join(parent, i, u, size, row_min, row_max, col_min, col_max)
+                col_min[i] = c - 1
+                col_max[i] = c - 1
+                mark_here[c] = 1
+                seed_here[c] = i
+                if mark_here[c - 1]:
+                    _k_join(parent, i, seed_here[c - 1], size, row_min, row_max, col_min, col_max)
+                    if mark_above[c + 1]:
+                        _k_join(parent, i, seed_above[c + 1], size, row_min, row_max, col_min, col_max)
+                elif mark_above[c]:
+                    _k_join(parent, i, seed_above[c], size, row_min, row_max, col_min, col_max)
+                else:
+                    if mark_above[c - 1]:
+                        _k_join(parent, i, seed_above[c - 1], size, row_min, row_max, col_min, col_max)
+                    if mark_above[c + 1]:
+                        _k_join(parent, i, seed_above[c + 1], size, row_min, row_max, col_min, col_max)
+            # The row above's marks are cleared through its seeds (a few),
+            # and this row's become the row above.
+            for i in range(starts[row - 1] if row > 0 else row_start, row_start):
+                mark_above[cols[i] + 1] = 0
+            mark_above, mark_here = mark_here, mark_above
+            seed_above, seed_here = seed_here, seed_above
+        for i in range(starts[n_rows - 1], starts[n_rows]):
+            mark_above[cols[i] + 1] = 0
         # The grown, clipped boxes of the components kept.
         n_boxes = 0
         for i in range(n):
