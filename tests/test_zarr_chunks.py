@@ -227,4 +227,10 @@ def test_count_nonzero_planes_reads_the_stored_chunks(tmp_path, zarr_format):
     array[...] = data
     files = chunk_files(array)
     assert files is not None
-    np.testing.assert_array_equal(files.count_nonzero_planes(), np.count_nonzero(data.reshape(7, -1), axis=1))
+    expected = np.count_nonzero(data.reshape(7, -1), axis=1)
+    for n_jobs in (1, 3):
+        np.testing.assert_array_equal(files.count_nonzero_planes(n_jobs=n_jobs), expected)
+    # A nonzero fill value would make the skipped chunks' zeros wrong: refused.
+    files.fill_value = 1
+    with pytest.raises(ValueError, match="fill value is 0"):
+        files.count_nonzero_planes(n_jobs=2)

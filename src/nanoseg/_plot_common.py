@@ -78,12 +78,16 @@ def busiest_plane(volume, threshold=None):
     """
 
     def count(block):
-        block = block.reshape(len(block), -1)
-        return np.count_nonzero(block if threshold is None else block >= threshold, axis=1)
+        # Plane by plane: NumPy's count along an axis is a boolean sum,
+        # several times slower than its whole-array count.
+        return [np.count_nonzero(plane if threshold is None else plane >= threshold) for plane in block]
 
     if threshold is None and volume.stored_chunks is not None:
-        # Stored labels: only the chunks that were written are read.
-        counts = volume.stored_chunks.count_nonzero_planes()
+        # Stored labels: only the chunks that were written are read, on
+        # every core (a 2048 x 2048 x 128 uint32 volume decodes 2 GiB).
+        from ._plan import effective_n_jobs
+
+        counts = volume.stored_chunks.count_nonzero_planes(n_jobs=effective_n_jobs(None))
     else:
         counts = np.concatenate([
             count(np.asarray(volume.read(int(g[0]), int(g[-1]) + 1)))

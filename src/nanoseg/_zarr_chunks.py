@@ -162,15 +162,27 @@ class ChunkFiles(PerThreadState):
     def _stored_parts(self, region):
         """``(target, values)`` for each stored chunk the block overlaps, `values`
         a view of its decoded part; missing chunks (fill value 0) are skipped."""
+        for part in self._parts(self._zero_filled(region)):
+            found = self._stored_part(part)
+            if found is not None:
+                yield found
+
+    def _zero_filled(self, region):
+        # Skipping missing chunks reads them as 0: only right for fill value 0.
         if self.fill_value != 0:
             raise ValueError("searching stored chunks needs an array whose fill value is 0.")
-        for coords, source, target, _ in self._parts(region):
-            try:
-                raw = self._path(coords).read_bytes()
-            except FileNotFoundError:
-                self._check_present()
-                continue
-            yield target, self._decode(raw, self._scratch())[source]
+        return region
+
+    def _stored_part(self, part):
+        """``(target, values)`` of one part from :meth:`_parts`, decoded into
+        this thread's buffer, or None when its chunk is not stored."""
+        coords, source, target, _ = part
+        try:
+            raw = self._path(coords).read_bytes()
+        except FileNotFoundError:
+            self._check_present()
+            return None
+        return target, self._decode(raw, self._scratch())[source]
 
     def _path(self, coords):
         return self.root / self.array.metadata.encode_chunk_key(tuple(coords))
@@ -266,15 +278,29 @@ class ChunkFiles(PerThreadState):
         order = np.argsort(flat, kind="stable")
         return flat[order], values[order]
 
-    def count_nonzero_planes(self):
+    def count_nonzero_planes(self, n_jobs=1):
         """(shape[0],) int64: the non-zero elements of each plane (index along the first axis).
 
         Only the chunk files that exist are read (a missing chunk holds the
-        fill value, which must be 0); each is counted where it was decoded.
+        fill value, which must be 0), on `n_jobs` threads; each chunk is
+        counted where it was decoded.
         """
+        from ._plan import ordered_map
+
+        def count(part):
+            found = self._stored_part(part)
+            if found is None:
+                return None
+            target, values = found
+            # Plane by plane: NumPy's count along an axis goes through a
+            # boolean sum, about 5x slower than its whole-array count.
+            return target[0], [np.count_nonzero(plane) for plane in values]
+
         counts = np.zeros(self.shape[0], dtype=np.int64)
-        for target, part in self._stored_parts([(0, n) for n in self.shape]):
-            counts[target[0]] += np.count_nonzero(part.reshape(part.shape[0], -1), axis=1)
+        parts = self._parts(self._zero_filled([(0, n) for n in self.shape]))
+        for found in ordered_map(count, parts, n_jobs):
+            if found is not None:
+                counts[found[0]] += found[1]
         return counts
 
     # -- writing ------------------------------------------------------------
