@@ -361,6 +361,89 @@ def test_overlay_window_shows_the_busiest_square_at_full_resolution():
     np.testing.assert_array_equal(below, whole[53:70, 58:80])
 
 
+def test_overlay_of_a_plane_too_large_to_show_whole_is_reduced(monkeypatch):
+    """Past OVERVIEW_PIXELS a side, each block of pixels is shown as one: its
+    largest label (no particle vanishes) over its mean intensity, read band
+    by band; the axes keep the plane's coordinates and the title counts every
+    particle of the plane."""
+    from skimage.measure import block_reduce
+
+    from nanoseg import _plot_volume
+    from nanoseg._plot_volume import colour_labels, outer_boundaries
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (3, 90, 77), dtype=np.uint8)
+    labels = np.zeros(image.shape, dtype=np.uint32)
+    # Small particles, some in the same block as another (a larger label hides a smaller one).
+    for label, (row, col) in zip(rng.permutation(40) + 1, rng.integers(0, 86, (40, 2))):
+        size = rng.integers(1, 4)
+        labels[1, row : row + size, min(col, 74) : min(col, 74) + size] = label
+    plane = 1
+    monkeypatch.setattr(_plot_volume, "OVERVIEW_PIXELS", 20)
+    monkeypatch.setattr(_plot_volume, "BAND_BYTES", 8 * 77 * 7)  # bands of 5 rows: whole blocks
+    step = 5  # ceil(90 / 20)
+    ax = plot_overlay(image, labels, plane=plane)
+    ids = block_reduce(labels[plane].astype(np.int64), (step, step), np.max, cval=0)
+    mean = block_reduce(image[plane] / 255.0, (step, step), np.nanmean, cval=np.nan)
+    assert ids.shape == (18, 16)
+    particles = np.unique(labels[plane][labels[plane] > 0])
+    assert particles.size > np.unique(ids[ids > 0]).size  # some hidden at this scale, still counted
+    expected = colour_labels(ids, mean, 0.3, palette_labels=particles)
+    expected[outer_boundaries(ids)] = (1.0, 1.0, 0.0)
+    (shown,) = ax.images
+    np.testing.assert_allclose(shown.get_array(), expected, rtol=0, atol=1e-12)
+    # Every block holding a particle pixel shows a particle.
+    assert ((ids > 0) == block_reduce(labels[plane] > 0, (step, step), np.max)).all()
+    assert ax.get_title() == f"plane z = {plane}: {particles.size} particles, shown 5x reduced"
+    assert shown.get_extent() == [-0.5, 79.5, 89.5, -0.5]
+    assert ax.get_xlim() == (-0.5, 76.5) and ax.get_ylim() == (89.5, -0.5)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_window_overlay_reads_the_plane_band_by_band(fitted, monkeypatch, dtype):
+    """A window's overlay finds the busiest window, the plane's palette and
+    its intensity range from bands of rows: the same as from the whole plane."""
+    from skimage.color import label2rgb
+
+    from nanoseg import _plot_volume
+    from nanoseg._plot_common import grey
+    from nanoseg._plot_volume import busiest_window
+
+    image, labels = fitted["image"], fitted["labels"]
+    if dtype == np.uint16:
+        image = (image.astype(np.uint16) * 200 + 300).astype(np.uint16)
+    monkeypatch.setattr(_plot_volume, "BAND_BYTES", 8 * 96 * 3)  # 3 rows a band
+    for plane in (1, 6):
+        ax = plot_overlay(image, labels, plane=plane, window=24)
+        ids = labels[plane].astype(np.int64)
+        rows, cols = busiest_window(ids, 24)
+        assert f"rows {rows.start}-{rows.stop - 1}, columns {cols.start}-{cols.stop - 1}," in ax.get_title()
+        expected = label2rgb(ids, image=grey(image[plane]), bg_label=0, bg_color=None, alpha=0.3)
+        # int32: scikit-image's erosion overflows on int64 labels.
+        expected[find_boundaries(ids.astype(np.int32), mode="outer")] = (1.0, 1.0, 0.0)
+        np.testing.assert_allclose(ax.images[0].get_array(), expected[rows, cols], rtol=0, atol=1e-12)
+
+
+def test_busiest_window_found_band_by_band_is_the_whole_planes(monkeypatch):
+    """The window search from bands of rows (running sums at the rows that
+    bound a window) picks the window the whole plane's summed-area table does."""
+    from nanoseg import _plot_volume
+    from nanoseg._plot_volume import _PlaneScan, busiest_window
+    from nanoseg._volume import as_volume
+
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        n_rows, n_cols = rng.integers(5, 60, 2)
+        labels = np.zeros((2, n_rows, n_cols), dtype=np.uint16)
+        labels[1] = (rng.random((n_rows, n_cols)) < rng.uniform(0.02, 0.3)) * rng.integers(1, 9, (n_rows, n_cols))
+        image = rng.integers(0, 256, labels.shape, dtype=np.uint8)
+        size = int(rng.integers(2, 40))
+        monkeypatch.setattr(_plot_volume, "BAND_BYTES", int(8 * n_cols * rng.integers(1, 7)))
+        scan = _PlaneScan(as_volume(image), as_volume(labels), 1, size=size).run()
+        assert scan.window == busiest_window(labels[1], size), (trial, n_rows, n_cols, size)
+        np.testing.assert_array_equal(scan.labels, np.unique(labels[1][labels[1] > 0]))
+
+
 def test_overlay_window_by_slices_small_planes_and_errors():
     image = np.zeros((12, 16), dtype=np.uint8)
     labels = np.zeros((12, 16), dtype=np.int32)

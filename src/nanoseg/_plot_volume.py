@@ -30,8 +30,7 @@ def _check_labels_dtype(label_volume):
 
 def _particles(ids):
     """``"N particle(s)"`` for the labels of one plane."""
-    n_particles = np.unique(ids[ids > 0]).size
-    return f"{n_particles} particle{'s' if n_particles != 1 else ''}"
+    return _count(np.unique(ids[ids > 0]).size)
 
 
 def colour_labels(ids, shown, alpha, palette_labels=None):
@@ -106,6 +105,131 @@ def outer_boundaries(ids):
     return out
 
 
+#: Longest side, in pixels, of a whole-plane overlay. A larger plane is shown
+#: reduced by a whole factor, each block of pixels as one pixel (its largest
+#: label, so that no particle disappears, over the block's mean intensity),
+#: read band by band: a figure shows far fewer pixels anyway, and the
+#: full-resolution overlay of a 16384 x 16384 plane would take about 25 GB.
+OVERVIEW_PIXELS = 2048
+
+#: Bytes of labels (as int64) read at a time when an overlay scans a whole plane.
+BAND_BYTES = 32 * 2**20
+
+
+def _window_starts(n, size):
+    """Starts of the windows of `size` (at most `n`) along an axis of `n` pixels,
+    on a grid of a quarter of `size`, and one flush with the far edge; and
+    the window's width."""
+    width = min(size, n)
+    starts = np.arange(0, n - width + 1, max(1, size // 4))
+    if starts[-1] != n - width:
+        starts = np.append(starts, n - width)  # a window flush with the far edge too
+    return starts, width
+
+
+def _bands(n_rows, n_cols, multiple=1):
+    """(start, stop) bands of whole rows of about BAND_BYTES of int64 values,
+    each (but the last) a multiple of `multiple` rows."""
+    rows = max(1, BAND_BYTES // max(1, 8 * n_cols))
+    rows = max(multiple, rows // multiple * multiple)
+    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
+
+
+class _PlaneScan:
+    """What the overlays need of a whole plane, gathered band by band.
+
+    Attributes set by :meth:`run`: ``labels`` (the plane's positive labels,
+    sorted), ``low`` and ``high`` (its intensities' extremes); with a
+    `step`, ``ids`` and ``mean`` (the plane reduced by `step`: each block's
+    largest label and mean intensity); with a window `size`, ``window``
+    (its rows and columns, see :func:`busiest_window`).
+    """
+
+    def __init__(self, image_volume, label_volume, plane, step=None, size=None):
+        self.image_volume, self.label_volume, self.plane = image_volume, label_volume, plane
+        self.step, self.size = step, size
+
+    def run(self):
+        n_rows, n_cols = self.label_volume.shape[1:]
+        step = self.step or 1
+        labels, low, high = [], np.inf, -np.inf
+        if self.step:
+            shape = (-(-n_rows // step), -(-n_cols // step))
+            self.ids = np.zeros(shape, dtype=np.int64)
+            sums, counts = np.zeros(shape), np.zeros(shape)
+        if self.size:
+            row_starts, height = _window_starts(n_rows, self.size)
+            col_starts, width = _window_starts(n_cols, self.size)
+            # Labelled pixels of each row in the window of each column
+            # start, summed over the rows above each row that bounds a
+            # window: the windows' counts, without a table of the plane.
+            bounds = np.unique(np.concatenate([row_starts, row_starts + height]))
+            above = np.zeros((bounds.size, col_starts.size), dtype=np.int64)
+            running = np.zeros(col_starts.size, dtype=np.int64)
+        for start, stop in _bands(n_rows, n_cols, step):
+            rows = slice(start, stop)
+            ids = self.label_volume.read_region(self.plane, rows, slice(None))
+            labels.append(np.unique(ids[ids > 0]).astype(np.int64))
+            if self.image_volume.dtype != np.uint8 or self.step:
+                values = self.image_volume.read_region(self.plane, rows, slice(None))
+                if values.size:
+                    low, high = min(low, float(values.min())), max(high, float(values.max()))
+            if self.step:
+                self._reduce(ids, values, start // step, sums, counts)
+            if self.size:
+                per_row = np.zeros((stop - start, n_cols + 1), dtype=np.int64)
+                np.cumsum(ids != 0, axis=1, out=per_row[:, 1:])
+                in_windows = per_row[:, col_starts + width] - per_row[:, col_starts]
+                cumulative = running + np.cumsum(in_windows, axis=0)
+                inside = (bounds > start) & (bounds <= stop)
+                above[inside] = cumulative[bounds[inside] - start - 1]
+                running = cumulative[-1]
+        self.labels = np.unique(np.concatenate(labels))
+        self.low, self.high = low, high
+        if self.step:
+            self.mean = sums / np.maximum(counts, 1)
+        if self.size:
+            at = {int(b): i for i, b in enumerate(bounds)}
+            counts_of = np.array([above[at[int(r + height)]] - above[at[int(r)]] for r in row_starts])
+            self.window = _busiest(counts_of, row_starts, height, col_starts, width, n_rows, n_cols)
+        return self
+
+    def _reduce(self, ids, values, first, sums, counts):
+        # Blocks of step x step pixels; the plane's last blocks may be cut short.
+        step = self.step
+        n, m = ids.shape
+        rows, cols = -(-n // step), -(-m // step)
+        padded = np.zeros((rows * step, cols * step), dtype=np.int64)
+        padded[:n, :m] = ids
+        self.ids[first : first + rows] = padded.reshape(rows, step, cols, step).max(axis=(1, 3))
+        padded = np.zeros((rows * step, cols * step))
+        padded[:n, :m] = values
+        sums[first : first + rows] = padded.reshape(rows, step, cols, step).sum(axis=(1, 3))
+        inside = np.zeros((rows * step, cols * step))
+        inside[:n, :m] = 1.0
+        counts[first : first + rows] = inside.reshape(rows, step, cols, step).sum(axis=(1, 3))
+
+    def shade(self, values):
+        """`values` of the image scaled to [0, 1] as :func:`~nanoseg._plot_common.grey`
+        scales the whole plane."""
+        values = np.asarray(values, dtype=np.float64)
+        if self.image_volume.dtype == np.uint8:
+            return values / 255.0
+        if self.low < 0 or self.high > 1:
+            return (values - self.low) / (self.high - self.low) if self.high > self.low else np.zeros_like(values)
+        return values
+
+
+def _busiest(counts, row_starts, height, col_starts, width, n_rows, n_cols):
+    # Ties go to the first window in raster order; a plane without particles gives its centre.
+    if counts.max() == 0:
+        row0, col0 = (n_rows - height) // 2, (n_cols - width) // 2
+    else:
+        i, j = np.unravel_index(np.argmax(counts), counts.shape)
+        row0, col0 = int(row_starts[i]), int(col_starts[j])
+    return slice(row0, row0 + height), slice(col0, col0 + width)
+
+
 def busiest_window(ids, size):
     """(rows, cols) slices of the `size` x `size` window of `ids` holding the most labelled pixels.
 
@@ -114,25 +238,12 @@ def busiest_window(ids, size):
     smaller than `size` along an axis is shown whole along it.
     """
     labelled = np.asarray(ids) != 0
-    step = max(1, size // 4)
-    starts = []
-    for n in labelled.shape:
-        width = min(size, n)
-        axis_starts = np.arange(0, n - width + 1, step)
-        if axis_starts[-1] != n - width:
-            axis_starts = np.append(axis_starts, n - width)  # a window flush with the far edge too
-        starts.append((axis_starts, width))
-    (row_starts, height), (col_starts, width) = starts
+    (row_starts, height), (col_starts, width) = (_window_starts(n, size) for n in labelled.shape)
     table = np.zeros((labelled.shape[0] + 1, labelled.shape[1] + 1), dtype=np.int64)
     table[1:, 1:] = labelled.cumsum(axis=0).cumsum(axis=1)
     r, c = np.ix_(row_starts, col_starts)
     counts = table[r + height, c + width] - table[r, c + width] - table[r + height, c] + table[r, c]
-    if counts.max() == 0:
-        row0, col0 = (labelled.shape[0] - height) // 2, (labelled.shape[1] - width) // 2
-    else:
-        i, j = np.unravel_index(np.argmax(counts), counts.shape)
-        row0, col0 = int(row_starts[i]), int(col_starts[j])
-    return slice(row0, row0 + height), slice(col0, col0 + width)
+    return _busiest(counts, row_starts, height, col_starts, width, *labelled.shape)
 
 
 def check_window(window, shape):
@@ -151,18 +262,26 @@ def check_window(window, shape):
     raise TypeError(f"window must be None, a size in pixels or a pair of slices (rows, cols); got {window!r}.")
 
 
-def _window_overlay(ids, shown, alpha, rows, cols):
-    """The whole plane's overlay, cut to `rows`, `cols`, computed on the window only.
+def _window_overlay(image_volume, label_volume, plane, scan, alpha, rows, cols):
+    """The whole plane's overlay, cut to `rows`, `cols`, read and computed on the window only.
 
-    Colours are ranked among the plane's labels and outlines found on the
-    window grown by one pixel, so the window shows exactly those pixels of
-    the whole plane's overlay.
+    Colours are ranked among the plane's labels (`scan`, a :class:`_PlaneScan`)
+    and outlines found on the window grown by one pixel, so the window shows
+    exactly those pixels of the whole plane's overlay. Returns the RGB window
+    and its labels.
     """
-    rgb = colour_labels(ids[rows, cols], shown[rows, cols], alpha, palette_labels=np.unique(ids[ids > 0]))
-    grown = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip((rows, cols), ids.shape))
+    n_rows, n_cols = label_volume.shape[1:]
+    grown = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip((rows, cols), (n_rows, n_cols)))
     inner = tuple(slice(s.start - g.start, s.start - g.start + (s.stop - s.start)) for s, g in zip((rows, cols), grown))
-    rgb[outer_boundaries(ids[grown])[inner]] = (1.0, 1.0, 0.0)
-    return rgb
+    ids = label_volume.read_region(plane, *grown).astype(np.int64)
+    shown = scan.shade(image_volume.read_region(plane, rows, cols))
+    rgb = colour_labels(ids[inner], shown, alpha, palette_labels=scan.labels)
+    rgb[outer_boundaries(ids)[inner]] = (1.0, 1.0, 0.0)
+    return rgb, ids[inner]
+
+
+def _count(n_particles):
+    return f"{n_particles} particle{'s' if n_particles != 1 else ''}"
 
 
 def draw_overlay(image, labels, plane, ax, alpha, window=None):
@@ -173,24 +292,40 @@ def draw_overlay(image, labels, plane, ax, alpha, window=None):
     _check_labels_dtype(label_volume)
     window = check_window(window, label_volume.shape[-2:])
     plane = check_plane(plane, label_volume, lambda: busiest_plane(label_volume))
-    ids = label_volume.read(plane, plane + 1)[0].astype(np.int64)
-    shown = grey(image_volume.read(plane, plane + 1)[0])
     title = f"{where(label_volume, plane)}: "
-    extent = None
-    if window is None:
+    extent = limits = None
+    n_rows, n_cols = label_volume.shape[1:]
+    step = -(-max(n_rows, n_cols) // OVERVIEW_PIXELS)
+    if window is None and step == 1:
+        ids = label_volume.read(plane, plane + 1)[0].astype(np.int64)
+        shown = grey(image_volume.read(plane, plane + 1)[0])
         rgb = colour_labels(ids, shown, alpha)
         # As mark_boundaries(rgb, ids, color=(1, 1, 0), mode="outer").
         rgb[outer_boundaries(ids)] = (1.0, 1.0, 0.0)
+        title += _particles(ids)
+    elif window is None:
+        # Too large to show whole at full resolution: reduced, read band by band.
+        scan = _PlaneScan(image_volume, label_volume, plane, step=step).run()
+        rgb = colour_labels(scan.ids, scan.shade(scan.mean), alpha, palette_labels=scan.labels)
+        rgb[outer_boundaries(scan.ids)] = (1.0, 1.0, 0.0)
+        # Each shown pixel covers its block of the plane's pixels.
+        extent = (-0.5, rgb.shape[1] * step - 0.5, rgb.shape[0] * step - 0.5, -0.5)
+        limits = ((-0.5, n_cols - 0.5), (n_rows - 0.5, -0.5))
+        title += f"{_count(scan.labels.size)}, shown {step}x reduced"
     else:
-        rows, cols = busiest_window(ids, window) if isinstance(window, int) else window
-        rgb = _window_overlay(ids, shown, alpha, rows, cols)
-        ids = ids[rows, cols]
+        size = window if isinstance(window, int) else None
+        scan = _PlaneScan(image_volume, label_volume, plane, size=size).run()
+        rows, cols = scan.window if size is not None else window
+        rgb, ids = _window_overlay(image_volume, label_volume, plane, scan, alpha, rows, cols)
         # Axes in the plane's own pixel coordinates, not the window's.
         extent = (cols.start - 0.5, cols.stop - 0.5, rows.stop - 0.5, rows.start - 0.5)
-        title += f"rows {rows.start}-{rows.stop - 1}, columns {cols.start}-{cols.stop - 1}, "
+        title += f"rows {rows.start}-{rows.stop - 1}, columns {cols.start}-{cols.stop - 1}, {_particles(ids)}"
     ax = new_axes(ax)
     ax.imshow(rgb, interpolation="nearest", extent=extent)
-    ax.set_title(title + _particles(ids))
+    if limits is not None:
+        ax.set_xlim(*limits[0])
+        ax.set_ylim(*limits[1])
+    ax.set_title(title)
     ax.set_xlabel("x (column)")
     ax.set_ylabel("y (row)")
     return ax

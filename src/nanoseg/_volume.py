@@ -162,6 +162,19 @@ class Volume:
             (data,) = _plan.compute(data)
         return _deliver(data, backend)
 
+    def read_region(self, plane, rows, cols):
+        """Rows and columns (two slices) of slice `plane` as a 2D NumPy array.
+
+        Only that part is read: the chunks it overlaps of a zarr array, the
+        blocks of a dask array.
+        """
+        key = (rows, cols) if self.is_2d else (slice(plane, plane + 1), rows, cols)
+        data = self.reader[key]
+        if self.kind == "dask":
+            (data,) = _plan.compute(data)
+        data = _deliver(data, None)
+        return data if self.is_2d else data[0]
+
     def read_slices(self, indices, backend=None):
         """The slices listed in `indices` (sorted) as a (n, Y, X) array (see :meth:`read`)."""
         indices = np.asarray(indices)

@@ -255,7 +255,11 @@ def plot_overlay(image, labels, *, plane=None, ax=None, alpha=0.3, window=None):
         pixels (fewer where the plane is smaller) holding the most particle
         pixels of the plane; a pair of slices shows those rows and columns.
         The axes keep the plane's pixel coordinates. By default the whole
-        plane.
+        plane; one of more than 2048 pixels a side is shown reduced by a
+        whole factor, each block of pixels as one (its largest label, so
+        that no particle vanishes, over its mean intensity; the title says
+        by how much). Large planes are read in bands of rows, so memory
+        stays bounded whatever the plane's size.
 
     Returns
     -------
