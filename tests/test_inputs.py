@@ -214,6 +214,7 @@ def test_lazy_labels_with_and_without_kept_slabs(volume_20x96x112, reference, ke
     np.testing.assert_array_equal(lazy.compute(), labels)
 
 
+@pytest.mark.filterwarnings("ignore:The memory budget leaves:UserWarning")  # tiny budgets on purpose
 def test_memory_budget_sets_slabs_not_results(volume_20x96x112, reference, capsys):
     mixture, posterior, labels = reference
     plane = volume_20x96x112.shape[1] * volume_20x96x112.shape[2]
@@ -260,6 +261,28 @@ def test_fit_transform_reuses_fit_histograms(volume_20x96x112, reference, monkey
     assert calls  # with sampling, the posterior needs every slice: one more pass
 
 
+def test_a_memory_budget_too_small_for_one_slab_is_said(volume_20x96x112, reference):
+    """A slab is never less than a chunk deep (nor a slice): a memory budget
+    below that is exceeded with a warning, never silently; a budget that
+    suffices, or none, warns of nothing."""
+    import warnings
+
+    mixture, posterior, _ = reference
+    plane = volume_20x96x112.shape[1] * volume_20x96x112.shape[2]
+    with pytest.warns(UserWarning, match=r"smallest slab \(one slice of 96 x 112 voxels\) needs about"):
+        NanoparticleLabeler(min_size=3, memory_budget="1KiB").transform(posterior)
+    with pytest.warns(UserWarning, match=r"4 slices of 96 x 112 voxels, its chunks' depth.*chunks one slice deep"):
+        NanoparticleMixture(memory_budget=plane, max_iter=100_000).fit(to_zarr(volume_20x96x112, (4, 96, 112)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NanoparticleLabeler(min_size=3).transform(posterior)
+        NanoparticleLabeler(min_size=3, memory_budget="1GiB").transform(posterior)
+        from nanoseg.measure import particle_table
+
+        particle_table(NanoparticleLabeler(min_size=3).transform(posterior), memory_budget="1GiB")
+
+
+@pytest.mark.filterwarnings("ignore:The memory budget leaves:UserWarning")  # tiny budgets on purpose
 def test_memory_budget_is_never_thinner_than_a_chunk(volume_20x96x112, capsys):
     z = to_zarr(volume_20x96x112, (4, 96, 112))
     NanoparticleMixture(memory_budget=1, verbose=True, max_iter=100_000).fit(z)

@@ -172,6 +172,7 @@ def test_zarr_small_chunks_matches_regionprops(small_slabs):
     assert_matches(table, reference(labels, SPACING_3D, intensity=intensity))
 
 
+@pytest.mark.filterwarnings("ignore:The memory budget leaves:UserWarning")  # tiny budgets on purpose
 def test_dask_labels_and_posterior_match_regionprops():
     labels = random_labels((10, 20, 22), 5, threshold=0.6)
     posterior = np.random.default_rng(5).random(labels.shape).astype(np.float32)
@@ -193,6 +194,7 @@ def test_2d_zarr_and_dask_match_numpy():
     pd.testing.assert_frame_equal(particle_table(da.from_array(labels, chunks=7), spacing=SPACING_2D), expected)
 
 
+@pytest.mark.filterwarnings("ignore:The memory budget leaves:UserWarning")  # tiny budgets on purpose
 def test_slab_size_and_merging_do_not_change_the_table(monkeypatch):
     labels = random_labels((16, 20, 20), 7, threshold=0.55)
     intensity = np.random.default_rng(7).random(labels.shape)
@@ -271,6 +273,7 @@ def test_list_of_crops_is_refused_with_a_hint():
         particle_table([np.zeros((3, 3), np.uint8)])
 
 
+@pytest.mark.filterwarnings("ignore:The memory budget leaves:UserWarning")  # tiny budgets on purpose
 def test_negative_labels_are_refused_in_and_out_of_core():
     labels = np.zeros((6, 4, 4), dtype=np.int32)
     labels[4, 1, 1] = -3
@@ -367,6 +370,7 @@ def test_write_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:The memory budget leaves:UserWarning")  # tiny budgets on purpose
 def test_real_anisotropic_nuclei_match_regionprops():
     folder = shared_data() / "nuclei3d"
     if not (folder / "nuclei_label.tif").exists():
@@ -381,6 +385,7 @@ def test_real_anisotropic_nuclei_match_regionprops():
     assert_matches(table, reference(labels, spacing, intensity=image))
 
 
+@pytest.mark.filterwarnings("ignore:The memory budget leaves:UserWarning")  # tiny budgets on purpose
 def test_progress_bar_counts_planes(capsys):
     labels = random_labels((6, 10, 10), 11)
     table = particle_table(labels, progress=True, memory_budget=1)

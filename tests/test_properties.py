@@ -107,6 +107,7 @@ def test_closing_only_adds_voxels(mask, radius):
 chunkings = st.tuples(st.integers(1, 9), st.integers(7, 72), st.integers(7, 72))
 
 
+@pytest.mark.filterwarnings("ignore:The memory budget leaves:UserWarning")  # tiny budgets on purpose
 @SETTINGS
 @given(seed=seeds, shape=shapes, chunks=chunkings, budget=st.integers(1, 200_000))
 def test_results_do_not_depend_on_chunking(seed, shape, chunks, budget):

@@ -201,6 +201,7 @@ def _assert_same_table(got, expected):
     pd.testing.assert_frame_equal(got[means], expected[means], check_exact=False, rtol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:The memory budget leaves:UserWarning")  # tiny budgets on purpose
 @pytest.mark.parametrize("kept_bytes", [2**30, 0], ids=["kept", "labelled-again"])
 @pytest.mark.parametrize("graph", ["fit_transform", "transform"])
 def test_particle_table_of_voxel_lists_equals_the_dense_one(
@@ -275,6 +276,7 @@ def test_particle_table_of_voxel_lists_with_dask_companions(tmp_path, volume_20x
     _assert_same_table(got, expected)
 
 
+@pytest.mark.filterwarnings("ignore:The memory budget leaves:UserWarning")  # tiny budgets on purpose
 def test_particle_table_of_stored_labels_looks_the_posterior_up_at_their_voxels(
     tmp_path, volume_20x96x112, small_slabs, monkeypatch
 ):

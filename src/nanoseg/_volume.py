@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,19 +110,40 @@ class Volume:
             return int(self.array.chunks[0])
         return int(max(self.array.chunks[0]))
 
-    def slab_depth(self, bytes_per_voxel, budget=None):
+    def slab_depth(self, bytes_per_voxel, budget=None, warn=True):
         """Slices per slab so that a slab's working set fits `budget` bytes.
 
         The depth is a multiple of the input's chunk depth where the budget
         allows, and never less than one chunk, so that each chunk is decoded
-        once per pass.
+        once per pass. When a `budget` is given (the user's memory budget,
+        shared among slabs) and even that smallest slab exceeds it, a
+        warning says so, unless `warn` is False.
         """
+        promised = budget is not None and warn
         budget = _plan.SLAB_BYTES if budget is None else budget
         n_slices, n_rows, n_cols = self.shape
         depth = max(1, int(budget // max(1, n_rows * n_cols * bytes_per_voxel)))
         chunk = self.chunk_depth
-        depth = max(chunk, (depth // chunk) * chunk)
-        return min(depth, n_slices)
+        depth = min(max(chunk, (depth // chunk) * chunk), n_slices)
+        need = depth * n_rows * n_cols * bytes_per_voxel
+        if promised and need > budget:
+            # A slab is never less than one chunk deep (nor one slice): say
+            # so rather than exceed a budget the user set without a word.
+            smallest, remedy = (
+                (f"{depth} slices of {n_rows} x {n_cols} voxels, its chunks' depth",
+                 "Raise memory_budget, lower n_jobs, or store the volume in chunks one slice deep.")
+                if depth > 1 else
+                (f"one slice of {n_rows} x {n_cols} voxels",
+                 "Raise memory_budget or lower n_jobs: nanoseg works on at least one whole slice at a time.")
+            )
+            warnings.warn(
+                f"The memory budget leaves {budget / 2**20:.0f} MiB for each slab of {self.name}, but its "
+                f"smallest slab ({smallest}) needs about {need / 2**20:.0f} MiB: memory use will exceed "
+                f"memory_budget. {remedy}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return depth
 
     def describe_plan(self, depth, bytes_per_voxel, what):
         """One line saying how a pass will cut this volume (for verbose mode)."""

@@ -45,8 +45,9 @@ class NanoparticleLabeler(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     memory_budget : int or str, default=None
         Working memory for the slabs in flight, in bytes or as a string such as
         ``"512MiB"``, shared by the `n_jobs` slabs processed at once (None
-        means 128 MiB per job). A slab is never thinner than one input chunk,
-        and one of dense foreground (above 2 %) needs about twice its share.
+        means 128 MiB per job). A slab is never thinner than one input chunk
+        (a budget too small for that is exceeded, with a warning), and one
+        of dense foreground (above 2 %) needs about twice its share.
     n_jobs : int, default=None
         Threads labelling slabs at once. None takes the ``n_jobs`` of an
         enclosing :func:`joblib.parallel_config`, or else one per CPU; -1

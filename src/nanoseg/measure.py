@@ -388,7 +388,8 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
     memory_budget : int or str, optional
         Target working memory per slab, in bytes or as a string such as
         ``"512MiB"`` (None: 128 MiB). A slab holds whole planes and is never
-        thinner than one chunk of `labels` along Z.
+        thinner than one chunk of `labels` along Z; a budget too small for
+        that is exceeded, with a warning.
     progress : bool, optional
         Show a progress bar over the planes.
 
@@ -514,7 +515,7 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
             )
             n_jobs = 1 if lazy else min(os.cpu_count() or 1, _MEASURE_THREADS)
             run_bytes = max(1, label_bytes + sum(v.dtype.itemsize for v in companions.values()))
-            depth = volume.slab_depth(run_bytes, (budget or SLAB_BYTES) // n_jobs)
+            depth = volume.slab_depth(run_bytes, (budget or SLAB_BYTES) // n_jobs, warn=budget is not None)
             for reduced, n_planes in _reduce_runs(runs(depth), companions, volume.shape[1:], n_jobs):
                 if reduced is not None:
                     accumulator.add(*reduced)

@@ -107,8 +107,9 @@ class NanoparticleMixture(VolumeEstimatorMixin, TransformerMixin, BaseEstimator)
     memory_budget : int or str, default=None
         Working memory for the slabs in flight, in bytes or as a string such as
         ``"512MiB"``; it is shared by the `n_jobs` slabs processed at once, and
-        a slab is never thinner than one input chunk. None means 128 MiB per
-        job.
+        a slab is never thinner than one input chunk (nor one slice): a
+        budget too small for that is exceeded, with a warning. None means
+        128 MiB per job.
     n_jobs : int, default=None
         Threads working on slabs at once. None takes the ``n_jobs`` of an
         enclosing :func:`joblib.parallel_config`, or else one per CPU; -1
