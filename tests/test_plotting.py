@@ -444,6 +444,36 @@ def test_busiest_window_found_band_by_band_is_the_whole_planes(monkeypatch):
         np.testing.assert_array_equal(scan.labels, np.unique(labels[1][labels[1] > 0]))
 
 
+def test_probability_figure_of_a_large_plane_is_reduced(monkeypatch):
+    """plot_probability past OVERVIEW_PIXELS a side: each block shown as its
+    mean intensity, its largest probability and its largest label."""
+    from skimage.measure import block_reduce
+
+    from nanoseg import _plot_volume
+    from nanoseg._plot_volume import outer_boundaries
+
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (2, 45, 62), dtype=np.uint16) * 100  # scaled by the plane's range
+    probability = rng.random(image.shape).astype(np.float32) ** 8
+    labels = (probability > 0.7).astype(np.uint8)
+    monkeypatch.setattr(_plot_volume, "OVERVIEW_PIXELS", 16)
+    monkeypatch.setattr(_plot_volume, "BAND_BYTES", 8 * 62 * 8)  # bands of 8 rows
+    step = 4  # ceil(62 / 16)
+    grey, shown, outlined = plot_probability(image, probability, labels, plane=1)
+    raw = image[1].astype(np.float64)
+    mean = block_reduce(raw, (step, step), np.nanmean, cval=np.nan)
+    expected_grey = (mean - raw.min()) / (raw.max() - raw.min())
+    np.testing.assert_allclose(grey.images[0].get_array(), expected_grey, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(shown.images[0].get_array(), block_reduce(probability[1], (step, step), np.max))
+    ids = block_reduce(labels[1].astype(np.int64), (step, step), np.max)
+    rgb = np.dstack([expected_grey] * 3)
+    rgb[outer_boundaries(ids)] = (1.0, 1.0, 0.0)
+    np.testing.assert_allclose(outlined.images[0].get_array(), rgb, rtol=0, atol=1e-12)
+    assert grey.get_title() == "plane z = 1, shown 4x reduced"
+    assert shown.get_title() == "particle probability (block maxima)"
+    assert outlined.get_title() == "1 particle"
+
+
 def test_overlay_window_by_slices_small_planes_and_errors():
     image = np.zeros((12, 16), dtype=np.uint8)
     labels = np.zeros((12, 16), dtype=np.int32)

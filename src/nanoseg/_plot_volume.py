@@ -135,28 +135,38 @@ def _bands(n_rows, n_cols, multiple=1):
     return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
 
 
-class _PlaneScan:
-    """What the overlays need of a whole plane, gathered band by band.
+def _blocks(values, step, fill):
+    """`values` (2D) padded with `fill` to whole `step` x `step` blocks, as
+    (block rows, step, block columns, step)."""
+    n, m = values.shape
+    rows, cols = -(-n // step), -(-m // step)
+    padded = np.full((rows * step, cols * step), fill, dtype=values.dtype)
+    padded[:n, :m] = values
+    return padded.reshape(rows, step, cols, step)
 
-    Attributes set by :meth:`run`: ``labels`` (the plane's positive labels,
-    sorted), ``low`` and ``high`` (its intensities' extremes); with a
-    `step`, ``ids`` and ``mean`` (the plane reduced by `step`: each block's
-    largest label and mean intensity); with a window `size`, ``window``
-    (its rows and columns, see :func:`busiest_window`).
+
+class _PlaneScan:
+    """What the figures of one plane need of the whole plane, gathered band by band.
+
+    `label_volume` and `probability_volume` may be None. Attributes set by
+    :meth:`run`: ``labels`` (the plane's positive labels, sorted; empty
+    without labels), ``low`` and ``high`` (its intensities' extremes); with
+    a `step`, the plane reduced by `step`: ``mean`` (each block's mean
+    intensity), ``ids`` (its largest label) and ``probability`` (its largest
+    probability); with a window `size`, ``window`` (its rows and columns,
+    see :func:`busiest_window`).
     """
 
-    def __init__(self, image_volume, label_volume, plane, step=None, size=None):
+    def __init__(self, image_volume, label_volume, plane, step=None, size=None, probability_volume=None):
         self.image_volume, self.label_volume, self.plane = image_volume, label_volume, plane
+        self.probability_volume = probability_volume
         self.step, self.size = step, size
 
     def run(self):
-        n_rows, n_cols = self.label_volume.shape[1:]
+        n_rows, n_cols = self.image_volume.shape[1:]
         step = self.step or 1
-        labels, low, high = [], np.inf, -np.inf
-        if self.step:
-            shape = (-(-n_rows // step), -(-n_cols // step))
-            self.ids = np.zeros(shape, dtype=np.int64)
-            sums, counts = np.zeros(shape), np.zeros(shape)
+        labels, low, high = [np.empty(0, dtype=np.int64)], np.inf, -np.inf
+        reduced = {"mean": [], "ids": [], "probability": []}
         if self.size:
             row_starts, height = _window_starts(n_rows, self.size)
             col_starts, width = _window_starts(n_cols, self.size)
@@ -167,15 +177,24 @@ class _PlaneScan:
             above = np.zeros((bounds.size, col_starts.size), dtype=np.int64)
             running = np.zeros(col_starts.size, dtype=np.int64)
         for start, stop in _bands(n_rows, n_cols, step):
-            rows = slice(start, stop)
-            ids = self.label_volume.read_region(self.plane, rows, slice(None))
-            labels.append(np.unique(ids[ids > 0]).astype(np.int64))
+            rows, cols = slice(start, stop), slice(None)
+            if self.label_volume is not None:
+                ids = self.label_volume.read_region(self.plane, rows, cols)
+                labels.append(np.unique(ids[ids > 0]).astype(np.int64))
             if self.image_volume.dtype != np.uint8 or self.step:
-                values = self.image_volume.read_region(self.plane, rows, slice(None))
+                values = self.image_volume.read_region(self.plane, rows, cols)
                 if values.size:
                     low, high = min(low, float(values.min())), max(high, float(values.max()))
             if self.step:
-                self._reduce(ids, values, start // step, sums, counts)
+                # Blocks of step x step pixels; the plane's last ones may be cut short.
+                sums = _blocks(values.astype(np.float64), step, 0.0).sum(axis=(1, 3))
+                counts = _blocks(np.ones(values.shape), step, 0.0).sum(axis=(1, 3))
+                reduced["mean"].append(sums / counts)
+                if self.label_volume is not None:
+                    reduced["ids"].append(_blocks(ids.astype(np.int64), step, 0).max(axis=(1, 3)))
+                if self.probability_volume is not None:
+                    probability = self.probability_volume.read_region(self.plane, rows, cols).astype(np.float32)
+                    reduced["probability"].append(_blocks(probability, step, -np.inf).max(axis=(1, 3)))
             if self.size:
                 per_row = np.zeros((stop - start, n_cols + 1), dtype=np.int64)
                 np.cumsum(ids != 0, axis=1, out=per_row[:, 1:])
@@ -186,28 +205,14 @@ class _PlaneScan:
                 running = cumulative[-1]
         self.labels = np.unique(np.concatenate(labels))
         self.low, self.high = low, high
-        if self.step:
-            self.mean = sums / np.maximum(counts, 1)
+        for name, parts in reduced.items():
+            if parts:
+                setattr(self, name, np.concatenate(parts))
         if self.size:
             at = {int(b): i for i, b in enumerate(bounds)}
             counts_of = np.array([above[at[int(r + height)]] - above[at[int(r)]] for r in row_starts])
             self.window = _busiest(counts_of, row_starts, height, col_starts, width, n_rows, n_cols)
         return self
-
-    def _reduce(self, ids, values, first, sums, counts):
-        # Blocks of step x step pixels; the plane's last blocks may be cut short.
-        step = self.step
-        n, m = ids.shape
-        rows, cols = -(-n // step), -(-m // step)
-        padded = np.zeros((rows * step, cols * step), dtype=np.int64)
-        padded[:n, :m] = ids
-        self.ids[first : first + rows] = padded.reshape(rows, step, cols, step).max(axis=(1, 3))
-        padded = np.zeros((rows * step, cols * step))
-        padded[:n, :m] = values
-        sums[first : first + rows] = padded.reshape(rows, step, cols, step).sum(axis=(1, 3))
-        inside = np.zeros((rows * step, cols * step))
-        inside[:n, :m] = 1.0
-        counts[first : first + rows] = inside.reshape(rows, step, cols, step).sum(axis=(1, 3))
 
     def shade(self, values):
         """`values` of the image scaled to [0, 1] as :func:`~nanoseg._plot_common.grey`
@@ -348,19 +353,32 @@ def draw_probability(image, probability, labels, plane, axes, threshold):
     else:
         plane = check_plane(plane, image_volume, lambda: busiest_plane(probability_volume, threshold))
     axes = panels(axes, 2 if labels is None else 3, 3)
-    shown = grey(np.asarray(image_volume.read(plane, plane + 1)[0]))
+    n_rows, n_cols = image_volume.shape[1:]
+    step = -(-max(n_rows, n_cols) // OVERVIEW_PIXELS)
+    reduced = ""
+    if step == 1:
+        shown = grey(np.asarray(image_volume.read(plane, plane + 1)[0]))
+        values = np.asarray(probability_volume.read(plane, plane + 1)[0], dtype=np.float32)
+        ids = None if label_volume is None else np.asarray(label_volume.read(plane, plane + 1)[0]).astype(np.int64)
+        particles = None if ids is None else _particles(ids)
+    else:
+        # Too large to show whole at full resolution: reduced, read band by
+        # band, each block as its mean intensity, its largest probability
+        # and its largest label (so that no particle vanishes).
+        scan = _PlaneScan(image_volume, label_volume, plane, step=step, probability_volume=probability_volume).run()
+        shown, values, ids = scan.shade(scan.mean), scan.probability, getattr(scan, "ids", None)
+        particles = _count(scan.labels.size)
+        reduced = f", shown {step}x reduced"
     axes[0].imshow(shown, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    axes[0].set_title(where(image_volume, plane))
-    values = np.asarray(probability_volume.read(plane, plane + 1)[0], dtype=np.float32)
+    axes[0].set_title(where(image_volume, plane) + reduced)
     mapped = axes[1].imshow(values, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
-    axes[1].set_title("particle probability")
+    axes[1].set_title("particle probability" + (" (block maxima)" if reduced else ""))
     axes[1].figure.colorbar(mapped, ax=axes[1], shrink=0.8)
-    if label_volume is not None:
-        ids = np.asarray(label_volume.read(plane, plane + 1)[0]).astype(np.int64)
+    if ids is not None:
         outlined = np.dstack([shown] * 3).astype(np.float64)
         outlined[outer_boundaries(ids)] = (1.0, 1.0, 0.0)  # as mark_boundaries(..., mode="outer")
         axes[2].imshow(outlined, interpolation="nearest")
-        axes[2].set_title(_particles(ids))
+        axes[2].set_title(particles)
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -316,6 +316,13 @@ def plot_probability(image, probability, labels=None, *, plane=None, axes=None, 
         Only used to choose the plane when neither `plane` nor `labels` is
         given.
 
+    Notes
+    -----
+    A plane of more than 2048 pixels a side is shown reduced by a whole
+    factor, read in bands of rows: each block of pixels as its mean
+    intensity, its largest probability and its largest label, so that no
+    particle vanishes and memory stays bounded; the titles say so.
+
     Returns
     -------
     axes : ndarray of matplotlib.axes.Axes
