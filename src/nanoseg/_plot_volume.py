@@ -112,7 +112,7 @@ def outer_boundaries(ids):
 #: full-resolution overlay of a 16384 x 16384 plane would take about 25 GB.
 OVERVIEW_PIXELS = 2048
 
-#: Bytes of labels (as int64) read at a time when an overlay scans a whole plane.
+#: Bytes (as int64 values) of a band of rows read at a time when a figure scans a whole plane.
 BAND_BYTES = 32 * 2**20
 
 

@@ -137,8 +137,8 @@ class Volume:
                  "Raise memory_budget or lower n_jobs: nanoseg works on at least one whole slice at a time.")
             )
             warnings.warn(
-                f"The memory budget leaves {budget / 2**20:.0f} MiB for each slab of {self.name}, but its "
-                f"smallest slab ({smallest}) needs about {need / 2**20:.0f} MiB: memory use will exceed "
+                f"The memory budget leaves {_size(budget)} for each slab of {self.name}, but its "
+                f"smallest slab ({smallest}) needs about {_size(need)}: memory use will exceed "
                 f"memory_budget. {remedy}",
                 UserWarning,
                 stacklevel=3,
@@ -276,6 +276,14 @@ def dask_chunks(shape, chunks, itemsize, limit=None):
         if block[axis] < shape[axis]:
             break
     return tuple(block)
+
+
+def _size(n_bytes):
+    """A number of bytes for people: MiB, KiB or bytes."""
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.0f} {unit}"
+    return f"{int(n_bytes)} bytes"
 
 
 def _deliver(data, backend):

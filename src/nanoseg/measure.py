@@ -491,7 +491,6 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
     }
     dtypes = {name: v.dtype for name, v in companions.items()}
     bytes_per_voxel = volume.dtype.itemsize + sum(v.dtype.itemsize for v in companions.values()) + 1
-    depth = volume.slab_depth(bytes_per_voxel, budget)
     stats = _statistics("posterior" in companions, "intensity" in companions)
     accumulator = _Accumulator(stats)
 
@@ -521,7 +520,7 @@ def particle_table(labels, *, spacing=None, posterior=None, intensity=None, memo
                     accumulator.add(*reduced)
                 bar.update(n_planes)
         else:
-            for group in volume.slabs(depth):
+            for group in volume.slabs(volume.slab_depth(bytes_per_voxel, budget)):
                 start, stop = int(group[0]), int(group[-1]) + 1
                 slabs = _read([volume, *companions.values()], start, stop)
                 reduced = _reduce_slab(slabs[0], start, dict(zip(companions, slabs[1:])))
