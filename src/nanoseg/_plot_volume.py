@@ -153,8 +153,11 @@ class _PlaneScan:
     without labels), ``low`` and ``high`` (its intensities' extremes); with
     a `step`, the plane reduced by `step`: ``mean`` (each block's mean
     intensity), ``ids`` (its largest label) and ``probability`` (its largest
-    probability); with a window `size`, ``window`` (its rows and columns,
-    see :func:`busiest_window`).
+    probability); with a window `size`, ``window``: the rows and columns of
+    the `size` x `size` window holding the most labelled pixels, among
+    windows starting on a grid of a quarter of `size` and those flush with
+    the far edges (a plane smaller than `size` along an axis is taken whole
+    along it).
     """
 
     def __init__(self, image_volume, label_volume, plane, step=None, size=None, probability_volume=None):
@@ -210,8 +213,15 @@ class _PlaneScan:
                 setattr(self, name, np.concatenate(parts))
         if self.size:
             at = {int(b): i for i, b in enumerate(bounds)}
-            counts_of = np.array([above[at[int(r + height)]] - above[at[int(r)]] for r in row_starts])
-            self.window = _busiest(counts_of, row_starts, height, col_starts, width, n_rows, n_cols)
+            counts = np.array([above[at[int(r + height)]] - above[at[int(r)]] for r in row_starts])
+            # Ties go to the first window in raster order; a plane without
+            # particles gives its centre.
+            if counts.max() == 0:
+                row0, col0 = (n_rows - height) // 2, (n_cols - width) // 2
+            else:
+                i, j = np.unravel_index(np.argmax(counts), counts.shape)
+                row0, col0 = int(row_starts[i]), int(col_starts[j])
+            self.window = slice(row0, row0 + height), slice(col0, col0 + width)
         return self
 
     def shade(self, values):
@@ -223,32 +233,6 @@ class _PlaneScan:
         if self.low < 0 or self.high > 1:
             return (values - self.low) / (self.high - self.low) if self.high > self.low else np.zeros_like(values)
         return values
-
-
-def _busiest(counts, row_starts, height, col_starts, width, n_rows, n_cols):
-    # Ties go to the first window in raster order; a plane without particles gives its centre.
-    if counts.max() == 0:
-        row0, col0 = (n_rows - height) // 2, (n_cols - width) // 2
-    else:
-        i, j = np.unravel_index(np.argmax(counts), counts.shape)
-        row0, col0 = int(row_starts[i]), int(col_starts[j])
-    return slice(row0, row0 + height), slice(col0, col0 + width)
-
-
-def busiest_window(ids, size):
-    """(rows, cols) slices of the `size` x `size` window of `ids` holding the most labelled pixels.
-
-    Windows start on a grid of a quarter of `size`; ties go to the first in
-    raster order, and a plane without particles gives its centre. A plane
-    smaller than `size` along an axis is shown whole along it.
-    """
-    labelled = np.asarray(ids) != 0
-    (row_starts, height), (col_starts, width) = (_window_starts(n, size) for n in labelled.shape)
-    table = np.zeros((labelled.shape[0] + 1, labelled.shape[1] + 1), dtype=np.int64)
-    table[1:, 1:] = labelled.cumsum(axis=0).cumsum(axis=1)
-    r, c = np.ix_(row_starts, col_starts)
-    counts = table[r + height, c + width] - table[r, c + width] - table[r + height, c] + table[r, c]
-    return _busiest(counts, row_starts, height, col_starts, width, *labelled.shape)
 
 
 def check_window(window, shape):

@@ -136,9 +136,11 @@ class Volume:
                 (f"one slice of {n_rows} x {n_cols} voxels",
                  "Raise memory_budget or lower n_jobs: nanoseg works on at least one whole slice at a time.")
             )
+            from dask.utils import format_bytes
+
             warnings.warn(
-                f"The memory budget leaves {_size(budget)} for each slab of {self.name}, but its "
-                f"smallest slab ({smallest}) needs about {_size(need)}: memory use will exceed "
+                f"The memory budget leaves {format_bytes(budget)} for each slab of {self.name}, but its "
+                f"smallest slab ({smallest}) needs about {format_bytes(need)}: memory use will exceed "
                 f"memory_budget. {remedy}",
                 UserWarning,
                 stacklevel=3,
@@ -276,14 +278,6 @@ def dask_chunks(shape, chunks, itemsize, limit=None):
         if block[axis] < shape[axis]:
             break
     return tuple(block)
-
-
-def _size(n_bytes):
-    """A number of bytes for people: MiB, KiB or bytes."""
-    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
-        if n_bytes >= scale:
-            return f"{n_bytes / scale:.0f} {unit}"
-    return f"{int(n_bytes)} bytes"
 
 
 def _deliver(data, backend):

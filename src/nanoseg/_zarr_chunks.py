@@ -162,16 +162,16 @@ class ChunkFiles(PerThreadState):
     def _stored_parts(self, region):
         """``(target, values)`` for each stored chunk the block overlaps, `values`
         a view of its decoded part; missing chunks (fill value 0) are skipped."""
-        for part in self._parts(self._zero_filled(region)):
+        self._check_zero_fill()
+        for part in self._parts(region):
             found = self._stored_part(part)
             if found is not None:
                 yield found
 
-    def _zero_filled(self, region):
+    def _check_zero_fill(self):
         # Skipping missing chunks reads them as 0: only right for fill value 0.
         if self.fill_value != 0:
             raise ValueError("searching stored chunks needs an array whose fill value is 0.")
-        return region
 
     def _stored_part(self, part):
         """``(target, values)`` of one part from :meth:`_parts`, decoded into
@@ -296,9 +296,9 @@ class ChunkFiles(PerThreadState):
             # boolean sum, about 5x slower than its whole-array count.
             return target[0], [np.count_nonzero(plane) for plane in values]
 
+        self._check_zero_fill()
         counts = np.zeros(self.shape[0], dtype=np.int64)
-        parts = self._parts(self._zero_filled([(0, n) for n in self.shape]))
-        for found in ordered_map(count, parts, n_jobs):
+        for found in ordered_map(count, self._parts([(0, n) for n in self.shape]), n_jobs):
             if found is not None:
                 counts[found[0]] += found[1]
         return counts
